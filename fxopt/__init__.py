@@ -1,0 +1,58 @@
+"""fxopt: composable torch.fx passes that make PyTorch models smaller and faster on CPUs and edge devices."""
+
+from __future__ import annotations
+
+from .compiler import compile, lower
+from .errors import (
+    CalibrationError,
+    FxoptError,
+    NumericsError,
+    PassContractError,
+    PassError,
+    TraceError,
+    UnsupportedError,
+    VerificationError,
+)
+from .meta import records
+from .pass_base import FunctionPass, Pass, PassResult, function_pass
+from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassManager, PassRecord, TimingInstrument
+from .tracing import trace, untraced
+from .verify import verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "compile",
+    "lower",
+    "trace",
+    "untraced",
+    "verify",
+    "records",
+    "Pass",
+    "PassResult",
+    "FunctionPass",
+    "function_pass",
+    "PassManager",
+    "PassRecord",
+    "Instrument",
+    "TimingInstrument",
+    "DumpGraphs",
+    "NumericsCheck",
+    "FxoptError",
+    "TraceError",
+    "PassError",
+    "PassContractError",
+    "NumericsError",
+    "VerificationError",
+    "CalibrationError",
+    "UnsupportedError",
+]
+
+
+def __getattr__(name: str):
+    # Submodules that import heavier dependencies are loaded on first use.
+    if name in ("passes", "backends", "recipes"):
+        import importlib
+
+        return importlib.import_module(f"fxopt.{name}")
+    raise AttributeError(f"module 'fxopt' has no attribute {name!r}")

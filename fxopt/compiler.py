@@ -1,0 +1,106 @@
+"""``fxopt.compile`` and ``fxopt.lower``: the pipeline from nn.Module to an optimized module."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx
+
+from . import meta
+from .errors import FxoptError
+from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
+from .tracing import trace
+
+__all__ = ["compile", "lower", "as_args"]
+
+
+def as_args(example_inputs: Any) -> tuple:
+    """Normalize example inputs: one tensor → ``(tensor,)``; a list/tuple → positional arguments."""
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def compile(
+    model: torch.nn.Module,
+    passes: Sequence[PassLike] = (),
+    *,
+    example_inputs: Any = None,
+    backend: Any = None,
+    check: bool | float = False,
+    instruments: Iterable[Instrument] = (),
+    dump_dir: str | Path | None = None,
+    leaf_modules: Sequence[Any] = (),
+    trace_mode: str = "auto",
+    verify: bool = True,
+) -> torch.nn.Module:
+    """Trace ``model``, run ``passes`` in order, then lower to ``backend`` (if given).
+
+    ``model`` is never mutated: everything happens on a deep copy. ``check=True`` (or a float
+    tolerance) compares the outputs with the original model after every modifying pass and raises
+    :class:`fxopt.NumericsError` naming the first pass that breaks them. The per-pass records
+    (time, stats, notes) are kept on the result: ``fxopt.records(result)``.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"fxopt.compile expects a torch.nn.Module, got {type(model).__name__}; wrap functions in an nn.Module"
+        )
+    if isinstance(passes, (str, bytes)) or not isinstance(passes, Iterable):
+        raise TypeError("passes must be a list of fxopt.Pass objects (e.g. fxopt.recipes.fuse())")
+    passes = list(passes)
+    backend_obj = None
+    if backend is not None:
+        from fxopt import backends  # facade-level import: the core never imports backends
+
+        backend_obj = backends.get(backend)  # ValueError for unknown names, before any work
+
+    args = as_args(example_inputs)
+    if check is not False and not args:
+        raise ValueError("compile(check=...) needs example_inputs to compare outputs with the original model")
+
+    work = copy.deepcopy(model)
+    gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+
+    all_instruments: list[Instrument] = [TimingInstrument()]
+    if dump_dir is not None:
+        all_instruments.append(DumpGraphs(dump_dir))
+    if check is not False:
+        tolerance = 1e-4 if check is True else float(check)
+        with torch.no_grad():
+            reference = copy.deepcopy(model)(*args)
+        all_instruments.append(NumericsCheck(reference, args, tolerance))
+    all_instruments.extend(instruments)
+
+    gm, recs = PassManager(passes, instruments=all_instruments, verify=verify)(gm)
+    meta.set_records(gm, recs)
+    if backend_obj is None:
+        return gm
+    lowered = backend_obj.lower(gm)
+    meta.set_records(lowered, recs)
+    return lowered
+
+
+def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
+    """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
+
+    The input is not mutated.
+    """
+    from fxopt import backends
+
+    backend_obj = backends.get(backend)
+    if not isinstance(module, torch.fx.GraphModule):
+        raise TypeError(
+            f"fxopt.lower expects the GraphModule returned by fxopt.compile(..., backend=None), "
+            f"got {type(module).__name__}"
+        )
+    work = copy.deepcopy(module)
+    lowered = backend_obj.lower(work)
+    meta.set_records(lowered, meta.records(module))
+    return lowered

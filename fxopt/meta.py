@@ -1,0 +1,95 @@
+"""Typed accessors for the metadata fxopt keeps on graphs and nodes.
+
+Passes never read or write ``node.meta[...]`` with ad-hoc string keys; they go through these helpers,
+so every piece of state that travels between phases has one name, one type and one place to look.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+
+__all__ = [
+    "LeafInfo",
+    "tensor_meta",
+    "shape_of",
+    "dtype_of",
+    "leaves",
+    "set_leaves",
+    "records",
+    "set_records",
+    "get_node_tag",
+    "set_node_tag",
+]
+
+# Keys, kept in one place.
+_LEAVES = "fxopt.leaves"
+_RECORDS = "fxopt.records"
+_TAG_PREFIX = "fxopt."
+
+
+@dataclass(frozen=True)
+class LeafInfo:
+    """A submodule the tracer kept as an opaque call (a float island), and why."""
+
+    qualname: str
+    type_name: str
+    reason: str
+    requested: bool = False  # True when the user asked for it via ``leaf_modules``
+
+    def __str__(self) -> str:
+        why = "requested by the user" if self.requested else self.reason
+        return f"{self.qualname} ({self.type_name}): {why}"
+
+
+def tensor_meta(node: torch.fx.Node) -> Any:
+    """The ``TensorMetadata`` recorded by shape propagation, or ``None``."""
+    return node.meta.get("tensor_meta")
+
+
+def shape_of(node: torch.fx.Node) -> torch.Size | None:
+    tm = tensor_meta(node)
+    return getattr(tm, "shape", None)
+
+
+def dtype_of(node: torch.fx.Node) -> torch.dtype | None:
+    tm = tensor_meta(node)
+    return getattr(tm, "dtype", None)
+
+
+def _gm_meta(gm: torch.nn.Module) -> dict:
+    meta = getattr(gm, "meta", None)
+    if meta is None:  # GraphModule always has .meta; other modules get none written
+        return {}
+    return meta
+
+
+def leaves(gm: torch.nn.Module) -> list[LeafInfo]:
+    return list(_gm_meta(gm).get(_LEAVES, []))
+
+
+def set_leaves(gm: torch.fx.GraphModule, infos: list[LeafInfo]) -> None:
+    gm.meta[_LEAVES] = list(infos)
+
+
+def records(gm: torch.nn.Module) -> list:
+    """Per-pass records (``fxopt.PassRecord``) kept by ``compile``; empty if none."""
+    return list(_gm_meta(gm).get(_RECORDS, []))
+
+
+def set_records(gm: torch.nn.Module, recs: list) -> None:
+    meta = getattr(gm, "meta", None)
+    if isinstance(meta, dict):
+        meta[_RECORDS] = list(recs)
+
+
+def get_node_tag(node: torch.fx.Node, key: str, default: Any = None) -> Any:
+    """A value a pass attached to ``node`` under ``key`` (namespaced as ``fxopt.<key>``)."""
+    return node.meta.get(_TAG_PREFIX + key, default)
+
+
+def set_node_tag(node: torch.fx.Node, key: str, value: Any) -> None:
+    node.meta[_TAG_PREFIX + key] = value

@@ -1,0 +1,162 @@
+"""Passes: small, frozen, honest.
+
+A pass is a frozen dataclass whose fields are its options and whose ``name`` is a unique kebab-case
+string. Calling it on a ``GraphModule`` runs ``requires`` → ``call`` → ``ensures`` and returns a
+:class:`PassResult`. ``modified`` is exact: a pass that changed nothing says ``False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch.fx
+
+from .errors import PassContractError
+
+__all__ = ["Pass", "PassResult", "FunctionPass", "function_pass", "pass_label"]
+
+_KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+
+
+@dataclass
+class PassResult:
+    """What a pass returns: the (same, in-place edited) graph module and whether it changed."""
+
+    graph_module: torch.fx.GraphModule
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of every fxopt pass.
+
+    Subclasses set ``name`` and implement :meth:`call`. Options are dataclass fields, so a pass
+    has a readable ``repr``, compares by value and prints as ``name{option=value}``.
+    """
+
+    name: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if isinstance(name, str) and not _KEBAB.match(name):
+            raise ValueError(f"pass name {name!r} of {cls.__qualname__} must be kebab-case, e.g. 'fold-bn'")
+
+    # Optional hooks: default bodies, not abstract.
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        """Raise if ``gm`` does not meet this pass's preconditions."""
+
+    def ensures(self, gm: torch.fx.GraphModule) -> None:
+        """Raise if ``gm`` does not meet this pass's postconditions."""
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - overridden
+        raise PassContractError(f"{type(self).__qualname__} must implement call(self, gm) -> fxopt.PassResult")
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise TypeError(
+                f"pass {self.label()!r} expects a torch.fx.GraphModule, got {type(gm).__name__}; "
+                "use fxopt.trace(model) or fxopt.compile(model, passes=[...])"
+            )
+        self.requires(gm)
+        result = self.call(gm)
+        result = check_result(self.label(), result, gm)
+        self.ensures(result.graph_module)
+        return result
+
+    def label(self) -> str:
+        """``name{opt=value,...}`` with the options that differ from their defaults."""
+        base = self.name or type(self).__name__
+        if not dataclasses.is_dataclass(self):
+            return base
+        opts = []
+        for f in dataclasses.fields(self):
+            if not f.repr:
+                continue
+            value = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+            )
+            try:
+                same = value == default
+                same = bool(same)
+            except Exception:  # tensors, data loaders...: always show by type
+                same = False
+            if not same:
+                shown = repr(value) if _short(value) else type(value).__name__
+                opts.append(f"{f.name}={shown}")
+        return f"{base}{{{','.join(opts)}}}" if opts else base
+
+
+def _short(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool, type(None), tuple)) and len(repr(value)) <= 60
+
+
+def check_result(label: str, result: Any, gm: torch.fx.GraphModule) -> PassResult:
+    """Enforce the pass contract: a PassResult whose ``modified`` is a real bool."""
+    if result is None:
+        raise PassContractError(
+            f"pass {label!r} returned None; a pass must return fxopt.PassResult(gm, modified=...) "
+            "(modified=False when it changed nothing)"
+        )
+    if not isinstance(result, PassResult):
+        raise PassContractError(
+            f"pass {label!r} returned {type(result).__name__}; a pass must return "
+            "fxopt.PassResult(gm, modified=...)"
+        )
+    if not isinstance(result.modified, bool):
+        raise PassContractError(f"pass {label!r} returned modified={result.modified!r}; it must be True or False")
+    if not isinstance(result.graph_module, torch.fx.GraphModule):
+        raise PassContractError(f"pass {label!r} returned a PassResult whose graph_module is not a GraphModule")
+    return result
+
+
+@dataclass(frozen=True)
+class FunctionPass(Pass):
+    """A pass made from a function ``GraphModule -> bool`` (see :func:`function_pass`)."""
+
+    fn: Callable[[torch.fx.GraphModule], bool] = field(default=None, repr=False, compare=True)  # type: ignore[assignment]
+    pass_name: str = ""
+
+    def label(self) -> str:
+        return self.pass_name
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.pass_name
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = self.fn(gm)
+        if modified is None:
+            raise PassContractError(
+                f"function pass {self.pass_name!r} returned None; return True if it changed the graph "
+                "and False if it did not"
+            )
+        if not isinstance(modified, bool):
+            raise PassContractError(
+                f"function pass {self.pass_name!r} returned {type(modified).__name__}; return True or False"
+            )
+        return PassResult(gm, modified)
+
+
+def function_pass(name: str) -> Callable[[Callable[[torch.fx.GraphModule], bool]], FunctionPass]:
+    """Decorator: turn ``fn(gm) -> bool`` (modified or not) into a named pass."""
+    if not isinstance(name, str) or not _KEBAB.match(name):
+        raise ValueError(f"function_pass name {name!r} must be kebab-case, e.g. 'drop-asserts'")
+
+    def wrap(fn: Callable[[torch.fx.GraphModule], bool]) -> FunctionPass:
+        return FunctionPass(fn=fn, pass_name=name)
+
+    return wrap
+
+
+def pass_label(p: Any) -> str:
+    """A printable name for anything usable as a pass (Pass or plain callable)."""
+    if isinstance(p, Pass):
+        return p.label()
+    return getattr(p, "__name__", None) or type(p).__name__

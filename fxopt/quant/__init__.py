@@ -1,0 +1,1 @@
+"""Quantization core: specs, observers, fake-quant."""
