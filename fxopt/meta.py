@@ -93,3 +93,73 @@ def get_node_tag(node: torch.fx.Node, key: str, default: Any = None) -> Any:
 
 def set_node_tag(node: torch.fx.Node, key: str, value: Any) -> None:
     node.meta[_TAG_PREFIX + key] = value
+
+
+# ---- quantization state -------------------------------------------------------------------
+# Written by InsertQuantStubs / PlaceObservers, read by lowering and report.
+
+_QREGION = "fxopt.qregion"
+_ISLANDS = "fxopt.float_islands"
+_QCONFIG = "fxopt.quant_config"
+_BACKEND = "fxopt.backend"
+
+
+def quant_region(node: torch.fx.Node) -> str | None:
+    """The backend name if ``node`` runs in an int8 region, else ``None`` (float)."""
+    return node.meta.get(_QREGION)
+
+
+def set_quant_region(node: torch.fx.Node, backend: str | None) -> None:
+    if backend is None:
+        node.meta.pop(_QREGION, None)
+    else:
+        node.meta[_QREGION] = backend
+
+
+@dataclass(frozen=True)
+class FloatIsland:
+    """An op left in float inside a quantized model, and why."""
+
+    node: str
+    op: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}): {self.reason}"
+
+
+def float_islands(gm: torch.nn.Module) -> list[FloatIsland]:
+    return list(_gm_meta(gm).get(_ISLANDS, []))
+
+
+def add_float_island(gm: torch.nn.Module, island: FloatIsland) -> None:
+    meta = getattr(gm, "meta", None)
+    if isinstance(meta, dict):
+        current = [i for i in meta.get(_ISLANDS, []) if i.node != island.node]
+        meta[_ISLANDS] = current + [island]
+
+
+def set_float_islands(gm: torch.nn.Module, islands: list[FloatIsland]) -> None:
+    meta = getattr(gm, "meta", None)
+    if isinstance(meta, dict):
+        meta[_ISLANDS] = list(islands)
+
+
+def quant_config(gm: torch.nn.Module) -> Any:
+    """The ``fxopt.quant.QuantConfig`` PlaceObservers recorded (weights, observers, backend), or None."""
+    return _gm_meta(gm).get(_QCONFIG)
+
+
+def set_quant_config(gm: torch.fx.GraphModule, config: Any) -> None:
+    gm.meta[_QCONFIG] = config
+
+
+def backend_of(module: torch.nn.Module) -> str | None:
+    """The backend a module was prepared for (after InsertQuantStubs) or lowered to."""
+    return _gm_meta(module).get(_BACKEND)
+
+
+def set_backend(module: torch.nn.Module, name: str | None) -> None:
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        meta[_BACKEND] = name

@@ -1,0 +1,200 @@
+"""The one object per backend that says what it runs in int8, and how.
+
+Stub insertion (``fxopt.passes.InsertQuantStubs``), observer placement and lowering all read a
+:class:`BackendSpec`; there is no second config that could disagree with it.
+
+Every graph node is first normalised to an *op key* (``"conv2d"``, ``"add"``, ``"max_pool2d"`` …) by
+:func:`op_key`, whatever its form (module call, function call, method call). The spec's ``ops`` table
+maps op keys to an :class:`OpRule` whose ``kind`` says how the op takes part in an int8 region:
+
+``compute``      computes new values: its output gets its own observer / qparams (conv, linear, add, cat…)
+``share``        does not change values (max-pool, flatten, reshape, relu after an int8 op…): its output
+                 shares the qparams of its first input, no observer
+``fixed``        has a fixed output range (sigmoid, hardsigmoid, tanh): fixed qparams, no observer
+``weight_only``  float in, float out, int8 weights (embedding)
+
+Ops that are not in the table stay float.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxopt.quant.spec import QSpec
+
+__all__ = ["OpRule", "BackendSpec", "op_key", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS"]
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How one op key runs on a backend."""
+
+    kind: str  # "compute" | "share" | "fixed" | "weight_only"
+    per_channel: bool = False  # weights may be per output channel
+    fused_activations: frozenset[str] = frozenset()  # activations with a fused kernel ("relu", ...)
+    fixed_qparams: tuple[float, int] | None = None  # (scale, zero_point) for kind == "fixed"
+    reason: str = ""  # free text shown by supports()
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("compute", "share", "fixed", "weight_only"):
+            raise ValueError(f"OpRule kind {self.kind!r} is not one of compute/share/fixed/weight_only")
+        if self.kind == "fixed" and self.fixed_qparams is None:
+            raise ValueError("an OpRule of kind 'fixed' needs fixed_qparams=(scale, zero_point)")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything a pass needs to know about an int8 backend."""
+
+    name: str
+    engine: str  # torch.backends.quantized.engine to run under
+    activation: QSpec  # activation qspec (per tensor)
+    weight: QSpec  # weight qspec for per-channel-capable ops (axis 0)
+    weight_per_tensor: QSpec  # weight qspec where only per-tensor is possible
+    ops: Mapping[str, OpRule] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    def rule(self, key: str | None) -> OpRule | None:
+        return self.ops.get(key) if key is not None else None
+
+
+# ---- op keys -------------------------------------------------------------------------------
+
+MODULE_KEYS: dict[type, str] = {
+    nn.Conv1d: "conv1d",
+    nn.Conv2d: "conv2d",
+    nn.Conv3d: "conv3d",
+    nn.Linear: "linear",
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.Hardtanh: "hardtanh",
+    nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.MaxPool1d: "max_pool1d",
+    nn.MaxPool2d: "max_pool2d",
+    nn.MaxPool3d: "max_pool3d",
+    nn.AvgPool1d: "avg_pool1d",
+    nn.AvgPool2d: "avg_pool2d",
+    nn.AvgPool3d: "avg_pool3d",
+    nn.AdaptiveAvgPool1d: "adaptive_avg_pool1d",
+    nn.AdaptiveAvgPool2d: "adaptive_avg_pool2d",
+    nn.AdaptiveAvgPool3d: "adaptive_avg_pool3d",
+    nn.Flatten: "flatten",
+    nn.Dropout: "identity",
+    nn.Dropout1d: "identity",
+    nn.Dropout2d: "identity",
+    nn.Dropout3d: "identity",
+    nn.Identity: "identity",
+    nn.LayerNorm: "layer_norm",
+    nn.BatchNorm2d: "batch_norm2d",
+    nn.BatchNorm3d: "batch_norm3d",
+    nn.Embedding: "embedding",
+    nn.EmbeddingBag: "embedding_bag",
+}
+
+FUNCTION_KEYS: dict[Any, str] = {
+    F.conv1d: "conv1d",
+    F.conv2d: "conv2d",
+    F.conv3d: "conv3d",
+    F.linear: "linear",
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.relu6: "relu6",
+    F.hardtanh: "hardtanh",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    F.max_pool1d: "max_pool1d",
+    F.max_pool2d: "max_pool2d",
+    F.max_pool3d: "max_pool3d",
+    F.avg_pool1d: "avg_pool1d",
+    F.avg_pool2d: "avg_pool2d",
+    F.avg_pool3d: "avg_pool3d",
+    F.adaptive_avg_pool1d: "adaptive_avg_pool1d",
+    F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+    F.adaptive_avg_pool3d: "adaptive_avg_pool3d",
+    torch.flatten: "flatten",
+    torch.reshape: "reshape",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze",
+    F.dropout: "identity",
+    operator.getitem: "getitem",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    F.layer_norm: "layer_norm",
+    torch.chunk: "chunk",
+    torch.split: "split",
+}
+
+METHOD_KEYS: dict[str, str] = {
+    "relu": "relu",
+    "relu_": "relu",
+    "sigmoid": "sigmoid",
+    "tanh": "tanh",
+    "flatten": "flatten",
+    "view": "reshape",
+    "reshape": "reshape",
+    "permute": "permute",
+    "transpose": "transpose",
+    "squeeze": "squeeze",
+    "unsqueeze": "unsqueeze",
+    "contiguous": "identity",
+    "add": "add",
+    "add_": "add",
+    "mul": "mul",
+    "mul_": "mul",
+    "chunk": "chunk",
+    "split": "split",
+    "size": "size",
+}
+
+
+def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str | None:
+    """Normalise a node to an op key (``None`` for placeholders, outputs, attributes, unknown ops).
+
+    Module calls need ``gm`` to look up the module type. Subclasses of a known module type map to the
+    same key only when they do not override ``forward`` (a custom forward could compute anything).
+    Fused float modules (``fxopt.passes.fuse_activations``) expose ``fxopt_op_key`` and are keyed by it.
+    """
+    if node.op == "call_module":
+        if gm is None:
+            return None
+        try:
+            mod = gm.get_submodule(node.target)
+        except AttributeError:
+            return None
+        custom = getattr(mod, "fxopt_op_key", None)
+        if isinstance(custom, str):
+            return custom
+        for cls in type(mod).__mro__:
+            key = MODULE_KEYS.get(cls)
+            if key is not None:
+                if cls is not type(mod) and type(mod).forward is not cls.forward:
+                    return None
+                return key
+        return None
+    if node.op == "call_function":
+        return FUNCTION_KEYS.get(node.target)
+    if node.op == "call_method":
+        return METHOD_KEYS.get(node.target)
+    return None

@@ -1,0 +1,54 @@
+"""Quant/dequant stubs: the region borders InsertQuantStubs puts into a float graph.
+
+In float they are identities, so a prepared graph still runs (and can be calibrated or trained);
+lowering turns a ``QuantStub`` into ``quantize_per_tensor`` with the qparams of the observer that
+follows it and a ``DeQuantStub`` into ``dequantize()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .spec import QSpec
+
+__all__ = ["QuantStub", "DeQuantStub", "QuantConfig", "is_quant_stub", "is_dequant_stub"]
+
+
+class QuantStub(nn.Module):
+    """Entry of an int8 region (identity until lowered)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class DeQuantStub(nn.Module):
+    """Exit of an int8 region (identity until lowered)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def is_quant_stub(node, gm) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantStub)
+
+
+def is_dequant_stub(node, gm) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), DeQuantStub)
+
+
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What PlaceObservers chose, recorded on the graph for lowering (``fxopt.meta.quant_config``)."""
+
+    backend: str
+    activation: str  # observer kind for activations
+    weight: str  # observer kind for weights ("minmax", "mse", ...)
+    per_channel: bool
+    symmetric_weights: bool
+    activation_spec: QSpec
+    weight_spec: QSpec  # per-channel (axis=0) when per_channel
