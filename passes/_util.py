@@ -1,0 +1,130 @@
+"""Small graph helpers shared by the float passes (not public API)."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Iterable
+
+import torch
+import torch.fx
+
+__all__ = [
+    "get_attr_path",
+    "set_attr_path",
+    "module_of",
+    "referenced_targets",
+    "is_referenced",
+    "delete_attr_path",
+    "delete_if_unreferenced",
+    "call_sites",
+    "unique_attr_name",
+    "is_mutating",
+    "has_mutating_user",
+]
+
+
+def get_attr_path(root: torch.nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for ``target == "a.b.c"``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr_path(root: torch.nn.Module, target: str, value: Any) -> None:
+    """Set ``root.a.b.c = value`` (modules are registered as submodules, parameters as parameters)."""
+    parent_path, _, name = target.rpartition(".")
+    parent = get_attr_path(root, parent_path) if parent_path else root
+    setattr(parent, name, value)
+
+
+def delete_attr_path(root: torch.nn.Module, target: str) -> None:
+    parent_path, _, name = target.rpartition(".")
+    parent = get_attr_path(root, parent_path) if parent_path else root
+    delattr(parent, name)
+
+
+def module_of(gm: torch.fx.GraphModule, node: torch.fx.Node) -> torch.nn.Module | None:
+    """The submodule a ``call_module`` node calls, or ``None`` for any other node."""
+    if node.op != "call_module" or not isinstance(node.target, str):
+        return None
+    return gm.get_submodule(node.target)
+
+
+def referenced_targets(gm: torch.fx.GraphModule) -> set[str]:
+    """Qualified names the graph reads: ``call_module`` and ``get_attr`` targets."""
+    return {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr") and isinstance(n.target, str)}
+
+
+def is_referenced(path: str, targets: Iterable[str]) -> bool:
+    """Whether ``path`` is used: named by a target, inside a used module, or the parent of a used one."""
+    for t in targets:
+        if t == path or t.startswith(path + ".") or path.startswith(t + "."):
+            return True
+    return False
+
+
+def delete_if_unreferenced(gm: torch.fx.GraphModule, path: str) -> bool:
+    """Delete the attribute ``path`` of ``gm`` when the graph no longer refers to it. True if deleted."""
+    try:
+        get_attr_path(gm, path)
+    except AttributeError:
+        return False
+    if is_referenced(path, referenced_targets(gm)):
+        return False
+    delete_attr_path(gm, path)
+    return True
+
+
+def call_sites(gm: torch.fx.GraphModule, module: torch.nn.Module) -> list[torch.fx.Node]:
+    """Every ``call_module`` node that calls this very module object (aliases included)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is module]
+
+
+def unique_attr_name(root: torch.nn.Module, base: str) -> str:
+    """A name not yet used as an attribute of ``root``: ``base``, ``base_1``, ``base_2``..."""
+    base = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "attr"
+    if base[0].isdigit():
+        base = "_" + base
+    name, i = base, 1
+    while hasattr(root, name):
+        name = f"{base}_{i}"
+        i += 1
+    return name
+
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+    operator.imatmul, operator.setitem, operator.delitem,
+}
+
+
+def is_mutating(node: torch.fx.Node) -> bool:
+    """Whether ``node`` may write into one of its inputs (in-place op, ``out=``, ``inplace=True``)."""
+    if node.kwargs.get("inplace") is True or "out" in node.kwargs:
+        return True
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        module = owner.get_submodule(node.target) if owner is not None else None
+        return getattr(module, "inplace", False) is True
+    if node.op == "call_method":
+        name = str(node.target)
+        return name.endswith("_") and not name.endswith("__")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+        # F.relu(x, True) and friends: an ``inplace`` positional argument set to True.
+        if name in ("relu", "relu6", "hardtanh", "leaky_relu", "elu", "selu", "celu", "dropout", "threshold",
+                    "rrelu", "hardswish", "hardsigmoid", "silu", "mish", "alpha_dropout", "dropout2d",
+                    "dropout3d", "dropout1d", "feature_alpha_dropout"):
+            return any(a is True for a in node.args[1:])
+    return False
+
+
+def has_mutating_user(node: torch.fx.Node) -> bool:
+    """Whether some user of ``node`` writes into its value (e.g. ``relu_`` or ``nn.ReLU(inplace=True)``)."""
+    return any(is_mutating(u) and bool(u.args) and u.args[0] is node for u in node.users)

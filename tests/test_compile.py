@@ -1,0 +1,106 @@
+"""fxopt.compile / fxopt.lower: copying, checking, records, drop-in behaviour, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.a = nn.Linear(16, 3)
+        self.b = nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"a": self.a(h), "pair": (self.b(h), h.sum(dim=1))}
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@fxopt.function_pass("scale-weights")
+def scale_weights(gm):
+    for p in gm.parameters():
+        p.data.mul_(1.5)
+    return True
+
+
+def test_compile_never_mutates_the_model():
+    model = TwoHeads().eval()
+    before = _state(model)
+    out = fxopt.compile(model, passes=[scale_weights], example_inputs=torch.randn(2, 8))
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert out is not model
+
+
+def test_result_is_drop_in_with_same_output_structure_and_other_batch_size():
+    model = TwoHeads().eval()
+    out_model = fxopt.compile(model, example_inputs=torch.randn(2, 8))
+    x = torch.randn(5, 8)
+    ref, got = model(x), out_model(x)
+    assert set(got) == {"a", "pair"} and isinstance(got["pair"], tuple)
+    torch.testing.assert_close(got["a"], ref["a"])
+    torch.testing.assert_close(got["pair"][0], ref["pair"][0])
+    torch.testing.assert_close(got["pair"][1], ref["pair"][1])
+
+
+def test_check_names_the_first_pass_that_breaks_numerics():
+    @fxopt.function_pass("harmless")
+    def harmless(gm):
+        return False
+
+    with pytest.raises(fxopt.NumericsError) as info:
+        fxopt.compile(TwoHeads().eval(), passes=[harmless, scale_weights], example_inputs=torch.randn(2, 8), check=True)
+    assert info.value.pass_name == "scale-weights"
+    assert "scale-weights" in str(info.value)
+
+
+def test_check_tolerance_can_be_loosened():
+    @fxopt.function_pass("nudge")
+    def nudge(gm):
+        for p in gm.parameters():
+            p.data.add_(1e-3)
+        return True
+
+    with pytest.raises(fxopt.NumericsError):
+        fxopt.compile(TwoHeads().eval(), passes=[nudge], example_inputs=torch.randn(2, 8), check=True)
+    fxopt.compile(TwoHeads().eval(), passes=[nudge], example_inputs=torch.randn(2, 8), check=0.5)
+
+
+def test_records_are_kept_on_the_result():
+    out = fxopt.compile(TwoHeads().eval(), passes=[scale_weights])
+    recs = fxopt.records(out)
+    assert [r.name for r in recs] == ["scale-weights"] and recs[0].modified and recs[0].seconds >= 0
+
+
+def test_compile_rejects_non_modules_and_unknown_backends():
+    with pytest.raises(TypeError, match="expects a torch.nn.Module"):
+        fxopt.compile(lambda x: x)
+    with pytest.raises(ValueError, match="unknown backend 'tpu9000'; available backends"):
+        fxopt.compile(TwoHeads(), backend="tpu9000")
+    with pytest.raises(ValueError, match="example_inputs"):
+        fxopt.compile(TwoHeads(), check=True)
+
+
+def test_training_flag_is_preserved():
+    model = TwoHeads().train()
+    assert fxopt.compile(model).training is True
+    assert fxopt.compile(model.eval()).training is False
+
+
+def test_plain_callable_pass_is_accepted():
+    def count_nodes(gm):
+        return fxopt.PassResult(gm, modified=False, stats={"nodes": len(gm.graph.nodes)})
+
+    out = fxopt.compile(TwoHeads(), passes=[count_nodes])
+    assert fxopt.records(out)[0].stats["nodes"] > 5
