@@ -60,6 +60,7 @@ def compile(
         from fxopt import backends  # facade-level import: the core never imports backends
 
         backend_obj = backends.get(backend)  # ValueError for unknown names, before any work
+        _check_recipe_backend(passes, backend_obj)
 
     args = as_args(example_inputs)
     if check is not False and not args:
@@ -87,6 +88,22 @@ def compile(
     return lowered
 
 
+def _check_recipe_backend(passes: list, backend_obj: Any) -> None:
+    """A recipe prepared for one backend cannot be lowered to another: say so before any work."""
+    from fxopt import backends
+
+    for p in passes:
+        wanted = getattr(p, "backend", None)
+        if not isinstance(wanted, str):
+            continue
+        if backends.get(wanted) is not backend_obj:
+            raise ValueError(
+                f"pass {getattr(p, 'name', p)!r} prepares the graph for backend {wanted!r} but compile was asked "
+                f"for backend={backend_obj.name!r}; use the same backend in both (e.g. "
+                f"fxopt.recipes.static_int8(data, backend={backend_obj.name!r}))"
+            )
+
+
 def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
     """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
 
@@ -99,6 +116,12 @@ def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
         raise TypeError(
             f"fxopt.lower expects the GraphModule returned by fxopt.compile(..., backend=None), "
             f"got {type(module).__name__}"
+        )
+    prepared_for = meta.backend_of(module)
+    if prepared_for is not None and backends.get(prepared_for) is not backend_obj:
+        raise ValueError(
+            f"this module was prepared for backend {prepared_for!r}; lower it with fxopt.lower(module, "
+            f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
         )
     work = copy.deepcopy(module)
     lowered = backend_obj.lower(work)

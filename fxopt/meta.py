@@ -19,15 +19,24 @@ __all__ = [
     "dtype_of",
     "leaves",
     "set_leaves",
+    "trace_notes",
+    "set_trace_notes",
     "records",
     "set_records",
     "get_node_tag",
     "set_node_tag",
+    "fused_activation",
+    "set_fused_activation",
+    "fusion_group",
+    "set_fusion_group",
+    "backend_of",
+    "set_backend",
 ]
 
 # Keys, kept in one place.
 _LEAVES = "fxopt.leaves"
 _RECORDS = "fxopt.records"
+_TRACE_NOTES = "fxopt.trace_notes"
 _TAG_PREFIX = "fxopt."
 
 
@@ -73,6 +82,15 @@ def leaves(gm: torch.nn.Module) -> list[LeafInfo]:
 
 def set_leaves(gm: torch.fx.GraphModule, infos: list[LeafInfo]) -> None:
     gm.meta[_LEAVES] = list(infos)
+
+
+def trace_notes(gm: torch.nn.Module) -> list[str]:
+    """What the tracer specialized on the example inputs (``len()``, ``bool()``, iteration), with source lines."""
+    return list(_gm_meta(gm).get(_TRACE_NOTES, []))
+
+
+def set_trace_notes(gm: torch.fx.GraphModule, notes: list[str]) -> None:
+    gm.meta[_TRACE_NOTES] = list(notes)
 
 
 def records(gm: torch.nn.Module) -> list:
@@ -163,3 +181,54 @@ def set_backend(module: torch.nn.Module, name: str | None) -> None:
     meta = getattr(module, "meta", None)
     if isinstance(meta, dict):
         meta[_BACKEND] = name
+
+
+# Fusion tags (written by passes/fuse_activations.py, read by quantization lowering).
+_FUSED_ACTIVATION = "fxopt.fused_activation"
+_FUSION_GROUP = "fxopt.fusion_group"
+
+
+def fused_activation(node: torch.fx.Node) -> str | None:
+    """The activation (``"relu"``, ``"relu6"``) fused into this producer node, or ``None``."""
+    return node.meta.get(_FUSED_ACTIVATION)
+
+
+def set_fused_activation(node: torch.fx.Node, activation: str | None) -> None:
+    if activation is None:
+        node.meta.pop(_FUSED_ACTIVATION, None)
+    else:
+        node.meta[_FUSED_ACTIVATION] = str(activation)
+
+
+def fusion_group(node: torch.fx.Node) -> str | None:
+    """The pattern of the fused kernel this node is (part of), e.g. ``"conv+relu"``, or ``None``."""
+    return node.meta.get(_FUSION_GROUP)
+
+
+def set_fusion_group(node: torch.fx.Node, group: str | None) -> None:
+    if group is None:
+        node.meta.pop(_FUSION_GROUP, None)
+    else:
+        node.meta[_FUSION_GROUP] = str(group)
+
+
+# Which backend lowered a module (``fxopt.save`` hands such modules to that backend's saver).
+_BACKEND = "fxopt.backend"
+
+
+def backend_of(module: torch.nn.Module) -> str | None:
+    """Name of the backend that lowered ``module`` (set by the backend), or ``None``."""
+    value = _gm_meta(module).get(_BACKEND)
+    return str(value) if value is not None else None
+
+
+def set_backend(module: torch.nn.Module, name: str) -> None:
+    """Mark ``module`` as lowered by backend ``name``. Uses the module's ``meta`` dict (GraphModules
+    have one; for other modules a ``meta`` dict attribute is created)."""
+    meta = getattr(module, "meta", None)
+    if meta is None:
+        meta = {}
+        module.meta = meta
+    if not isinstance(meta, dict):
+        raise TypeError(f"{type(module).__name__}.meta is not a dict; cannot record the backend")
+    meta[_BACKEND] = str(name)

@@ -1,5 +1,37 @@
-"""fxopt's built-in passes, one per file."""
+"""fxopt's built-in passes, one per file. ``from fxopt import passes as fp``.
+
+Each name is imported from its own file on first use, so importing ``fxopt.passes`` stays cheap.
+"""
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import Any
+
+# public name -> file (module) that defines it
+_PASSES: dict[str, str] = {
+    "EliminateDeadCode": "eliminate_dead_code",
+    "RemoveIdentities": "remove_identities",
+    "FoldBatchNorm": "fold_batchnorm",
+    "FuseActivations": "fuse_activations",
+    "InsertQuantStubs": "insert_quant_stubs",
+    "PlaceObservers": "place_observers",
+    "Calibrate": "calibrate",
+    "QuantizeDynamic": "quantize_dynamic",
+    "ConvertFP16": "convert_fp16",
+}
+
+__all__ = sorted(_PASSES)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PASSES.get(name)
+    if module is None:
+        raise AttributeError(f"fxopt.passes has no pass {name!r}; available: {', '.join(__all__)}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -42,10 +42,14 @@ __all__ = ["RemoveIdentities"]
 
 logger = logging.getLogger(__name__)
 
-_DROPOUT_MODULES = (nn_ := torch.nn).Dropout, nn_.Dropout1d, nn_.Dropout2d, nn_.Dropout3d, nn_.AlphaDropout, \
-    nn_.FeatureAlphaDropout
+_DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
+                    torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                       torch.dropout}
+
+
+def _torch_dropout(input, p, train):  # the signature of the builtin ``torch.dropout``
+    pass
 
 # (function or method name) -> (neutral constant, whether the constant may come first)
 _ARITH = {
@@ -140,7 +144,7 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
             return _flatten_noop(node.args[0], module.start_dim, module.end_dim)
         return None
     if node.op == "call_function" and node.target in _DROPOUT_FUNCTIONS:
-        args = _bind(node.target, node)
+        args = _bind(_torch_dropout if node.target is torch.dropout else node.target, node)
         if args is None:
             return None
         training = args.get("training", args.get("train"))
@@ -223,11 +227,12 @@ class RemoveIdentities(Pass):
                 notes.append(f"{node.name}: kept, a later in-place op writes into its value or its input")
                 continue
             kind = _kind(gm, node)
+            inputs = node.all_input_nodes
             node.replace_all_uses_with(source)
             gm.graph.erase_node(node)
             if node.op == "call_module":
                 touched_modules.append(node.target)
-            for arg in node.all_input_nodes:
+            for arg in inputs:
                 if arg.op == "get_attr" and not arg.users:
                     touched_modules.append(arg.target)
                     gm.graph.erase_node(arg)

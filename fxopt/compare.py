@@ -1,0 +1,209 @@
+"""``fxopt.compare``: how far a candidate model's numbers are from a reference's, per output and per layer.
+
+SQNR is ``10 * log10(sum(ref**2) / sum((ref - cand)**2))`` in dB (``inf`` when equal), accumulated
+over all batches. Layers are matched by qualified module name (a GraphModule's ``call_module`` targets
+are module names too); a layer is compared when both models produced outputs of the same shape there.
+Quantized and half-precision outputs are dequantized / widened to float64 before comparing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from tabulate import tabulate
+
+from .errors import FxoptError
+
+__all__ = ["Comparison", "compare", "sqnr_db"]
+
+
+def sqnr_db(reference: torch.Tensor, candidate: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of ``candidate`` against ``reference``, in dB."""
+    acc = _Acc()
+    acc.add(reference, candidate)
+    return acc.sqnr_db
+
+
+def _to_float(t: torch.Tensor) -> torch.Tensor:
+    if t.is_quantized:
+        t = t.dequantize()
+    return t.detach().to(torch.float64)
+
+
+@dataclass
+class _Acc:
+    """Running sums for one compared tensor position."""
+
+    shape: tuple = ()
+    signal: float = 0.0
+    noise: float = 0.0
+    max_abs: float = 0.0
+    top1_same: int = 0
+    top1_total: int = 0
+    batches: int = 0
+
+    def add(self, ref: torch.Tensor, cand: torch.Tensor) -> None:
+        r, c = _to_float(ref), _to_float(cand)
+        self.shape = tuple(ref.shape)
+        diff = r - c
+        self.signal += float((r * r).sum())
+        self.noise += float((diff * diff).sum())
+        if diff.numel():
+            self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        if r.dim() == 2 and r.shape[1] > 1 and (ref.is_floating_point() or ref.is_quantized):
+            self.top1_same += int((r.argmax(dim=1) == c.argmax(dim=1)).sum())
+            self.top1_total += r.shape[0]
+        self.batches += 1
+
+    @property
+    def sqnr_db(self) -> float:
+        if self.noise == 0.0:
+            return math.inf
+        if self.signal == 0.0:
+            return -math.inf
+        return 10.0 * math.log10(self.signal / self.noise)
+
+    @property
+    def top1(self) -> float | None:
+        return self.top1_same / self.top1_total if self.top1_total else None
+
+
+@dataclass
+class Comparison:
+    """Result of :func:`compare`. ``outputs`` and ``layers`` hold one dict per compared tensor."""
+
+    outputs: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    batches: int
+    columns: list[str] = field(default_factory=lambda: ["name", "shape", "sqnr_db", "max_abs_error", "top1"])
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return self.outputs + self.layers
+
+    @property
+    def sqnr_db(self) -> float:
+        """Worst whole-output SQNR over all outputs."""
+        return min((r["sqnr_db"] for r in self.outputs), default=math.inf)
+
+    @property
+    def max_abs_error(self) -> float:
+        return max((r["max_abs_error"] for r in self.outputs), default=0.0)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        """Fraction of rows whose argmax agrees, over 2-D outputs (worst output); None if there are none."""
+        values = [r["top1"] for r in self.outputs if r["top1"] is not None]
+        return min(values) if values else None
+
+    @property
+    def worst_layer(self) -> dict[str, Any] | None:
+        return min(self.layers, key=lambda r: r["sqnr_db"], default=None)
+
+    def __str__(self) -> str:
+        def fmt(row: dict[str, Any]) -> list[Any]:
+            top1 = "" if row["top1"] is None else f"{row['top1']:.2%}"
+            return [row["name"], row["shape"], f"{row['sqnr_db']:.2f}", f"{row['max_abs_error']:.3g}", top1]
+
+        table = [fmt(r) for r in self.outputs]
+        if self.layers:
+            table.append(["-- layers --", "", "", "", ""])
+            table.extend(fmt(r) for r in self.layers)
+        return tabulate(table, headers=self.columns, disable_numparse=True)
+
+    def __repr__(self) -> str:
+        return (f"Comparison(sqnr_db={self.sqnr_db:.2f}, max_abs_error={self.max_abs_error:.3g}, "
+                f"top1_agreement={self.top1_agreement}, layers={len(self.layers)}, batches={self.batches})")
+
+
+def _batches(inputs: Any) -> list[tuple[tuple, dict]]:
+    """``inputs`` as a list of (args, kwargs): a tensor, a tuple of positional inputs, a dict of keyword
+    inputs, or a list of those (one per batch)."""
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if not items:
+        raise FxoptError("fxopt.compare got an empty list of inputs; pass at least one batch")
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            out.append(((), item))
+        elif isinstance(item, tuple):
+            out.append((item, {}))
+        elif isinstance(item, torch.Tensor):
+            out.append(((item,), {}))
+        else:
+            raise FxoptError(
+                f"fxopt.compare inputs must be a tensor, a tuple of positional inputs, a dict of keyword inputs "
+                f"or a list of those (one per batch); got {type(item).__name__}")
+    return out
+
+
+def _tensor_leaves(out: Any) -> list[tuple[str, torch.Tensor]]:
+    flat, _ = pytree.tree_flatten_with_path(out)
+    return [(pytree.keystr(path), leaf) for path, leaf in flat if isinstance(leaf, torch.Tensor)]
+
+
+def _snapshot(out: Any) -> Any:
+    # Clone: the model may modify a layer's output in place afterwards (``out += identity``).
+    return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, out)
+
+
+def _run_with_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, list[Any]]]:
+    seen: dict[str, list[Any]] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        if name:
+            handles.append(mod.register_forward_hook(
+                lambda _m, _i, out, name=name: seen.setdefault(name, []).append(_snapshot(out))))
+    try:
+        with torch.no_grad():
+            out = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+def compare(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: Any) -> Comparison:
+    """Compare ``candidate`` against ``reference`` on ``inputs``: per output and per matching layer."""
+    for label, m in (("reference", reference), ("candidate", candidate)):
+        if not callable(m):
+            raise TypeError(f"fxopt.compare: {label} must be a module (or callable), got {type(m).__name__}")
+    out_accs: dict[str, _Acc] = {}
+    layer_accs: dict[str, _Acc] = {}
+    batches = _batches(inputs)
+    for args, kwargs in batches:
+        ref_out, ref_layers = _run_with_hooks(reference, args, kwargs)
+        cand_out, cand_layers = _run_with_hooks(candidate, args, kwargs)
+        ref_leaves, cand_leaves = _tensor_leaves(ref_out), _tensor_leaves(cand_out)
+        if len(ref_leaves) != len(cand_leaves):
+            raise FxoptError(
+                f"fxopt.compare: the reference returns {len(ref_leaves)} tensors but the candidate returns "
+                f"{len(cand_leaves)}; compare models with the same output structure")
+        for (path, r), (_, c) in zip(ref_leaves, cand_leaves):
+            if r.shape != c.shape:
+                raise FxoptError(f"fxopt.compare: output{path} has shape {tuple(r.shape)} in the reference but "
+                                 f"{tuple(c.shape)} in the candidate")
+            out_accs.setdefault(f"output{path}", _Acc()).add(r, c)
+        for name, ref_calls in ref_layers.items():
+            cand_calls = cand_layers.get(name)
+            if cand_calls is None or len(cand_calls) != len(ref_calls):
+                continue
+            for call, (r_out, c_out) in enumerate(zip(ref_calls, cand_calls)):
+                r_l, c_l = _tensor_leaves(r_out), _tensor_leaves(c_out)
+                if len(r_l) != len(c_l):
+                    continue
+                for (path, r), (_, c) in zip(r_l, c_l):
+                    if r.shape == c.shape:
+                        key = name + (f"#{call}" if len(ref_calls) > 1 else "") + path
+                        layer_accs.setdefault(key, _Acc()).add(r, c)
+    return Comparison(outputs=[_row(k, a) for k, a in out_accs.items()],
+                      layers=[_row(k, a) for k, a in layer_accs.items()], batches=len(batches))
+
+
+def _row(name: str, acc: _Acc) -> dict[str, Any]:
+    return {"name": name, "shape": "x".join(map(str, acc.shape)), "sqnr_db": acc.sqnr_db,
+            "max_abs_error": acc.max_abs, "top1": acc.top1}
