@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from fxopt.quant.spec import QSpec
 
-__all__ = ["OpRule", "BackendSpec", "op_key", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS"]
+__all__ = ["OpRule", "BackendSpec", "op_key", "common_int8_ops", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,9 @@ class BackendSpec:
     weight_per_tensor: QSpec  # weight qspec where only per-tensor is possible
     ops: Mapping[str, OpRule] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # add/cat whose input ranges differ by more than this factor stay float (one scale would wipe out
+    # the small input, e.g. box coordinates in pixels concatenated with scores in [0, 1])
+    max_range_ratio: float = 100.0
 
     def rule(self, key: str | None) -> OpRule | None:
         return self.ops.get(key) if key is not None else None
@@ -142,6 +145,7 @@ FUNCTION_KEYS: dict[Any, str] = {
     torch.cat: "cat",
     torch.concat: "cat",
     F.layer_norm: "layer_norm",
+    F.pad: "pad",
     torch.chunk: "chunk",
     torch.split: "split",
 }
@@ -186,6 +190,9 @@ def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str |
         custom = getattr(mod, "fxopt_op_key", None)
         if isinstance(custom, str):
             return custom
+        fused = _fused_key(mod)
+        if fused is not None:
+            return fused
         for cls in type(mod).__mro__:
             key = MODULE_KEYS.get(cls)
             if key is not None:
@@ -198,3 +205,56 @@ def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str |
     if node.op == "call_method":
         return METHOD_KEYS.get(node.target)
     return None
+
+
+_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+
+
+def _fused_key(mod: nn.Module) -> str | None:
+    """Op key of the fused float modules of ``fuse-activations`` (``FusedConv/FusedLinear/FusedAdd``).
+
+    Recognised by shape (an ``activation`` child plus a ``conv``/``linear`` child) so that backends need
+    not import passes.
+    """
+    if not type(mod).__name__.startswith("Fused") or not isinstance(getattr(mod, "activation", None),
+                                                                     _FUSED_ACTIVATIONS):
+        return None
+    inner = getattr(mod, "conv", None)
+    if inner is None:
+        inner = getattr(mod, "linear", None)
+    if inner is None:
+        return "add" if type(mod).__name__ == "FusedAdd" else None
+    return MODULE_KEYS.get(type(inner))
+
+
+# ---- the part of the support table PyTorch's int8 engines share -----------------------------
+
+_SHARE_KEYS = (
+    "relu", "relu6", "hardtanh", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "flatten", "reshape", "permute",
+    "transpose", "squeeze", "unsqueeze", "identity", "getitem", "chunk", "split", "pad",
+)
+_FIXED = {  # output range of the quantized kernel, whatever the input qparams
+    "sigmoid": (1.0 / 256.0, 0),
+    "hardsigmoid": (1.0 / 256.0, 0),
+    "tanh": (2.0 / 256.0, 128),
+}
+
+
+def common_int8_ops() -> dict[str, OpRule]:
+    """Op rules both PyTorch int8 engines (x86/fbgemm and qnnpack) satisfy; backends add conv/linear."""
+    ops: dict[str, OpRule] = {key: OpRule("share", reason=f"{key} runs on quantized tensors")
+                              for key in _SHARE_KEYS}
+    ops.update({key: OpRule("fixed", fixed_qparams=qp, reason=f"quantized {key}, fixed output range")
+                for key, qp in _FIXED.items()})
+    ops.update({
+        "add": OpRule("compute", fused_activations=frozenset({"relu"}), reason="quantized::add"),
+        "mul": OpRule("compute", fused_activations=frozenset({"relu"}), reason="quantized::mul"),
+        "cat": OpRule("compute", reason="quantized::cat"),
+        "hardswish": OpRule("compute", reason="quantized::hardswish"),
+        "layer_norm": OpRule("compute", reason="quantized::layer_norm"),
+        "batch_norm2d": OpRule("compute", reason="quantized::batch_norm2d (BatchNorm that could not be folded)"),
+        "batch_norm3d": OpRule("compute", reason="quantized::batch_norm3d (BatchNorm that could not be folded)"),
+        "embedding": OpRule("weight_only", reason="int8 rows, float output (quantized::embedding_byte)"),
+    })
+    return ops

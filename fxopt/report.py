@@ -30,6 +30,7 @@ from tabulate import tabulate
 
 from . import meta
 from .compiler import as_args
+from .errors import FxoptError
 
 __all__ = ["Report", "report", "tensor_bytes", "unpack_packed_params"]
 
@@ -107,7 +108,7 @@ def _own_entries(module: torch.nn.Module, is_root: bool) -> tuple[list[_Entry], 
     if callable(describe):
         return [_Entry(n, t, True, _key(t)) for n, t in describe().items() if isinstance(t, torch.Tensor)], True
     weight = getattr(type(module), "weight", None)
-    if callable(weight) and not isinstance(weight, property) and type(module).__module__.startswith("torch.ao.nn"):
+    if callable(weight) and type(module).__module__.startswith("torch.ao.nn."):
         found = {"weight": module.weight()}
         if callable(getattr(module, "bias", None)) and isinstance(module.bias(), torch.Tensor):
             found["bias"] = module.bias()
@@ -138,12 +139,15 @@ def _first_user(gm: torch.fx.GraphModule, attr: str) -> torch.fx.Node | None:
 
 
 def _op_of_root_attr(gm: torch.fx.GraphModule, attr: str) -> str:
+    """What consumes attribute ``attr`` in the graph (its first user's target)."""
     user = _first_user(gm, attr)
     if user is None:
         return "attribute"
     if user.op == "get_attr":
         return "get_attr"
     t = user.target
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(t)  # "quantized.linear", "aten.conv2d.default": the namespace matters
     return t if isinstance(t, str) else str(getattr(t, "__name__", None) or t)
 
 
@@ -190,10 +194,21 @@ def _output_shapes(module: torch.nn.Module, owners: dict[str, torch.nn.Module], 
                 node_shapes = rec.shapes
             else:
                 module(*args)
+    except Exception as exc:
+        raise FxoptError(f"fxopt.report could not run {type(module).__name__} on example_inputs to record output "
+                         f"shapes: {type(exc).__name__}: {exc}. Pass inputs the model accepts, or "
+                         f"example_inputs=None") from exc
     finally:
         for h in handles:
             h.remove()
     return found, node_shapes
+
+
+_NUMERIC = ("params", "nonzero", "unique", "bytes")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else str(value)
 
 
 @dataclass
@@ -213,11 +228,11 @@ class Report:
         return 1.0 - self.total_nonzero / self.total_params if self.total_params else 0.0
 
     def __str__(self) -> str:
-        table = [[row.get(c, "") for c in self.columns] for row in self.rows]
         total = {"name": "total", "params": self.total_params, "nonzero": self.total_nonzero,
                  "bytes": self.total_bytes, "notes": f"{self.total_bytes / 2**20:.2f} MiB"}
-        table.append([total.get(c, "") for c in self.columns])
-        text = tabulate(table, headers=self.columns, intfmt=",", disable_numparse=False)
+        table = [[_cell(row.get(c, "")) for c in self.columns] for row in [*self.rows, total]]
+        align = ["right" if c in _NUMERIC else "left" for c in self.columns]
+        text = tabulate(table, headers=self.columns, disable_numparse=True, colalign=align)
         return f"{text}\nsparsity: {self.sparsity:.2%}"
 
     def __repr__(self) -> str:
@@ -248,7 +263,10 @@ def report(module: torch.nn.Module, example_inputs: Any = None) -> Report:
                 rows.append(_row(attr, _op_of_root_attr(module, attr), group, seen))
         elif entries:
             owners[qualname] = mod
-            rows.append(_row(qualname or "(root)", type(mod).__name__, entries, seen))
+            op = type(mod).__name__
+            if is_gm and type(mod) is torch.nn.Module:  # attribute holder (torch.export): name the op
+                op = _op_of_root_attr(module, qualname)
+            rows.append(_row(qualname or "(root)", op, entries, seen))
     _add_notes(module, rows, owners)
     has_shapes = example_inputs is not None
     if has_shapes:

@@ -31,24 +31,22 @@ from __future__ import annotations
 
 import functools
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.fx
 from torch.fx import Graph, GraphModule, Node
-from torch.fx.node import _get_qualified_name, map_arg
+from torch.fx.node import map_arg
 from torch.fx.passes.tools_common import legalize_graph
-from torch.fx.passes.utils.fuser_utils import validate_partition
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .errors import FxoptError, PassError
 from .pass_base import Pass, PassResult
 
 __all__ = [
-    "RewriteRule", "rule", "RewritePass", "explain", "Explanation", "RuleReport",
-    "Match", "MatchResult", "RuleError", "RewriteLoopError",
+    "RewriteRule", "rule", "RewritePass", "explain", "Match", "MatchResult", "Found", "scan",
+    "RuleError", "RewriteLoopError",
 ]
 
 logger = logging.getLogger(__name__)
@@ -208,8 +206,8 @@ def _compile(r: RewriteRule) -> _Compiled:
     bad_wild = [w for w in r.wildcards if w not in params]
     if bad_wild:
         raise RuleError(f"rule {label!r}: wildcards {bad_wild} are not pattern arguments {params}")
-    n_out = len(next(iter(reversed(replacement.graph.nodes))).args[0]) if isinstance(
-        next(iter(reversed(replacement.graph.nodes))).args[0], (tuple, list)) else 1
+    returned = next(iter(reversed(replacement.graph.nodes))).args[0]
+    n_out = len(returned) if isinstance(returned, (tuple, list)) else 1
     if n_out != len(outputs):
         raise RuleError(f"rule {label!r}: the pattern returns {len(outputs)} value(s) but the replacement {n_out}")
     try:
@@ -218,45 +216,8 @@ def _compile(r: RewriteRule) -> _Compiled:
         raise RuleError(f"rule {label!r}: the pattern has computations that do not reach its result ({exc}); "
                         "remove them") from exc
     compiled = _Compiled(pattern, replacement, params)
-    r._fxopt_compiled = compiled  # type: ignore[attr-defined]
+    r._fxopt_compiled = compiled  # type: ignore[attr-defined]  # traced once per rule object
     return compiled
-
-
-# --------------------------------------------------------------------------- describing nodes
-
-_OPERATORS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
-              operator.matmul: "@", operator.getitem: "[]", operator.floordiv: "//", operator.pow: "**"}
-
-
-def _callable_name(op: str, target: Any) -> str:
-    if op == "call_method":
-        return f".{target}()"
-    if op in ("call_module", "get_attr", "placeholder", "output"):
-        return str(target)
-    try:
-        name = _get_qualified_name(target)
-    except Exception:
-        name = repr(target)
-    name = name.replace("torch._C._nn.", "torch.nn.functional.")
-    return f"{name} ({_OPERATORS[target]})" if target in _OPERATORS else name
-
-
-def _describe(node: Node, gm: torch.nn.Module | None = None) -> str:
-    if node.op == "placeholder":
-        return f"{node.name} (graph input)"
-    if node.op == "get_attr":
-        return f"{node.name} (attribute {node.target})"
-    if node.op == "call_module":
-        mod = _get_attr(gm, node.target) if gm is not None else None
-        kind = f"{type(mod).__module__}.{type(mod).__name__}" if mod is not None else "module"
-        return f"{node.name} (module call {node.target}: {kind})"
-    return f"{node.name} ({_callable_name(node.op, node.target)})"
-
-
-def _wants(pn: Node) -> str:
-    if pn.op == "placeholder":
-        return f"the argument {pn.name}"
-    return _callable_name(pn.op, pn.target)
 
 
 def _get_attr(root: torch.nn.Module | None, target: str) -> Any:
@@ -266,74 +227,7 @@ def _get_attr(root: torch.nn.Module | None, target: str) -> Any:
     return obj
 
 
-def _fmt_call(n: Node) -> str:
-    kw = f", keywords {list(n.kwargs)}" if n.kwargs else ""
-    return f"{len(n.args)} positional argument(s){kw}"
-
-
 # --------------------------------------------------------------------------- matching
-
-
-class _DiagnosingMatcher(SubgraphMatcher):
-    """torch.fx's SubgraphMatcher that also remembers the first (deepest) difference it met."""
-
-    def __init__(self, pattern: Graph, gm: torch.nn.Module) -> None:
-        super().__init__(pattern, remove_overlapping_matches=False)
-        self.gm = gm
-        self.failure: str | None = None
-        self.progress = 0
-        self._where: list[Node] = []
-
-    def _fail(self, reason: str, match: InternalMatch) -> None:
-        if self.failure is None:
-            self.failure = reason
-            self.progress = sum(1 for p in match.nodes_map if p.op not in ("placeholder", "output"))
-
-    def _match_literals(self, pn: Any, gn: Any, match: InternalMatch) -> bool:
-        ok = super()._match_literals(pn, gn, match)
-        if not ok:
-            at = f" (argument of {self._where[-1].name})" if self._where else ""
-            if isinstance(pn, Node) and pn.op == "placeholder":
-                self._fail(f"the argument {pn.name} is used twice in the pattern, but the graph has "
-                           f"{_show(match.nodes_map[pn])} and {_show(gn)} there", match)
-            elif isinstance(pn, Node):
-                self._fail(f"the pattern wants {_wants(pn)} but the graph has the literal {gn!r}{at}", match)
-            elif isinstance(gn, Node):
-                self._fail(f"the pattern wants the literal {pn!r} but the graph has {_describe(gn, self.gm)}{at}",
-                           match)
-            else:
-                self._fail(f"literal {gn!r} ({type(gn).__name__}) ≠ {pn!r} ({type(pn).__name__}) the pattern "
-                           f"wants{at}", match)
-        return ok
-
-    def _match_nodes(self, pn: Node, gn: Node, match: InternalMatch, *args: Any, **kwargs: Any) -> bool:
-        bound = match.nodes_map.get(pn)
-        self._where.append(gn)
-        try:
-            ok = super()._match_nodes(pn, gn, match, *args, **kwargs)
-        finally:
-            self._where.pop()
-        if not ok:
-            if bound is not None and pn.op == "placeholder":
-                why = (f"the argument {pn.name} is used twice in the pattern, but the graph has "
-                       f"{_show(bound)} and {_show(gn)} there")
-            elif bound is not None or gn in match.nodes_map.values():
-                why = f"{gn.name} would have to match two different parts of the pattern"
-            elif not self._nodes_are_equal(pn, gn):
-                why = f"the pattern wants {_wants(pn)} but the graph has {_describe(gn, self.gm)}"
-                if gn.op == "call_module":
-                    why += "; module calls are not matched by function patterns"
-                elif getattr(gn.target, "__name__", 0) == getattr(pn.target, "__name__", 1):
-                    why += "; same name, different function: the pattern must call the function the model calls"
-            else:
-                why = (f"{gn.name} is called with {_fmt_call(gn)}, the pattern with {_fmt_call(pn)}; write the "
-                       "pattern's call the way the model writes it")
-            self._fail(why, match)
-        return ok
-
-
-def _show(value: Any) -> str:
-    return value.name if isinstance(value, Node) else f"the literal {value!r}"
 
 
 def _only_nodes(value: Any) -> bool:
@@ -345,25 +239,26 @@ def _only_nodes(value: Any) -> bool:
 
 
 @dataclass
-class _Candidate:
-    anchor: Node
-    match: Match | None = None
-    reason: str = ""  # empty: accepted
-    kind: str = ""  # "literal", "check", "overlap", "structure"
+class Found:
+    """One structural match of a rule and its fate: accepted (``reason == ""``) or rejected."""
+
+    match: Match
+    reason: str = ""
+    kind: str = ""  # why rejected: "literal" (needs a wildcard), "check", or "overlap"
 
 
-def _to_match(gm: GraphModule, compiled: _Compiled, im: InternalMatch) -> Match:
+def _to_match(gm: GraphModule, im: InternalMatch, order: dict[Node, int]) -> Match:
     bindings = {pn.target: gn for pn, gn in im.nodes_map.items() if pn.op == "placeholder"}
     covered = {gn for pn, gn in im.nodes_map.items() if pn.op not in ("placeholder", "output")}
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return Match(gm, bindings, sorted(covered, key=order.__getitem__), list(im.returning_nodes))
 
 
-def _check(r: RewriteRule, m: Match) -> str:
-    for name in compiled_params(r):
+def _verdict(r: RewriteRule, m: Match) -> tuple[str, str]:
+    """``("", "")`` if the match is acceptable, else ``(kind, reason)``."""
+    for name in _compile(r).params:
         if name not in r.wildcards and not _only_nodes(m.bindings[name]):
-            return (f"argument {name} would bind to the literal {m.bindings[name]!r}; literals match exactly "
-                    f"unless {name!r} is listed in the rule's wildcards")
+            return "literal", (f"argument {name} would bind to the literal {m.bindings[name]!r}; literals match "
+                               f"exactly unless {name!r} is listed in the rule's wildcards")
     try:
         verdict = r.check(m)
     except FxoptError:
@@ -372,34 +267,33 @@ def _check(r: RewriteRule, m: Match) -> str:
         raise RuleError(f"check() of rule {rule_name(r)!r} raised {type(exc).__name__}: {exc} "
                         f"(at {m.anchor.name})") from exc
     if isinstance(verdict, MatchResult):
-        return "" if verdict.matched else (verdict.reason or "check() failed")
+        return ("", "") if verdict.matched else ("check", verdict.reason or "check() failed")
     if isinstance(verdict, bool):
-        return "" if verdict else "check() returned False"
+        return ("", "") if verdict else ("check", "check() returned False")
     raise RuleError(f"check() of rule {rule_name(r)!r} returned {type(verdict).__name__}; return True/False "
                     "or fxopt.rewrite.MatchResult.fail('reason')")
 
 
-def compiled_params(r: RewriteRule) -> list[str]:
-    return _compile(r).params
+def scan(gm: GraphModule, r: RewriteRule) -> list[Found]:
+    """Every structural match of ``r`` in ``gm`` (torch.fx's SubgraphMatcher), judged in graph order.
 
-
-def _scan(gm: GraphModule, r: RewriteRule) -> list[_Candidate]:
-    """Every match of ``r`` in ``gm``, accepted (reason "") or rejected with the reason."""
+    A match is rejected when a non-wildcard argument binds a literal, when ``check`` fails, or when it
+    overlaps a match accepted before it (that one is rewritten first; the next round looks again).
+    """
     compiled = _compile(r)
-    found: list[_Candidate] = []
+    found: list[Found] = []
     taken: dict[Node, Node] = {}  # graph node -> anchor of the accepted match that covers it
-    for im in _DiagnosingMatcher(compiled.pattern, gm).match(gm.graph):
-        m = _to_match(gm, compiled, im)
-        cand = _Candidate(m.anchor, m)
-        cand.reason = _check(r, m)
-        cand.kind = "literal" if cand.reason.startswith("argument ") else "check"
-        if not cand.reason:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for im in SubgraphMatcher(compiled.pattern, remove_overlapping_matches=False).match(gm.graph):
+        m = _to_match(gm, im, order)
+        kind, reason = _verdict(r, m)
+        if not reason:
             clash = next((taken[n] for n in m.nodes if n in taken), None)
             if clash is not None:
-                cand.reason, cand.kind = f"overlaps the match at {clash.name}, taken first", "overlap"
+                kind, reason = "overlap", f"overlaps the match at {clash.name}, taken first"
             else:
                 taken.update({n: m.anchor for n in m.nodes})
-        found.append(cand)
+        found.append(Found(m, reason, kind))
     return found
 
 
@@ -417,7 +311,11 @@ def _replace(gm: GraphModule, compiled: _Compiled, m: Match, renamed: dict[Node,
                 val_map[rn] = fix(m.bindings[rn.target])
             elif rn.op == "get_attr":  # a constant the replacement creates: copy it onto gm
                 attr = _fresh_name(gm, "_rewrite_const")
-                setattr(gm, attr, _get_attr(compiled.replacement, rn.target))
+                value = _get_attr(compiled.replacement, rn.target)
+                if isinstance(value, torch.Tensor):
+                    gm.register_buffer(attr, value.detach().clone())
+                else:
+                    setattr(gm, attr, value)
                 val_map[rn] = graph.get_attr(attr)
         new_out = graph.graph_copy(compiled.replacement.graph, val_map)
     new_outs = list(new_out) if isinstance(new_out, (tuple, list)) else [new_out]
@@ -428,7 +326,7 @@ def _replace(gm: GraphModule, compiled: _Compiled, m: Match, renamed: dict[Node,
     map_arg(fix(list(m.bindings.values())), inputs.append)
     for node in reversed(m.nodes):
         graph.erase_node(node)
-    for node in inputs:  # inputs only the pattern used (e.g. a weight the replacement drops)
+    for node in dict.fromkeys(inputs):  # inputs only the pattern used (e.g. a weight the replacement drops)
         if node.graph is graph and not node.users and node.op in ("get_attr", "call_function", "call_method") \
                 and not node.is_impure():
             graph.erase_node(node)
@@ -444,12 +342,14 @@ def _fresh_name(gm: torch.nn.Module, base: str) -> str:
 
 
 def _fingerprint(graph: Graph) -> tuple:
+    """The graph's structure without node names: equal for graphs that compute the same way."""
     index: dict[Node, int] = {}
     items = []
     for i, n in enumerate(graph.nodes):
         index[n] = i
-        args = map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}")
-        items.append((n.op, _callable_name(n.op, n.target), repr(args)))
+        target = n.target if isinstance(n.target, str) else (
+            f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', repr(n.target))}")
+        items.append((n.op, target, repr(map_arg((n.args, n.kwargs), lambda a: f"%{index[a]}"))))
     return tuple(items)
 
 
@@ -479,45 +379,60 @@ class RewritePass(Pass):
         object.__setattr__(self, "rules", rules)
 
     def call(self, gm: GraphModule) -> PassResult:
-        counts = {rule_name(r): 0 for r in self.rules}
-        notes: list[str] = []
-        seen = {_fingerprint(gm.graph): 0}
-        history: list[str] = []
-        for _ in range(self.max_iterations):
-            fired = False
-            for r in self.rules:
-                compiled, renamed, n = _compile(r), {}, 0
-                for cand in _scan(gm, r):
-                    if cand.reason:
-                        if cand.kind in ("check", "literal"):
-                            note = f"{rule_name(r)} rejected at {cand.anchor.name}: {cand.reason}"
-                            if note not in notes:
-                                notes.append(note)
-                        continue
-                    _replace(gm, compiled, cand.match, renamed)
-                    n += 1
-                if not n:
-                    continue
-                fired = True
-                counts[rule_name(r)] += n
-                history.append(rule_name(r))
-                fp = _fingerprint(gm.graph)
-                if fp in seen:
-                    loop = " → ".join(history[seen[fp]:])
-                    raise RewriteLoopError(
-                        f"rewrite rules loop: {loop} gives back a graph seen before (ping-pong). Drop one direction "
-                        "of the rewrite or add a check() that stops it.", pass_name=self.name)
-                seen[fp] = len(history)
-            if not fired:
-                break
-        else:
-            raise RewriteLoopError(
-                f"rewrite rules did not reach a fixpoint after max_iterations={self.max_iterations} rounds "
-                f"(last rules to fire: {history[-4:]}); a rule probably re-creates its own pattern",
-                pass_name=self.name)
-        modified = any(counts.values())
+        state = _Progress({rule_name(r): 0 for r in self.rules}, seen={_fingerprint(gm.graph): 0})
+        rounds = 0
+        while self._round(gm, state):
+            rounds += 1
+            if rounds > self.max_iterations:
+                raise RewriteLoopError(
+                    f"rewrite rules did not reach a fixpoint after max_iterations={self.max_iterations} rounds "
+                    f"(last rules to fire: {state.history[-4:]}); a rule probably re-creates its own pattern",
+                    pass_name=self.name)
+        modified = any(state.counts.values())
         if modified:
             gm.graph.lint()
             gm.recompile()
-        logger.debug("rewrite: %s", counts)
-        return PassResult(gm, modified, counts, notes)
+        logger.debug("rewrite: %s in %d round(s)", state.counts, rounds)
+        return PassResult(gm, modified, state.counts, state.notes)
+
+    def _round(self, gm: GraphModule, state: _Progress) -> bool:
+        """Each rule once, in order, on every match it has; True if anything was rewritten."""
+        fired = False
+        for r in self.rules:
+            compiled, renamed, n = _compile(r), {}, 0
+            for f in scan(gm, r):
+                if not f.reason:
+                    _replace(gm, compiled, f.match, renamed)
+                    n += 1
+                elif f.kind != "overlap":  # overlaps are looked at again in the next round
+                    note = f"{rule_name(r)} rejected at {f.match.anchor.name}: {f.reason}"
+                    if note not in state.notes:
+                        state.notes.append(note)
+            if not n:
+                continue
+            fired = True
+            state.counts[rule_name(r)] += n
+            state.history.append(rule_name(r))
+            fp = _fingerprint(gm.graph)
+            if fp in state.seen:
+                loop = " → ".join(state.history[state.seen[fp]:])
+                raise RewriteLoopError(
+                    f"rewrite rules loop: {loop} gives back a graph seen before (ping-pong). Drop one direction "
+                    "of the rewrite or add a check() that stops it.", pass_name=self.name)
+            state.seen[fp] = len(state.history)
+        return fired
+
+
+@dataclass
+class _Progress:
+    counts: dict[str, int]  # replacements per rule
+    notes: list[str] = field(default_factory=list)
+    seen: dict[tuple, int] = field(default_factory=dict)  # graph fingerprint -> len(history) when seen
+    history: list[str] = field(default_factory=list)  # the rule behind each rewrite step
+
+
+def explain(gm: torch.nn.Module, rules: Any) -> Any:
+    """Why each rule does or does not match in ``gm``; see :func:`fxopt.rewrite_explain.explain`."""
+    from .rewrite_explain import explain as _explain
+
+    return _explain(gm, rules)

@@ -55,17 +55,17 @@ def trace(
         raise ValueError(f"unknown trace mode {mode!r}; choose one of {', '.join(MODES)}")
     args = _as_args(example_inputs)
     requested = _requested_leaves(model, leaf_modules)
-    work = copy.deepcopy(model)
-    with _untouched(work):
-        if mode == "export":
+    if mode == "export":
+        work = copy.deepcopy(model)
+        with _untouched(work):
             gm, leaves, notes = _export(work, args), [], []
-        else:
-            gm, leaves, notes = trace_with_leaves(work, args, requested, auto=(mode == "auto"))
-        gm.training = model.training  # the root's flag only; submodules keep theirs
-        meta.set_leaves(gm, leaves)
-        meta.set_trace_notes(gm, notes)
-        if args:
-            propagate_shapes(gm, args)
+    else:
+        gm, leaves, notes = trace_with_leaves(model, args, requested, auto=(mode == "auto"))
+    gm.training = model.training  # the root's flag only; submodules keep theirs
+    meta.set_leaves(gm, leaves)
+    meta.set_trace_notes(gm, notes)
+    if args and mode != "auto":  # auto mode already ran the graph on the examples, filling the metadata
+        propagate_shapes(gm, args)
     log.info("traced %s (%s): %d nodes, %d leaves", type(model).__name__, mode, len(gm.graph.nodes), len(leaves))
     return gm
 
@@ -76,7 +76,7 @@ def untraced(gm: torch.nn.Module) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# helpers shared with _value_tracer
+# helpers
 
 
 def _as_args(example_inputs: Any) -> tuple:
@@ -260,9 +260,24 @@ class _ValueAttribute(torch.fx.proxy.Attribute, _ValueProxy):
     pass
 
 
+def _rebuildable(value: Any) -> bool:
+    """A plain Python object holding proxies (torchvision's ``ImageList``) that its class can rebuild."""
+    if isinstance(value, (torch.nn.Module, torch.Tensor, torch.fx.Proxy, type)) or not hasattr(value, "__dict__"):
+        return False
+    if not any(isinstance(v, torch.fx.Proxy) for v in torch.utils._pytree.tree_leaves(vars(value))):
+        return False
+    try:
+        params = inspect.signature(type(value)).parameters
+    except (TypeError, ValueError):
+        return False
+    return set(params) == set(vars(value))
+
+
 def _map(value: Any, fn: Any) -> Any:
     if isinstance(value, torch.fx.Proxy):
         return fn(value)
+    if _rebuildable(value):
+        return type(value)(**{k: _map(v, fn) for k, v in vars(value).items()})
     if isinstance(value, tuple) and hasattr(value, "_fields"):
         return type(value)(*(_map(v, fn) for v in value))
     if isinstance(value, (tuple, list)):
@@ -274,14 +289,87 @@ def _map(value: Any, fn: Any) -> Any:
     return value
 
 
+class _MethodIsland(torch.nn.Module):
+    """A leaf that runs one method of a module (e.g. ``SSD.postprocess_detections``) on real values.
+
+    The owner is held outside ``_modules`` so that its parameters are not registered twice.
+    """
+
+    def __init__(self, owner: torch.nn.Module, method: str):
+        super().__init__()
+        self.__dict__["owner"] = owner
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(type(self.owner), self.method)(self.owner, *args, **kwargs)
+
+
+_MODULE_INTERNALS = frozenset(dir(torch.nn.Module))
+
+
+def _island_name(owner_qualname: str, method: str) -> str:
+    return "fxopt_island_" + (owner_qualname.replace(".", "_") + "_" if owner_qualname else "") + method
+
+
+def _method_island_candidate(exc: BaseException, root: torch.nn.Module) -> tuple[str, str] | None:
+    """(owner qualname, method) of the outermost non-forward module method in the failing call chain."""
+    by_id = {id(m): name for name, m in root.named_modules()}
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        code = tb.tb_frame.f_code.co_name
+        if isinstance(owner, torch.nn.Module) and id(owner) in by_id and code != "forward" and not code.startswith("__"):
+            if inspect.isfunction(inspect.getattr_static(type(owner), code, None)) and code not in _MODULE_INTERNALS:
+                return by_id[id(owner)], code
+        tb = tb.tb_next
+    return None
+
+
 class _ValueTracer(_Tracer):
     """Computes every node on the example inputs while tracing; specializes Python control flow."""
 
-    def __init__(self, leaves: set[str], inputs: dict[str, Any], notes: list[str]):
-        super().__init__(leaves)
+    def __init__(self, leaves: set[str], inputs: dict[str, Any], notes: list[str], islands: dict[str, tuple[str, str]]):
+        super().__init__(leaves | set(islands))
         self.inputs = inputs
         self.notes = notes
+        self.islands = islands
         self.values: dict[torch.fx.Node, Any] = {}
+        self.evaluating = False  # while True, modules run for real (torch.fx's patches step aside)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        if self.evaluating:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict) -> Any:
+        if self.evaluating:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def trace(self, root: Any, concrete_args: Any = None) -> torch.fx.Graph:
+        patched = []
+        for island, (owner_name, method) in self.islands.items():
+            owner = root.get_submodule(owner_name)
+            if not hasattr(root, island):
+                root.add_module(island, _MethodIsland(owner, method))
+            owner.__dict__[method] = self._island_caller(island)
+            patched.append((owner, method))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for owner, method in patched:
+                del owner.__dict__[method]
+
+    def _island_caller(self, island: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.create_proxy("call_module", island, args, kwargs)
+
+        return call
+
+    def create_arg(self, a: Any) -> Any:
+        if _rebuildable(a):  # rebuilt in the graph by calling its class with its attributes
+            return self.create_proxy("call_function", type(a), (), dict(vars(a))).node
+        return super().create_arg(a)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _ValueProxy(node, self)
@@ -296,6 +384,15 @@ class _ValueTracer(_Tracer):
         return proxy
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
+        cargs, ckwargs = _map(args, self.value_of), _map(kwargs, self.value_of)
+        self.evaluating = True
+        try:
+            with torch.no_grad():
+                return self._run(kind, target, cargs, ckwargs)
+        finally:
+            self.evaluating = False
+
+    def _run(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Any:
         if kind == "placeholder":
             return self.inputs[target] if target in self.inputs else (args[0] if args else None)
         if kind == "get_attr":
@@ -303,13 +400,11 @@ class _ValueTracer(_Tracer):
             for part in target.split("."):
                 obj = getattr(obj, part)
             return obj
-        cargs, ckwargs = _map(args, self.value_of), _map(kwargs, self.value_of)
-        with torch.no_grad():
-            if kind == "call_function":
-                return target(*cargs, **ckwargs)
-            if kind == "call_method":
-                return getattr(cargs[0], target)(*cargs[1:], **ckwargs)
-            return self.root.get_submodule(target)(*cargs, **ckwargs)
+        if kind == "call_function":
+            return target(*args, **kwargs)
+        if kind == "call_method":
+            return getattr(args[0], target)(*args[1:], **kwargs)
+        return self.root.get_submodule(target)(*args, **kwargs)
 
     def specialize(self, proxy: torch.fx.Proxy, fn: Any) -> Any:
         value = fn(self.value_of(proxy))
@@ -346,38 +441,87 @@ class _ValueTracer(_Tracer):
 
 
 def trace_with_leaves(
-    work: torch.nn.Module, args: tuple, requested: dict[str, meta.LeafInfo], *, auto: bool
+    model: torch.nn.Module, args: tuple, requested: dict[str, meta.LeafInfo], *, auto: bool
 ) -> tuple[torch.fx.GraphModule, list[meta.LeafInfo], list[str]]:
-    """Trace ``work``; in auto mode make failing submodules leaves, then specialize on ``args``."""
-    concrete = signature_concrete_args(work, args)
-    leaves = dict(requested)
-    try:
-        gm = _trace_until_done(work, args, leaves, concrete, auto, lambda names: _Tracer(names))
-        return gm, list(leaves.values()), []
-    except _Failure as failure:
-        if not (auto and args and failure.module == ""):
-            raise _trace_error(work, failure, auto, bool(args)) from failure.exc
-        log.info("the root forward of %s does not trace symbolically (%s); specializing on example_inputs",
-                 type(work).__name__, failure)
-    params = [n for n in inspect.signature(work.forward).parameters]
-    inputs = dict(zip(params, clone_inputs(args)))
+    """Trace a copy of ``model``; in auto mode make failing submodules leaves, then specialize on ``args``.
+
+    Every attempt traces a fresh deep copy: tracing runs the model's Python, which may store proxies
+    in module attributes (torchvision's ``AnchorGenerator`` caches its anchors, for one).
+    """
+    concrete = signature_concrete_args(model, args)
+    expected = _eager_output(model, args) if auto and args else None
     notes: list[str] = []
     leaves = dict(requested)
     try:
-        gm = _trace_until_done(work, args, leaves, concrete, auto, lambda names: _ValueTracer(names, inputs, notes))
+        gm = _trace_until_done(model, args, leaves, concrete, auto, expected, notes, lambda names: _Tracer(names))
+        return gm, list(leaves.values()), notes
     except _Failure as failure:
-        raise _trace_error(work, failure, auto, True) from failure.exc
+        if not (auto and args and failure.module == ""):
+            raise _trace_error(model, failure, auto, bool(args)) from failure.exc
+        log.info("the forward of %s does not trace symbolically (%s); specializing on example_inputs",
+                 type(model).__name__, failure)
+    params = list(inspect.signature(model.forward).parameters)
+    islands: dict[str, tuple[str, str]] = {}
+    leaves = dict(requested)
+
+    def value_tracer(names: set[str]) -> _ValueTracer:
+        return _ValueTracer(names, dict(zip(params, clone_inputs(args))), notes, islands)
+
+    try:
+        gm = _trace_until_done(model, args, leaves, concrete, auto, expected, notes, value_tracer)
+    except _Failure as failure:
+        raise _trace_error(model, failure, auto, True) from failure.exc
     return gm, list(leaves.values()), list(dict.fromkeys(notes))
 
 
-def _trace_until_done(work, args, leaves, concrete, auto, make_tracer) -> torch.fx.GraphModule:  # noqa: ANN001
-    modules = dict(work.named_modules())
-    for _ in range(len(modules) + 1):
+def _eager_output(model: torch.nn.Module, args: tuple) -> Any:
+    """What the model itself returns on the examples (the reference a traced graph must reproduce)."""
+    work = copy.deepcopy(model)
+    try:
+        with _untouched(work), torch.no_grad():
+            torch.manual_seed(0)
+            return work(*clone_inputs(args))
+    except Exception as exc:
+        raise TraceError(
+            f"{type(work).__name__} raises on example_inputs: {type(exc).__name__}: {exc}. "
+            "Pass inputs the model accepts: one tensor or a tuple of positional arguments "
+            "(a detection model takes ([image],))",
+            location=user_location(exc),
+        ) from exc
+
+
+def _same(a: Any, b: Any) -> bool:
+    flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
+    flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
+    if spec_a != spec_b:
+        return False
+    for x, y in zip(flat_a, flat_b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)):
+            return False
+    return True
+
+
+def _trace_until_done(model, args, leaves, concrete, auto, expected, notes, make_tracer) -> torch.fx.GraphModule:  # noqa: ANN001
+    for _ in range(len(list(model.modules())) + 1):
+        work = copy.deepcopy(model)
+        modules = dict(work.named_modules())
         tracer = make_tracer(set(leaves))
         try:
-            graph = tracer.trace(work, concrete_args=dict(concrete) or None)
+            with _untouched(work):
+                graph = tracer.trace(work, concrete_args=dict(concrete) or None)
         except Exception as exc:
             culprit, location = tracer.culprit(exc), user_location(exc)
+            candidate = _method_island_candidate(exc, work) if isinstance(tracer, _ValueTracer) else None
+            if culprit == "" and candidate is not None and _island_name(*candidate) not in tracer.islands:
+                island = _island_name(*candidate)
+                tracer.islands[island] = candidate
+                owner = modules[candidate[0]]
+                reason = f"method {type(owner).__name__}.{candidate[1]} runs on real values: {type(exc).__name__}: {exc} (at {location})"
+                leaves[island] = meta.LeafInfo(island, f"{type(owner).__name__}.{candidate[1]}", reason)
+                log.info("keeping %s as an island: %s", island, reason)
+                continue
             if not auto or culprit == "" or tracer.is_leaf_module(modules[culprit], culprit):
                 raise _Failure(exc, culprit, location) from exc
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (at {location})"
@@ -389,13 +533,19 @@ def _trace_until_done(work, args, leaves, concrete, auto, make_tracer) -> torch.
         if not (auto and args):
             return gm
         with _untouched(gm):
-            _, node, exc = run_recording(gm, args)
+            torch.manual_seed(0)
+            out, node, exc = run_recording(gm, args)
         culprit = _runtime_culprit(node, tracer) if exc is not None else None
-        if culprit is None:
-            if exc is not None:
-                log.warning("the traced graph fails on example_inputs at node %s: %s", getattr(node, "name", "?"), exc)
-            return gm
-        leaves[culprit] = meta.LeafInfo(culprit, type(modules[culprit]).__name__, f"traced graph failed: {exc}")
+        if culprit is not None:
+            leaves[culprit] = meta.LeafInfo(culprit, type(modules[culprit]).__name__, f"traced graph failed: {exc}")
+            continue
+        if exc is not None:
+            notes.append(f"the traced graph fails on example_inputs at node {getattr(node, 'name', '?')}: {exc}")
+        elif not _same(out, expected):
+            notes.append("the traced graph's outputs differ from the model's on example_inputs")
+        if exc is not None or not _same(out, expected):
+            log.warning("%s: %s", type(work).__name__, notes[-1])
+        return gm
     raise _Failure(RuntimeError("no progress making submodules leaves"), "", None)
 
 

@@ -15,7 +15,8 @@ The folded layer is a NEW module stored under the producer's name (the old one m
 code); the BatchNorm node is removed and its module deleted once nothing refers to it. Skipped, with a
 note saying why: BN in training mode or without running stats, a producer that is not directly before
 the BN (e.g. a ReLU between them), a producer whose output has other users, a producer module called
-more than once or whose parameters the graph also reads, a channel-count mismatch, and Linear outputs of
+more than once, with hooks or parametrizations, or whose parameters the graph also reads, a
+channel-count mismatch, and Linear outputs of
 unknown or non-2-D rank.
 """
 
@@ -31,6 +32,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from fxopt import Pass, PassResult
 from fxopt import meta
@@ -211,6 +213,8 @@ class FoldBatchNorm(Pass):
             return f"{source.target} is called more than once (shared module)"
         if any(t.startswith(source.target + ".") for t in referenced_targets(gm)):
             return f"the graph also reads {source.target}'s parameters directly"
+        if parametrize.is_parametrized(layer) or layer._forward_hooks or layer._forward_pre_hooks:
+            return f"{source.target} has parametrizations or forward hooks that would see the folded weights"
         if layer.weight is None or layer.weight.is_meta or not layer.weight.is_floating_point():
             return f"{source.target} has no floating-point weight"
         channels = _out_channels(layer)

@@ -8,8 +8,8 @@ Removed (every use of the op is rewired to its input):
   in training mode is *not* a no-op: it is kept and a note says so;
 * ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``, ``x - 0``, ``x / 1`` (operators, ``torch.mul/add/sub/div``
   and the tensor methods) when the constant is a Python scalar and the result has ``x``'s dtype: a float
-  ``x`` with any 0/1 literal, an integer ``x`` with an ``int`` literal (``int_tensor * 1.0`` becomes float,
-  ``bool_tensor + 0`` becomes int64, so those stay). The dtype comes from shape metadata or, without it,
+  ``x`` with any 0/1 literal, an integer ``x`` with an ``int`` literal except for ``/`` (``int_tensor * 1.0``
+  and ``int_tensor / 1`` become float, ``bool_tensor + 0`` becomes int64, so those stay). The dtype comes from shape metadata or, without it,
   from the producer (a module with floating parameters, a float-preserving op of a float value). A tensor
   constant (``get_attr``) of zeros/ones qualifies only when shape metadata proves it neither broadcasts
   ``x`` to a larger shape nor promotes its dtype;
@@ -102,7 +102,7 @@ def _dtype(node: Any, depth: int = 0) -> torch.dtype | None:
     return None
 
 
-def _neutral_scalar(value: Any, neutral: int, x: torch.fx.Node) -> bool:
+def _neutral_scalar(value: Any, neutral: int, x: torch.fx.Node, division: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != neutral:
         return False
     dtype = _dtype(x)
@@ -110,15 +110,19 @@ def _neutral_scalar(value: Any, neutral: int, x: torch.fx.Node) -> bool:
         return False
     if dtype.is_floating_point or dtype.is_complex:
         return True
-    return isinstance(value, int)  # int tensor: an int literal keeps the dtype, a float one does not
+    # int tensor: an int literal keeps the dtype, a float one does not; true division always gives float
+    return isinstance(value, int) and not division
 
 
-def _neutral_constant(gm: torch.fx.GraphModule, const: torch.fx.Node, neutral: int, x: torch.fx.Node) -> bool:
+def _neutral_constant(gm: torch.fx.GraphModule, const: torch.fx.Node, neutral: int, x: torch.fx.Node,
+                      division: bool) -> bool:
     if const.op != "get_attr":
         return False
     value = get_attr_path(gm, const.target)
     x_shape, x_dtype = meta.shape_of(x), meta.dtype_of(x)
     if not isinstance(value, torch.Tensor) or x_shape is None or x_dtype is None:
+        return False
+    if division and not x_dtype.is_floating_point:
         return False
     if not bool((value == neutral).all()) or torch.promote_types(x_dtype, value.dtype) != x_dtype:
         return False
@@ -156,10 +160,8 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
     key = node.target if node.op in ("call_function", "call_method") else None
     if key in _ARITH and (node.op == "call_method") == isinstance(key, str):
         return _arith_identity(gm, node, *_ARITH[key])
-    if node.op == "call_function" and node.target is torch.flatten:
-        args = _bind(torch.flatten, node)
-        return _flatten_noop(args["input"], args["start_dim"], args["end_dim"]) if args else None
-    if node.op == "call_method" and node.target == "flatten" and node.args:
+    if ((node.op == "call_function" and node.target is torch.flatten)
+            or (node.op == "call_method" and node.target == "flatten")) and node.args:
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return _flatten_noop(node.args[0], start, end)
@@ -185,13 +187,14 @@ def _arith_identity(gm, node, neutral, commutes) -> torch.fx.Node | None:
     candidates = [(node.args[0], node.args[1])]
     if commutes:
         candidates.append((node.args[1], node.args[0]))
+    division = node.target in (operator.truediv, torch.div, "div")
     for x, const in candidates:
         if not isinstance(x, torch.fx.Node):
             continue
         if isinstance(const, torch.fx.Node):
-            if _neutral_constant(gm, const, neutral, x):
+            if _neutral_constant(gm, const, neutral, x, division):
                 return x
-        elif _neutral_scalar(const, neutral, x):
+        elif _neutral_scalar(const, neutral, x, division):
             return x
     return None
 

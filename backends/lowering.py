@@ -1,0 +1,171 @@
+"""Static int8 lowering shared by the ``x86`` and ``qnnpack`` backends.
+
+``lower_int8(gm, spec)`` turns a prepared + calibrated graph (QuantStub/Observer/DeQuantStub, see the
+quantization design) into a graph of :mod:`fxopt.backends.qmodules` calls on quantized tensors:
+
+* ``QuantStub → Observer``      → ``torch.quantize_per_tensor`` with the observer's qparams;
+* compute op → Observer         → an int8 module whose output qparams are the observer's (weight
+  qparams come from the weights, with ``meta.quant_config(gm)``'s weight observer);
+* a ReLU/ReLU6 right after a compute op's observer is absorbed: output qparams ``[0, hi]`` make the
+  requantization clamp do the activation (with the fused ``*_relu`` kernel where there is one);
+* share / fixed ops are kept: they run on quantized tensors;
+* ``DeQuantStub``               → ``Tensor.dequantize``.
+
+Values are quantized lazily: an op kept float (a float island chosen here, e.g. a ``cat`` of inputs
+whose ranges differ by orders of magnitude) leaves a float value that is quantized with its observer's
+qparams only where an int8 op reads it, so a float island feeding the graph output loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+
+from fxopt import meta
+from fxopt.errors import CalibrationError, UnsupportedError
+from fxopt.quant.spec import QSpec, qparams_from_range
+from fxopt.quant.stubs import DeQuantStub, QuantStub
+
+from .base import Backend, Support
+from ._lower_ops import OpLowering
+from .qmodules import engine_scope
+from .spec import BackendSpec, op_key
+
+__all__ = ["lower_int8", "QuantizedModel", "Int8Backend", "is_observer", "weight_qparams"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_observer(module: nn.Module) -> bool:
+    """An activation observer (fxopt.quant.observers.Observer or anything with the same interface)."""
+    return callable(getattr(module, "calculate_qparams", None)) and hasattr(module, "calibrated")
+
+
+def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ``weight`` (per output channel when ``per_channel``)."""
+    wspec: QSpec = spec.weight
+    kind = "minmax"
+    if config is not None and getattr(config, "backend", spec.name) == spec.name:
+        wspec, kind = config.weight_spec, config.weight
+    wspec = wspec.with_axis(0 if per_channel else None)
+    weight = weight.detach().float()
+    try:
+        from fxopt.quant.observers import make_observer  # noqa: PLC0415 - written alongside lowering
+    except ImportError:
+        make_observer = None
+    if make_observer is not None:
+        observer = make_observer(kind, wspec)
+        observer(weight)
+        scale, zero_point = observer.calculate_qparams()
+        return torch.as_tensor(scale).reshape(-1), torch.as_tensor(zero_point).reshape(-1)
+    if per_channel:
+        flat = weight.reshape(weight.shape[0], -1)
+        lo, hi = flat.amin(1), flat.amax(1)
+    else:
+        lo, hi = weight.min(), weight.max()
+    scale, zero_point = qparams_from_range(wspec, lo, hi)
+    return scale.reshape(-1), zero_point.reshape(-1)
+
+
+class QuantizedModel(nn.Module):
+    """A lowered int8 graph that runs under its engine, whatever the global engine is.
+
+    ``forward`` switches ``torch.backends.quantized.engine`` to ``engine`` for the call and restores it.
+    The engine is process-wide in PyTorch: do not run models for *different* engines concurrently from
+    several threads (same-engine concurrency is fine: nothing is switched then).
+    """
+
+    def __init__(self, graph_module: torch.fx.GraphModule, engine: str) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.engine = engine
+        self.meta = graph_module.meta  # fxopt.meta accessors (backend_of, float_islands, records) read this
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def code(self) -> str:
+        return self.graph_module.code
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.backends.quantized.engine == self.engine:
+            return self.graph_module(*args, **kwargs)
+        with engine_scope(self.engine):
+            return self.graph_module(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"engine={self.engine!r}"
+
+
+class Int8Backend(Backend):
+    """A backend running int8 graphs on PyTorch's quantized kernels, described by a :class:`BackendSpec`."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.spec = spec
+
+    def supports(self, node: torch.fx.Node) -> Support:
+        gm = node.graph.owning_module
+        key = op_key(node, gm)
+        rule = self.spec.rule(key)
+        if rule is None:
+            what = key or (node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "op"))
+            return Support(False, f"no int8 kernel for {what!r} on {self.spec.name}: it stays float")
+        return Support(True, f"{key}: {rule.kind} ({rule.reason})" if rule.reason else f"{key}: {rule.kind}")
+
+    def lower(self, gm: torch.fx.GraphModule) -> nn.Module:
+        return lower_int8(gm, self.spec)
+
+
+def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
+    modules = dict(gm.named_modules())
+    stubs = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), QuantStub)]
+    if not stubs:
+        raise UnsupportedError(
+            f"lowering to {spec.name!r} needs a prepared, calibrated graph but this one has no quant stubs: run "
+            f"fxopt.passes.InsertQuantStubs(backend={spec.name!r}), PlaceObservers() and Calibrate(data) first "
+            "(or use fxopt.recipes.static_int8(calibration_data))"
+        )
+    blind = [name for name, m in modules.items() if is_observer(m) and not m.calibrated]
+    if blind:
+        shown = ", ".join(blind[:5]) + (f" and {len(blind) - 5} more" if len(blind) > 5 else "")
+        raise CalibrationError(
+            f"{len(blind)} observer(s) saw no data ({shown}): run fxopt.passes.Calibrate(data) on the prepared "
+            "graph before lowering it"
+        )
+    prepared_for = meta.backend_of(gm)
+    if prepared_for is not None and prepared_for != spec.name:
+        logger.warning("graph was prepared for %r but is lowered to %r; weight qparams follow %r",
+                       prepared_for, spec.name, spec.name)
+
+
+def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
+    """Lower a prepared + calibrated graph to int8 modules for ``spec``'s engine.
+
+    ``gm`` itself is not changed, but the lowered graph reuses its float submodules (float islands).
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise TypeError(f"lower_int8 expects a torch.fx.GraphModule, got {type(gm).__name__}")
+    _check_prepared(gm, spec)
+    with engine_scope(spec.engine), torch.no_grad():
+        lowering = OpLowering(gm, spec)
+        graph, root = lowering.run()
+    lowered = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule")
+    lowered.graph.eliminate_dead_code()  # e.g. a pad folded into its conv
+    lowered.delete_all_unused_submodules()
+    lowered.graph.lint()
+    lowered.recompile()
+    lowered.meta.update({k: v for k, v in gm.meta.items()})
+    islands = meta.float_islands(gm) + lowering.islands
+    meta.set_float_islands(lowered, islands)
+    meta.set_backend(lowered, spec.name)
+    logger.info("lowered to %s: %s", spec.name, lowering.stats)
+    model = QuantizedModel(lowered, spec.engine)
+    model.eval()
+    return model

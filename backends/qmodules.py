@@ -1,0 +1,421 @@
+"""fxopt's own int8 modules: thin wrappers around ``torch.ops.quantized.*`` kernels.
+
+Lowering (:mod:`fxopt.backends.lowering`) builds these from the float modules of a calibrated graph.
+Each module
+
+* takes quantized inputs and returns a quantized output with fixed output qparams (``scale``,
+  ``zero_point``), except :class:`QuantizeInput` (float in) and :class:`QEmbedding` (weight-only);
+* is built with ``from_float(float_module, weight_qparams, output_qparams, ...)``;
+* describes its stored tensors with ``fxopt_weights()`` (``fxopt.report`` counts them as int8 bytes);
+* survives ``copy.deepcopy`` and ``state_dict`` / ``load_state_dict`` (packed weights are saved
+  unpacked and packed again on load, under the engine the module was built for).
+
+Packed weights are engine specific: they are packed under ``engine`` (``"x86"``/``"fbgemm"`` or
+``"qnnpack"``), whatever the global engine is at construction time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "engine_scope",
+    "quantize_weight",
+    "QuantizeInput",
+    "QConv",
+    "QLinear",
+    "QAdd",
+    "QMul",
+    "QCat",
+    "QHardswish",
+    "QLayerNorm",
+    "QBatchNorm",
+    "QEmbedding",
+]
+
+logger = logging.getLogger(__name__)
+
+_Q = torch.ops.quantized
+_CONV_PREPACK = {1: _Q.conv1d_prepack, 2: _Q.conv2d_prepack, 3: _Q.conv3d_prepack}
+_CONV_UNPACK = {1: _Q.conv2d_unpack, 2: _Q.conv2d_unpack, 3: _Q.conv3d_unpack}
+_CONV_OPS = {
+    (1, False): _Q.conv1d, (1, True): _Q.conv1d_relu,
+    (2, False): _Q.conv2d, (2, True): _Q.conv2d_relu,
+    (3, False): _Q.conv3d, (3, True): _Q.conv3d_relu,
+}
+
+
+@contextlib.contextmanager
+def engine_scope(engine: str | None) -> Iterator[None]:
+    """Run a block under ``torch.backends.quantized.engine = engine`` (restored afterwards).
+
+    The engine is a process-wide setting: two threads running modules for different engines at the
+    same time race on it.
+    """
+    previous = torch.backends.quantized.engine
+    if engine is None or engine == previous:
+        yield
+        return
+    torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                    dtype: torch.dtype = torch.qint8) -> torch.Tensor:
+    """``weight`` as a quantized tensor: per tensor when ``scale`` has one element, else per channel (axis 0)."""
+    weight = weight.detach().float()
+    scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.int64).reshape(-1)
+    if scale.numel() == 1:
+        return torch.quantize_per_tensor(weight, float(scale[0]), int(zero_point[0]), dtype)
+    return torch.quantize_per_channel(weight, scale, zero_point, 0, dtype)
+
+
+def _qparams(output_qparams: Sequence) -> tuple[float, int]:
+    scale, zero_point = output_qparams
+    return float(scale), int(zero_point)
+
+
+def _save_qparams(module: nn.Module, destination: dict, prefix: str) -> None:
+    destination[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64)
+    destination[prefix + "zero_point"] = torch.tensor(module.zero_point, dtype=torch.int64)
+
+
+def _load_qparams(module: nn.Module, state_dict: dict, prefix: str, missing: list) -> None:
+    for name, cast in (("scale", float), ("zero_point", int)):
+        if prefix + name in state_dict:
+            setattr(module, name, cast(state_dict.pop(prefix + name)))
+        else:
+            missing.append(prefix + name)
+
+
+class _QOutput(nn.Module):
+    """Base for modules with an output scale / zero point (saved in the state dict)."""
+
+    def __init__(self, scale: float, zero_point: int) -> None:
+        super().__init__()
+        self.scale = float(scale)
+        self.zero_point = int(zero_point)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _save_qparams(self, destination, prefix)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        _load_qparams(self, state_dict, prefix, missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+
+    def fxopt_weights(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class QuantizeInput(nn.Module):
+    """Float → quantized tensor with fixed qparams (the lowered form of a QuantStub)."""
+
+    def __init__(self, scale: float, zero_point: int, dtype: torch.dtype = torch.quint8) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.dtype = float(scale), int(zero_point), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.quantize_per_tensor(x, self.scale, self.zero_point, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}, dtype={self.dtype}"
+
+
+class _Packed(_QOutput):
+    """Base for modules holding prepacked weights (``self._packed``)."""
+
+    engine: str | None = None
+    _kept: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def _prepack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:  # pragma: no cover
+        raise TypeError("subclass must implement _prepack")
+
+    def _unpack(self) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover
+        raise TypeError("subclass must implement _unpack")
+
+    def set_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        bias = None if bias is None else bias.detach().float()
+        with engine_scope(self.engine):
+            self._packed = self._prepack(weight, bias)
+        self._kept = None
+        try:  # some engine/op pairs cannot unpack (qnnpack conv3d): keep the tensors then
+            self._unpack()
+        except RuntimeError:
+            self._kept = (weight, bias)
+
+    def weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._kept is not None:
+            return self._kept
+        with engine_scope(self.engine):
+            return self._unpack()
+
+    def fxopt_weights(self) -> dict[str, torch.Tensor]:
+        weight, bias = self.weight_bias()
+        found = {"weight": weight}
+        if bias is not None:
+            found["bias"] = bias
+        return found
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight, bias = self.weight_bias()
+        destination[prefix + "weight"] = weight
+        destination[prefix + "bias"] = bias
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "weight" in state_dict:
+            self.set_weight_bias(state_dict.pop(prefix + "weight"), state_dict.pop(prefix + "bias", None))
+        else:
+            missing_keys.append(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+class QConv(_Packed):
+    """Quantized conv1d/2d/3d (``torch.ops.quantized.conv{n}d`` / ``conv{n}d_relu``), zero padding only."""
+
+    def __init__(self, dim: int, weight: torch.Tensor, bias: torch.Tensor | None, stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int, scale: float, zero_point: int,
+                 relu: bool = False, engine: str | None = None) -> None:
+        super().__init__(scale, zero_point)
+        if dim not in _CONV_PREPACK:
+            raise ValueError(f"QConv supports 1, 2 or 3 spatial dims, got {dim}")
+        self.dim, self.groups, self.relu, self.engine = dim, int(groups), bool(relu), engine
+        self.stride = [int(s) for s in stride]
+        self.padding = [int(p) for p in padding]
+        self.dilation = [int(d) for d in dilation]
+        self.set_weight_bias(weight, bias)
+
+    def _prepack(self, weight, bias):
+        return _CONV_PREPACK[self.dim](weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _unpack(self):
+        return _CONV_UNPACK[self.dim](self._packed)
+
+    @classmethod
+    def from_float(cls, conv: nn.Module, weight_qparams: Sequence[torch.Tensor], output_qparams: Sequence,
+                   *, relu: bool = False, padding: Sequence[int] | None = None, engine: str | None = None) -> "QConv":
+        """From an ``nn.Conv{n}d``; ``padding`` overrides the conv's (explicit ints, e.g. resolved ``'same'``)."""
+        dim = conv.weight.dim() - 2
+        pad = padding if padding is not None else conv.padding
+        if isinstance(pad, str):
+            raise ValueError(f"QConv needs explicit padding, got {pad!r}; resolve it first")
+        weight = quantize_weight(conv.weight, *weight_qparams)
+        return cls(dim, weight, conv.bias, conv.stride, pad, conv.dilation, conv.groups, *_qparams(output_qparams),
+                   relu=relu, engine=engine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _CONV_OPS[(self.dim, self.relu)](x, self._packed, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, relu={self.relu}, {super().extra_repr()}")
+
+
+class QLinear(_Packed):
+    """Quantized linear (``torch.ops.quantized.linear`` / ``linear_relu``)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, zero_point: int,
+                 relu: bool = False, engine: str | None = None) -> None:
+        super().__init__(scale, zero_point)
+        self.relu, self.engine = bool(relu), engine
+        self.set_weight_bias(weight, bias)
+
+    def _prepack(self, weight, bias):
+        return _Q.linear_prepack(weight, bias)
+
+    def _unpack(self):
+        return _Q.linear_unpack(self._packed)
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, weight_qparams: Sequence[torch.Tensor], output_qparams: Sequence,
+                   *, relu: bool = False, engine: str | None = None) -> "QLinear":
+        weight = quantize_weight(linear.weight, *weight_qparams)
+        return cls(weight, linear.bias, *_qparams(output_qparams), relu=relu, engine=engine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            return _Q.linear_relu(x, self._packed, self.scale, self.zero_point)
+        return _Q.linear(x, self._packed, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, {super().extra_repr()}"
+
+
+class QAdd(_QOutput):
+    """``a + b`` (broadcasting) requantized to the output qparams; ``relu=True`` uses ``add_relu``."""
+
+    def __init__(self, scale: float, zero_point: int, relu: bool = False) -> None:
+        super().__init__(scale, zero_point)
+        self.relu = bool(relu)
+
+    @classmethod
+    def from_float(cls, _module: nn.Module | None, output_qparams: Sequence, *, relu: bool = False) -> "QAdd":
+        return cls(*_qparams(output_qparams), relu=relu)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            return _Q.add_relu(a, b, self.scale, self.zero_point)
+        return _Q.add(a, b, self.scale, self.zero_point)
+
+
+class QMul(QAdd):
+    """``a * b`` (broadcasting) requantized to the output qparams; ``relu=True`` uses ``mul_relu``."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if self.relu:
+            return _Q.mul_relu(a, b, self.scale, self.zero_point)
+        return _Q.mul(a, b, self.scale, self.zero_point)
+
+
+class QCat(_QOutput):
+    """``torch.cat(tensors, dim)`` requantized to the output qparams."""
+
+    def __init__(self, dim: int, scale: float, zero_point: int) -> None:
+        super().__init__(scale, zero_point)
+        self.dim = int(dim)
+
+    @classmethod
+    def from_float(cls, dim: int, output_qparams: Sequence) -> "QCat":
+        return cls(dim, *_qparams(output_qparams))
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return _Q.cat(list(tensors), self.dim, self.scale, self.zero_point)
+
+
+class QHardswish(_QOutput):
+    """Hardswish on a quantized tensor (aten's hardswish has no quantized kernel)."""
+
+    @classmethod
+    def from_float(cls, _module: nn.Module | None, output_qparams: Sequence) -> "QHardswish":
+        return cls(*_qparams(output_qparams))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Q.hardswish(x, self.scale, self.zero_point)
+
+
+class QLayerNorm(_QOutput):
+    """Quantized layer norm with float affine parameters."""
+
+    def __init__(self, normalized_shape: Sequence[int], weight: torch.Tensor | None, bias: torch.Tensor | None,
+                 eps: float, scale: float, zero_point: int) -> None:
+        super().__init__(scale, zero_point)
+        self.normalized_shape = [int(s) for s in normalized_shape]
+        self.eps = float(eps)
+        shape = tuple(self.normalized_shape)
+        self.register_buffer("weight", torch.ones(shape) if weight is None else weight.detach().float().clone())
+        self.register_buffer("bias", torch.zeros(shape) if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_float(cls, ln: nn.LayerNorm, output_qparams: Sequence) -> "QLayerNorm":
+        return cls(ln.normalized_shape, ln.weight, ln.bias, ln.eps, *_qparams(output_qparams))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Q.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps, self.scale,
+                             self.zero_point)
+
+    def fxopt_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias}
+
+
+class QBatchNorm(_QOutput):
+    """Quantized eval-mode batch norm (2d/3d), for BatchNorms that could not be folded into a conv."""
+
+    def __init__(self, dim: int, weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                 running_var: torch.Tensor, eps: float, scale: float, zero_point: int) -> None:
+        super().__init__(scale, zero_point)
+        if dim not in (2, 3):
+            raise ValueError(f"QBatchNorm supports 2d and 3d inputs, got dim={dim}")
+        self.dim, self.eps = dim, float(eps)
+        for name, value in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                            ("running_var", running_var)):
+            self.register_buffer(name, value.detach().float().clone())
+
+    @classmethod
+    def from_float(cls, bn: nn.modules.batchnorm._BatchNorm, output_qparams: Sequence) -> "QBatchNorm":
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("QBatchNorm needs running statistics (track_running_stats=True)")
+        n = bn.num_features
+        weight = bn.weight if bn.weight is not None else torch.ones(n)
+        bias = bn.bias if bn.bias is not None else torch.zeros(n)
+        dim = 3 if isinstance(bn, nn.BatchNorm3d) else 2
+        return cls(dim, weight, bias, bn.running_mean, bn.running_var, bn.eps, *_qparams(output_qparams))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = _Q.batch_norm3d if self.dim == 3 else _Q.batch_norm2d
+        return op(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, self.scale,
+                  self.zero_point)
+
+    def fxopt_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias, "running_mean": self.running_mean,
+                "running_var": self.running_var}
+
+
+class QEmbedding(nn.Module):
+    """Weight-only int8 embedding: rows quantized to uint8 with a float scale/offset each.
+
+    Float in (indices), float out; ``torch.ops.quantized.embedding_byte`` on packed rows.
+    """
+
+    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.padding_idx = padding_idx
+        self.set_weight(weight)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        weight = weight.detach().float()
+        lo, hi = weight.amin(1), weight.amax(1)
+        scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
+        # float zero points select torch's per_channel_affine_float_qparams scheme: x = (q - zp) * scale
+        qweight = torch.quantize_per_channel(weight, scale, -lo / scale, 0, torch.quint8)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self._packed = _Q.embedding_bag_prepack(qweight)
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding) -> "QEmbedding":
+        if emb.max_norm is not None:
+            raise ValueError("QEmbedding cannot renormalize rows (max_norm); keep this Embedding float")
+        return cls(emb.weight, emb.padding_idx)
+
+    def weight(self) -> torch.Tensor:
+        return _Q.embedding_bag_unpack(self._packed)
+
+    def fxopt_weights(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight()}
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        flat = indices.reshape(-1)
+        out = _Q.embedding_byte(self._packed, flat, pruned_weights=False)
+        return out.reshape(*indices.shape, self.embedding_dim)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight().dequantize()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "weight" in state_dict:
+            self.set_weight(state_dict.pop(prefix + "weight"))
+        else:
+            missing_keys.append(prefix + "weight")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight-only int8"

@@ -1,0 +1,1 @@
+"""Benchmarks are not part of the default test run: ``pytest bench/ --benchmark-only``."""
