@@ -16,6 +16,7 @@ from .errors import (
 from .meta import records
 from .pass_base import FunctionPass, Pass, PassResult, function_pass
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassManager, PassRecord, TimingInstrument
+from .rewrite import RewritePass, RewriteRule, explain, rule
 from .tracing import trace, untraced
 from .verify import verify
 
@@ -28,6 +29,10 @@ __all__ = [
     "untraced",
     "verify",
     "records",
+    "RewriteRule",
+    "RewritePass",
+    "rule",
+    "explain",
     "Pass",
     "PassResult",
     "FunctionPass",

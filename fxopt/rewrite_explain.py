@@ -66,7 +66,11 @@ class Explanation:
 
 
 def explain(gm: torch.nn.Module, rules: RewriteRule | RewritePass | Iterable[RewriteRule]) -> Explanation:
-    """Why each rule does or does not match in ``gm`` (a GraphModule, or a model to trace)."""
+    """Why each rule does or does not match in ``gm`` (a GraphModule, or a model to trace).
+
+    Candidates are the nodes with the operation of the pattern's (first) returned value; for each,
+    the report gives the first difference with the pattern and how many pattern operations were found.
+    """
     if isinstance(rules, RewritePass):
         rules = rules.rules
     elif isinstance(rules, RewriteRule):
@@ -201,8 +205,6 @@ def _wants(pn: Node) -> str:
     if pn.op == "placeholder":
         return f"the argument {pn.name}"
     return _callable_name(pn.op, pn.target)
-
-
 
 
 def _fmt_call(n: Node) -> str:

@@ -125,6 +125,32 @@ def is_mutating(node: torch.fx.Node) -> bool:
     return False
 
 
-def has_mutating_user(node: torch.fx.Node) -> bool:
-    """Whether some user of ``node`` writes into its value (e.g. ``relu_`` or ``nn.ReLU(inplace=True)``)."""
-    return any(is_mutating(u) and bool(u.args) and u.args[0] is node for u in node.users)
+_VIEW_METHODS = {"view", "reshape", "flatten", "transpose", "permute", "squeeze", "unsqueeze", "expand", "narrow",
+                 "select", "contiguous", "view_as", "reshape_as", "expand_as", "unflatten", "t", "detach"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.flatten, torch.transpose, torch.permute, torch.squeeze,
+                   torch.unsqueeze, torch.narrow, torch.select, torch.t, torch.detach}
+
+
+def _is_view_of(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_method":
+        return user.target in _VIEW_METHODS
+    if user.op == "call_function":
+        return user.target in _VIEW_FUNCTIONS
+    if user.op == "call_module":
+        owner = user.graph.owning_module
+        module = owner.get_submodule(user.target) if owner is not None else None
+        return isinstance(module, (torch.nn.Identity, torch.nn.Flatten, torch.nn.Unflatten))
+    return False
+
+
+def has_mutating_user(node: torch.fx.Node, depth: int = 0) -> bool:
+    """Whether a later op writes into ``node``'s value, directly or through a view of it
+    (e.g. ``y.relu_()``, ``nn.ReLU(inplace=True)(y)``, ``y.view(-1).add_(1)``)."""
+    for user in node.users:
+        if is_mutating(user) and bool(user.args) and user.args[0] is node:
+            return True
+        if depth < 16 and _is_view_of(user, node) and has_mutating_user(user, depth + 1):
+            return True
+    return False

@@ -9,16 +9,17 @@ Removed (every use of the op is rewired to its input):
 * ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``, ``x - 0``, ``x / 1`` (operators, ``torch.mul/add/sub/div``
   and the tensor methods) when the constant is a Python scalar and the result has ``x``'s dtype: a float
   ``x`` with any 0/1 literal, an integer ``x`` with an ``int`` literal except for ``/`` (``int_tensor * 1.0``
-  and ``int_tensor / 1`` become float, ``bool_tensor + 0`` becomes int64, so those stay). The dtype comes from shape metadata or, without it,
-  from the producer (a module with floating parameters, a float-preserving op of a float value). A tensor
-  constant (``get_attr``) of zeros/ones qualifies only when shape metadata proves it neither broadcasts
-  ``x`` to a larger shape nor promotes its dtype;
+  and ``int_tensor / 1`` become float, ``bool_tensor + 0`` becomes int64, so those stay). The dtype comes
+  from shape metadata or, without it, from the producer (a module with floating parameters, a
+  float-preserving op of a float value). A tensor constant (``get_attr``) of zeros/ones qualifies only
+  when shape metadata proves it neither broadcasts ``x`` to a larger shape nor promotes its dtype;
 * ``reshape``/``view`` whose recorded input and output shapes are equal (``fxopt.meta.shape_of``), and
   ``flatten`` over at most one dimension (decided by the input's rank);
 * ``contiguous()`` of a value whose recorded memory format is already contiguous.
 
-An op whose result (or input) is written in place by a later op (``relu_``, ``nn.ReLU(inplace=True)``)
-is kept: removing the copy would let the write reach the other value.
+An op whose result is written in place by a later op (``relu_``, ``nn.ReLU(inplace=True)``, also
+through a view) is kept when its input has other readers or is a graph input/model attribute: removing
+the copy would let the write reach them. Likewise when the input itself is written in place.
 """
 
 from __future__ import annotations
@@ -226,7 +227,7 @@ class RemoveIdentities(Pass):
             source = _identity_input(gm, node, notes)
             if not isinstance(source, torch.fx.Node):
                 continue
-            if has_mutating_user(node) or has_mutating_user(source):
+            if _unsafe_alias(node, source):
                 notes.append(f"{node.name}: kept, a later in-place op writes into its value or its input")
                 continue
             kind = _kind(gm, node)
@@ -248,6 +249,20 @@ class RemoveIdentities(Pass):
             gm.recompile()
         logger.debug("remove-identities: %s", stats)
         return PassResult(gm, modified, stats, notes)
+
+
+def _unsafe_alias(node: torch.fx.Node, source: torch.fx.Node) -> bool:
+    """Whether reading ``source`` instead of ``node`` would let an in-place write reach another reader.
+
+    Safe when nothing writes into either value, or when ``node`` is the only reader of ``source`` and
+    ``source`` is not a graph input or a model attribute (the write then only ever reached ``node``'s
+    readers, which now read ``source``).
+    """
+    if has_mutating_user(source):
+        return True
+    if not has_mutating_user(node):
+        return False
+    return len(source.users) > 1 or source.op in ("placeholder", "get_attr")
 
 
 def _kind(gm: torch.fx.GraphModule, node: torch.fx.Node) -> str:

@@ -12,6 +12,8 @@ import operator
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.fx
 import torch.nn.functional as F
 
@@ -43,7 +45,7 @@ print(fxopt.records(fast)[0].stats)            # {'SiLU': 1}
 print(fxopt.explain(fxopt.trace(model), [SiLU()]))
 # rule SiLU: 1 match
 #   matched at mul (nodes: sigmoid, mul)
-#   not at mul_1: anchor matched, but where the pattern wants torch.sigmoid, the graph has x (graph input) [...]
+#   not at mul_1: anchor matched, but where the pattern wants torch.sigmoid, the graph has x (graph input) [1 of 2 pattern operations found]
 '''
 
 
@@ -464,3 +466,51 @@ def test_on_a_torchvision_model():
     assert "not at flatten: anchor matched, but literal 1 (int) in the graph ≠ 2 (int) in the pattern" in text
     assert ("module calls of torch.nn.modules.activation.ReLU (relu, layer1_0_relu, layer1_0_relu_1 and 14 more) "
             "are not matched by function patterns") in text
+
+
+# --------------------------------------------------------------------------- property: random graphs
+
+_OPS = {
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+    "times2": lambda v: v * 2.0,
+    "times3": lambda v: v * 3.0,
+    "double": lambda v: v + v,
+}
+_PROPERTY_RULES = [
+    rewrite.rule(lambda x: x * 2.0, lambda x: x + x, name="times2"),
+    rewrite.rule(lambda x: torch.relu(torch.relu(x)), lambda x: torch.relu(x), name="relu-relu"),
+    rewrite.rule(lambda x: torch.sigmoid(x), lambda x: torch.tanh(x * 0.5) * 0.5 + 0.5, name="sigmoid-tanh"),
+]
+
+
+class _Chain(torch.nn.Module):
+    def __init__(self, ops, skips):
+        super().__init__()
+        self.ops, self.skips = ops, skips
+
+    def forward(self, x):
+        values = [x]
+        for op, skip in zip(self.ops, self.skips):
+            y = _OPS[op](values[-1])
+            values.append(y + values[skip % len(values)] if skip else y)
+        return values[-1]
+
+
+@settings(max_examples=30, deadline=None)
+@given(ops=st.lists(st.sampled_from(sorted(_OPS)), min_size=1, max_size=8),
+                  skips=st.lists(st.integers(0, 8), min_size=8, max_size=8))
+def test_random_graphs_stay_valid_equal_and_reach_a_fixpoint(ops, skips):
+    model = _Chain(ops, skips)
+    gm, result = _run(model, *_PROPERTY_RULES)
+    fxopt.verify(gm, pass_name="rewrite")
+    x = torch.randn(16)
+    torch.testing.assert_close(gm(x), model(x), atol=1e-5, rtol=1e-5)
+    assert result.modified == (sum(result.stats.values()) > 0)
+    for r in _PROPERTY_RULES:  # fixpoint: nothing left to rewrite
+        assert all(f.reason for f in rewrite.scan(gm, r))
+    if "sigmoid" in ops or "times2" in ops:  # one-operation patterns always match
+        assert result.modified
+    elif ("relu", "relu") not in set(zip(ops, ops[1:])):
+        assert not result.modified and result.stats == {r.name: 0 for r in _PROPERTY_RULES}

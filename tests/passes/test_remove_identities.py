@@ -120,6 +120,30 @@ def test_inplace_writes_keep_the_copy():
     got = gm(x.clone())
     torch.testing.assert_close(got[0], x)
 
+    class Chain(nn.Module):  # the identity is the only reader of a fresh value: safe to drop
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop, self.act = nn.Conv2d(3, 3, 1), nn.Dropout(), nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            return self.act(self.drop(self.conv(x)))
+
+    model, x = Chain().eval(), torch.randn(1, 3, 4, 4)
+    gm, result = run(model, x)
+    assert result.stats == {"dropout": 1}
+    torch.testing.assert_close(gm(x), model(x))
+
+    class ThroughView(nn.Module):
+        def forward(self, x):
+            y = x * 1
+            y.view(-1).add_(1)
+            return x, y
+
+    x = torch.randn(2, 3)
+    gm, result = run(ThroughView(), x)
+    assert not result.modified
+    torch.testing.assert_close(gm(x.clone())[0], x)
+
 
 def test_nothing_to_do_is_not_modified():
     gm, result = run(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()), torch.randn(1, 3, 4, 4))
