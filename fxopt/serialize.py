@@ -174,7 +174,7 @@ def _load_weights(path: Path, model: torch.nn.Module | None) -> torch.nn.Module:
 # shape-guard code when building the module. fxopt.load first checks that a .pt2 archive uses none of that
 # beyond data: tensors as raw bytes, graph targets that are torch ops, and expressions in a small grammar.
 
-_SAFE_TARGET = re.compile(r"^(torch\.ops\.[\w.]+|_operator\.\w+|math\.\w+)$")
+_SAFE_TARGET = re.compile(r"^(torch\.ops\.\w+\.\w+(\.\w+)?|_operator\.\w+|math\.\w+)$")
 _EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|('[A-Za-z_]\w*')|(\d+(?:\.\d+)?(?:e[-+]?\d+)?)|(\*\*|[-+*/(),=<>!]))")
 _EXPR_NAMES = frozenset({
     "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
@@ -186,7 +186,7 @@ _EXPR_NAMES = frozenset({
     "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero", "zero",
     "even", "odd", "rational", "extended_real", "commutative", "infinite",
 })
-_SYMBOL_NAME = re.compile(r"^[a-z]\d+$")
+_SYMBOL_NAME = re.compile(r"^[a-z]{1,4}\d+$")  # s0, u3, zuf0
 
 
 class _Refused(FxoptError):

@@ -491,9 +491,9 @@ def _eager_output(model: torch.nn.Module, args: tuple) -> Any:
 
 
 def _same(a: Any, b: Any) -> bool:
-    flat_a, spec_a = torch.utils._pytree.tree_flatten(a)
-    flat_b, spec_b = torch.utils._pytree.tree_flatten(b)
-    if spec_a != spec_b:
+    """Same leaves (the containers may differ: torch.fx's Interpreter returns immutable lists)."""
+    flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+    if len(flat_a) != len(flat_b):
         return False
     for x, y in zip(flat_a, flat_b):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
