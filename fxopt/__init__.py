@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .benchmark import LatencyComparison, Timing, benchmark, benchmark_many
+from .compare import Comparison, compare
 from .compiler import compile, lower
 from .errors import (
     CalibrationError,
@@ -16,7 +18,9 @@ from .errors import (
 from .meta import records
 from .pass_base import FunctionPass, Pass, PassResult, function_pass
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassManager, PassRecord, TimingInstrument
+from .report import Report, report
 from .rewrite import RewritePass, RewriteRule, explain, rule
+from .serialize import load, save
 from .tracing import trace, untraced
 from .verify import verify
 
@@ -27,6 +31,16 @@ __all__ = [
     "lower",
     "trace",
     "untraced",
+    "report",
+    "Report",
+    "compare",
+    "Comparison",
+    "benchmark",
+    "benchmark_many",
+    "Timing",
+    "LatencyComparison",
+    "save",
+    "load",
     "verify",
     "records",
     "RewriteRule",

@@ -210,25 +210,3 @@ def set_fusion_group(node: torch.fx.Node, group: str | None) -> None:
         node.meta.pop(_FUSION_GROUP, None)
     else:
         node.meta[_FUSION_GROUP] = str(group)
-
-
-# Which backend lowered a module (``fxopt.save`` hands such modules to that backend's saver).
-_BACKEND = "fxopt.backend"
-
-
-def backend_of(module: torch.nn.Module) -> str | None:
-    """Name of the backend that lowered ``module`` (set by the backend), or ``None``."""
-    value = _gm_meta(module).get(_BACKEND)
-    return str(value) if value is not None else None
-
-
-def set_backend(module: torch.nn.Module, name: str) -> None:
-    """Mark ``module`` as lowered by backend ``name``. Uses the module's ``meta`` dict (GraphModules
-    have one; for other modules a ``meta`` dict attribute is created)."""
-    meta = getattr(module, "meta", None)
-    if meta is None:
-        meta = {}
-        module.meta = meta
-    if not isinstance(meta, dict):
-        raise TypeError(f"{type(module).__name__}.meta is not a dict; cannot record the backend")
-    meta[_BACKEND] = str(name)

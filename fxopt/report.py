@@ -155,9 +155,29 @@ def _island_notes(module: torch.nn.Module) -> dict[str, str]:
     return {info.qualname: f"float island: {info}" for info in meta.leaves(module)}
 
 
-# Sources of per-module notes: qualname (or prefix) -> note. Later metadata (quantization islands)
-# plugs in here.
-NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes]
+def _quant_island_notes(module: torch.nn.Module) -> dict[str, str]:
+    """Ops left in float inside a quantized graph (``meta.float_islands``), keyed by the row they touch:
+    the called module, the owner of the weights they read, or else the node's own name."""
+    if not isinstance(module, torch.fx.GraphModule):
+        return {}
+    nodes = {n.name: n for n in module.graph.nodes}
+    notes: dict[str, str] = {}
+    for island in meta.float_islands(module):
+        node = nodes.get(island.node)
+        key = island.node
+        if node is not None and node.op == "call_module":
+            key = str(node.target)
+        elif node is not None:
+            attrs = [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+            if attrs:
+                key = attrs[0].rsplit(".", 1)[0] if "." in attrs[0] else attrs[0]
+        notes[key] = "; ".join(x for x in (notes.get(key), f"float island: {island}") if x)
+    return notes
+
+
+# Sources of per-row notes: each maps a row name (or a module prefix) to a note. Rows that do not exist
+# yet (weightless modules or ops) are added with zero counts.
+NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes]
 
 
 class _ShapeRecorder(torch.fx.Interpreter):

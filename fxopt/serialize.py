@@ -4,6 +4,8 @@ Formats, chosen by the path's extension:
 
 ``.pt2``  an exported program (``torch.export.save``); ``load`` returns a runnable module. Needs
           example inputs: given to ``save``, or built from a GraphModule's recorded input shapes.
+          ``torch.export.load`` alone may unpickle and exec data from the file, so ``load`` first checks
+          the archive (:func:`check_pt2_archive`) and refuses any file that would do so.
 ``.pt``   weights only: the ``state_dict`` (tensors, no code). A file of tensors cannot describe a
           module's code, so ``load(path, model=skeleton)`` restores the weights into a copy of
           ``skeleton``; without ``model`` it raises and says so. Read with ``torch.load(weights_only=True)``:
@@ -153,6 +155,8 @@ def _load_weights(path: Path, model: torch.nn.Module | None) -> torch.nn.Module:
             f"refused to load {str(path)!r}: it holds objects other than tensors, and fxopt.load never runs "
             f"code from a file (torch.load weights_only=True). Only load files you trust with torch.load "
             f"directly. Details: {exc}") from exc
+    except RuntimeError as exc:
+        raise FxoptError(f"{str(path)!r} is not a readable .pt file: {exc}") from exc
     state = obj.get("state_dict") if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG else obj
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise FxoptError(f"{str(path)!r} is not a state_dict (a dict of tensors); it cannot be loaded as weights")

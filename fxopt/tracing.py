@@ -1,13 +1,25 @@
 """Tracing a model to a ``torch.fx.GraphModule``: symbolic, auto (leaves where needed) and export.
 
 ``mode="auto"`` traces symbolically; when that fails it finds the deepest module whose own code
-raised (the tracer keeps the module call stack), makes that module a leaf and tries again. When the
-failing code is the root's own ``forward`` (detection models iterate over their list of images, call
-``len()`` and branch on values), and ``example_inputs`` are given, it traces again with
-proxies that also carry the value computed on the example inputs:
-``bool()``, ``len()``, iteration and ``int()`` then resolve to those values. Such a graph is
-*specialized* on the example inputs (number of images, image size, and any branch taken on data);
-every specialization is listed by :func:`fxopt.meta.trace_notes`.
+raised (the tracer keeps the module call stack), makes that module a leaf and tries again, each time
+on a fresh deep copy of the model. When the failing code is the root's own ``forward`` (detection
+models iterate over their list of images, call ``len()`` and branch on values) and ``example_inputs``
+are given, it traces again with proxies that also carry their value on the example inputs: ``bool()``,
+``len()``, iteration, ``int()``/``float()`` then resolve to those values, and untraceable submodules
+become leaves that run on real values. A module *method* the root calls directly that cannot run on
+proxies (``SSD.postprocess_detections``) becomes a leaf too, a ``fxopt_island_*`` submodule.
+
+Limits, stated plainly:
+
+- A graph traced with example values is *specialized* on them: number of images, image size (the
+  detection transform's resize factors), and every branch taken on data (e.g. how many boxes pass the
+  score threshold). :func:`fxopt.meta.trace_notes` lists each specialization with its source line; the
+  graph is exact for inputs that take the same decisions, not for others.
+- ``isinstance(x, torch.Tensor)`` is false for a proxy. Code that raises because of it becomes a leaf;
+  code that silently takes another branch is caught by comparing the graph's outputs with the model's
+  on the examples (a note and a warning, since it cannot be located).
+- An island keeps a reference to the module that owns the method (outside ``_modules``); tensors that
+  only the owner holds don't follow ``gm.to(...)``.
 """
 
 from __future__ import annotations
@@ -16,9 +28,10 @@ import contextlib
 import copy
 import inspect
 import logging
+import operator
 import os
 import traceback
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.fx
@@ -33,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MODES = ("auto", "symbolic", "export")
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_THIS_FILE = os.path.abspath(__file__)
+_FXOPT_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 def trace(
@@ -50,12 +63,16 @@ def trace(
     opaque calls. ``model`` is not modified: tracing works on a deep copy.
     """
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"fxopt.trace expects a torch.nn.Module, got {type(model).__name__}; wrap functions in an nn.Module")
+        raise TypeError(
+            f"fxopt.trace expects a torch.nn.Module, got {type(model).__name__}; wrap functions in an nn.Module"
+        )
     if mode not in MODES:
         raise ValueError(f"unknown trace mode {mode!r}; choose one of {', '.join(MODES)}")
     args = _as_args(example_inputs)
     requested = _requested_leaves(model, leaf_modules)
     if mode == "export":
+        if requested:
+            raise TraceError('leaf_modules needs mode="auto" or mode="symbolic"; torch.export has no leaves')
         work = copy.deepcopy(model)
         with _untouched(work):
             gm, leaves, notes = _export(work, args), [], []
@@ -119,12 +136,18 @@ def _requested_leaves(model: torch.nn.Module, leaf_modules: Sequence[Any]) -> di
     return {n: meta.LeafInfo(n, type(named[n]).__name__, "requested by the user", requested=True) for n in names}
 
 
+def _is_user_file(filename: str) -> bool:
+    """Model code: not generated, not torch's, not fxopt's."""
+    path = os.path.abspath(filename)
+    return not (filename.startswith("<") or path.startswith(_TORCH_DIR) or path.startswith(_FXOPT_DIR))
+
+
 def user_location(exc: BaseException) -> str | None:
     """``file:line`` of the innermost traceback frame outside torch and fxopt, if any."""
     location = None
     for frame in traceback.extract_tb(exc.__traceback__):
         name = os.path.abspath(frame.filename)
-        if frame.filename.startswith("<") or name.startswith(_TORCH_DIR) or os.path.dirname(name) == os.path.dirname(_THIS_FILE):
+        if not _is_user_file(frame.filename):
             continue
         location = f"{frame.filename}:{frame.lineno}"
     return location
@@ -247,7 +270,7 @@ class _ValueProxy(torch.fx.Proxy):
         return self.tracer.specialize(self, len)
 
     def __index__(self) -> int:
-        return self.tracer.specialize(self, int)
+        return self.tracer.specialize(self, operator.index)
 
     def __int__(self) -> int:
         return self.tracer.specialize(self, int)
@@ -318,8 +341,9 @@ def _method_island_candidate(exc: BaseException, root: torch.nn.Module) -> tuple
     while tb is not None:
         owner = tb.tb_frame.f_locals.get("self")
         code = tb.tb_frame.f_code.co_name
-        if isinstance(owner, torch.nn.Module) and id(owner) in by_id and code != "forward" and not code.startswith("__"):
-            if inspect.isfunction(inspect.getattr_static(type(owner), code, None)) and code not in _MODULE_INTERNALS:
+        plain_method = inspect.isfunction(inspect.getattr_static(type(owner), code, None))
+        if isinstance(owner, torch.nn.Module) and id(owner) in by_id and plain_method:
+            if code != "forward" and not code.startswith("__") and code not in _MODULE_INTERNALS:
                 return by_id[id(owner)], code
         tb = tb.tb_next
     return None
@@ -430,8 +454,7 @@ class _ValueTracer(_Tracer):
     def _note(self, what: str) -> None:
         where = None
         for frame in traceback.extract_stack():
-            name = os.path.abspath(frame.filename)
-            if not (frame.filename.startswith("<") or name.startswith(_TORCH_DIR) or name == _THIS_FILE):
+            if _is_user_file(frame.filename):
                 where = f"{frame.filename}:{frame.lineno}"
         self.notes.append(f"{what} at {where}")
 
@@ -451,9 +474,10 @@ def trace_with_leaves(
     concrete = signature_concrete_args(model, args)
     expected = _eager_output(model, args) if auto and args else None
     notes: list[str] = []
+    job = dict(args=args, concrete=concrete, auto=auto, expected=expected, notes=notes)
     leaves = dict(requested)
     try:
-        gm = _trace_until_done(model, args, leaves, concrete, auto, expected, notes, lambda names: _Tracer(names))
+        gm = _trace_until_done(model, _Tracer, **job, leaves=leaves)
         return gm, list(leaves.values()), notes
     except _Failure as failure:
         if not (auto and args and failure.module == ""):
@@ -468,7 +492,7 @@ def trace_with_leaves(
         return _ValueTracer(names, dict(zip(params, clone_inputs(args))), notes, islands)
 
     try:
-        gm = _trace_until_done(model, args, leaves, concrete, auto, expected, notes, value_tracer)
+        gm = _trace_until_done(model, value_tracer, **job, leaves=leaves)
     except _Failure as failure:
         raise _trace_error(model, failure, auto, True) from failure.exc
     return gm, list(leaves.values()), list(dict.fromkeys(notes))
@@ -498,12 +522,25 @@ def _same(a: Any, b: Any) -> bool:
     for x, y in zip(flat_a, flat_b):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return False
-        if isinstance(x, torch.Tensor) and (x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True)):
+        if not isinstance(x, torch.Tensor):
+            continue
+        if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-5, atol=1e-6, equal_nan=True):
             return False
     return True
 
 
-def _trace_until_done(model, args, leaves, concrete, auto, expected, notes, make_tracer) -> torch.fx.GraphModule:  # noqa: ANN001
+def _trace_until_done(
+    model: torch.nn.Module,
+    make_tracer: Callable[[set[str]], _Tracer],
+    *,
+    args: tuple,
+    leaves: dict[str, meta.LeafInfo],
+    concrete: dict[str, Any],
+    auto: bool,
+    expected: Any,
+    notes: list[str],
+) -> torch.fx.GraphModule:
+    """Trace until it works, adding to ``leaves`` (auto mode) the module that failed each time."""
     for _ in range(len(list(model.modules())) + 1):
         work = copy.deepcopy(model)
         modules = dict(work.named_modules())
@@ -518,8 +555,9 @@ def _trace_until_done(model, args, leaves, concrete, auto, expected, notes, make
                 island = _island_name(*candidate)
                 tracer.islands[island] = candidate
                 owner = modules[candidate[0]]
-                reason = f"method {type(owner).__name__}.{candidate[1]} runs on real values: {type(exc).__name__}: {exc} (at {location})"
-                leaves[island] = meta.LeafInfo(island, f"{type(owner).__name__}.{candidate[1]}", reason)
+                what = f"{type(owner).__name__}.{candidate[1]}"
+                reason = f"method {what} runs on real values: {type(exc).__name__}: {exc} (at {location})"
+                leaves[island] = meta.LeafInfo(island, what, reason)
                 log.info("keeping %s as an island: %s", island, reason)
                 continue
             if not auto or culprit == "" or tracer.is_leaf_module(modules[culprit], culprit):
@@ -571,7 +609,10 @@ def _trace_error(work: torch.nn.Module, failure: _Failure, auto: bool, has_args:
     if not auto:
         hint = 'use mode="auto" to keep untraceable submodules as leaves, or list them in leaf_modules'
     elif not has_args:
-        hint = "pass example_inputs so fxopt can specialize the Python control flow on them, or wrap that code in a submodule"
+        hint = (
+            "pass example_inputs so fxopt can specialize the Python control flow on them, "
+            "or move that code into a submodule"
+        )
     else:
         hint = "move that code into a submodule (it will become a leaf), or try mode=\"export\""
     at = f" at {failure.location}" if failure.location else ""

@@ -87,7 +87,9 @@ def test_resnet18_bytes_close_to_torch_save_and_params_exact():
     torch.save(m.state_dict(), buf)
     assert rep.total_params == sum(p.numel() for p in m.parameters()) == 11_689_512
     assert abs(rep.total_bytes - len(buf.getvalue())) / len(buf.getvalue()) < 0.02
-    gm_rep = report(torch.fx.symbolic_trace(m))
+    import fxopt
+
+    gm_rep = report(fxopt.compile(m))
     assert (gm_rep.total_bytes, gm_rep.total_params) == (rep.total_bytes, rep.total_params)
 
 
@@ -214,7 +216,7 @@ def test_export_graph_rows_name_aten_ops():
     assert [r["output shape"] for r in rep.rows] == [r["output shape"] for r in eager.rows]
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_int8_model_from_reference_flow_counts_one_byte_per_weight():
     # torch.ao's FX flow is used here only as a reference producer of int8 modules.
     from torch.ao.quantization import get_default_qconfig_mapping
@@ -233,3 +235,16 @@ def test_int8_model_from_reference_flow_counts_one_byte_per_weight():
     assert fc["bytes"] == 5760 + 10 * 16 + 10 * 4
     float_weights = report(m).total_bytes
     assert rep.total_bytes < 0.3 * float_weights
+
+
+def test_quantization_float_islands_are_listed():
+    m = nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1), nn.Linear(4, 2))
+    gm = torch.fx.symbolic_trace(m)
+    nodes = {n.target: n.name for n in gm.graph.nodes if n.op == "call_module"}
+    meta.set_float_islands(gm, [meta.FloatIsland(nodes["2"], "linear", "kept in float by the user"),
+                                meta.FloatIsland(nodes["1"], "softmax", "no int8 kernel")])
+    rep = report(gm)
+    assert "float island" in _row(rep, "2")["notes"] and "kept in float" in _row(rep, "2")["notes"]
+    softmax = _row(rep, "1")
+    assert softmax["params"] == 0 and "no int8 kernel" in softmax["notes"] and softmax["op"] == "Softmax"
+    assert "float island" not in _row(rep, "0")["notes"]

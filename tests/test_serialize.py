@@ -1,5 +1,7 @@
 import copy
+import json
 import os
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -10,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxopt import FxoptError, UnsupportedError, backends, meta
 from fxopt.backends import Backend
-from fxopt.serialize import load, save
+from fxopt.serialize import check_pt2_archive, load, save
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
 
@@ -38,6 +40,15 @@ def test_pt2_uses_shapes_recorded_on_a_graph_module(tmp_path):
     ShapeProp(gm).propagate(x)
     save(gm, tmp_path / "gm.pt2")  # no example_inputs: built from tensor_meta
     torch.testing.assert_close(load(tmp_path / "gm.pt2")(x), gm(x), rtol=0, atol=1e-6)
+
+
+def test_pt2_of_a_compiled_model_needs_no_inputs(tmp_path):
+    import fxopt
+
+    model, x = _cnn(), torch.randn(1, 3, 8, 8)
+    compiled = fxopt.compile(model, example_inputs=(x,))
+    save(compiled, tmp_path / "compiled.pt2")
+    torch.testing.assert_close(load(tmp_path / "compiled.pt2")(x), model(x), rtol=0, atol=1e-6)
 
 
 def test_pt2_without_inputs_says_what_to_pass(tmp_path):
@@ -146,33 +157,100 @@ def test_save_and_load_delegate_to_backends(registry, tmp_path):
     registry.register("nosaver", _NoSaver)
     _Recorder.saved.clear()
 
-    marked = _cnn()
+    marked = torch.fx.symbolic_trace(_cnn())
     meta.set_backend(marked, "recorder")
     save(marked, tmp_path / "a.pt2")  # the marker wins over the extension
     assert (tmp_path / "a.pt2").read_text() == "saved by recorder"
     save(_cnn(), tmp_path / "b.onnx")
-    assert _Recorder.saved == [("Sequential", "a.pt2"), ("Sequential", "b.onnx")]
+    assert [name for _, name in _Recorder.saved] == ["a.pt2", "b.onnx"]
     assert isinstance(load(tmp_path / "b.onnx"), nn.Identity)
 
     # a backend without its own saver: the generic .pt path is used
-    plain = _cnn()
+    plain = torch.fx.symbolic_trace(_cnn())
     meta.set_backend(plain, "nosaver")
     save(plain, tmp_path / "c.pt")
     assert "0.weight" in torch.load(tmp_path / "c.pt", weights_only=True)["state_dict"]
 
-    gone = _cnn()
+    gone = torch.fx.symbolic_trace(_cnn())
     meta.set_backend(gone, "not-installed")
     with pytest.raises(UnsupportedError, match="lowered by backend 'not-installed'"):
         save(gone, tmp_path / "d.pt")
     assert not os.path.exists(tmp_path / "d.pt")
 
 
-def test_meta_backend_marker():
-    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
-    assert meta.backend_of(gm) is None
-    meta.set_backend(gm, "x86")
-    assert meta.backend_of(gm) == "x86"
-    eager = nn.Linear(2, 2)
-    meta.set_backend(eager, "onnx")  # plain modules get a ``meta`` dict like GraphModules
-    assert meta.backend_of(copy.deepcopy(eager)) == "onnx"
-    assert meta.backend_of(nn.Linear(2, 2)) is None
+def _tampered(src: Path, dst: Path, edit) -> Path:
+    """Copy a .pt2 archive, passing each entry through ``edit(short_name, bytes) -> bytes``."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, edit(info.filename.split("/", 1)[1], zin.read(info.filename)))
+    return dst
+
+
+def _edit_json(target: str, change):
+    def edit(short, data):
+        if short != target:
+            return data
+        obj = json.loads(data)
+        change(obj)
+        return json.dumps(obj).encode()
+
+    return edit
+
+
+@pytest.fixture
+def pt2_file(tmp_path):
+    path = tmp_path / "good.pt2"
+    save(nn.Sequential(nn.Linear(3, 2)), path, example_inputs=torch.randn(4, 3))
+    check_pt2_archive(path)  # a file fxopt wrote passes the check
+    return path
+
+
+def test_pt2_with_guard_code_is_refused_before_anything_runs(pt2_file, tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch() is None"
+    bad = _tampered(pt2_file, tmp_path / "bad.pt2",
+                    _edit_json("models/model.json", lambda m: m.__setitem__("guards_code", [code])))
+    with pytest.raises(FxoptError, match="shape-guard code"):
+        load(bad)
+    assert not marker.exists()
+    # torch.export.load itself would run it: the check is what protects fxopt.load
+    torch.export.load(bad).module()(torch.randn(4, 3))
+    assert marker.exists()
+
+
+def test_pt2_with_pickled_payload_foreign_target_or_expression_is_refused(pt2_file, tmp_path):
+    def pickled(cfg):
+        next(iter(cfg["config"].values()))["use_pickle"] = True
+
+    def foreign_target(model):
+        model["graph_module"]["graph"]["nodes"][0]["target"] = "builtins.eval"
+
+    def expression(model):
+        model["graph_module"]["graph"]["nodes"][0]["expr_str"] = "__import__('os').getcwd()"
+
+    cases = [("data/weights/model_weights_config.json", pickled, "pickled Python object"),
+             ("models/model.json", foreign_target, "not a torch operator"),
+             ("models/model.json", expression, "not plain arithmetic")]
+    for i, (entry, change, message) in enumerate(cases):
+        bad = _tampered(pt2_file, tmp_path / f"bad{i}.pt2", _edit_json(entry, change))
+        with pytest.raises(FxoptError, match=message):
+            load(bad)
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    with pytest.raises(FxoptError, match="not a zip file"):
+        load(tmp_path / "junk.pt2")
+
+
+def test_dynamic_shape_archive_passes_the_check(tmp_path):
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.reshape(x.shape[0], -1).sum(1)
+
+    program = torch.export.export(Flat(), (torch.randn(4, 3),), dynamic_shapes=({0: torch.export.Dim("b")},))
+    torch.export.save(program, tmp_path / "dyn.pt2")
+    assert load(tmp_path / "dyn.pt2")(torch.randn(7, 3)).shape == (7,)
+
+
+def test_corrupt_pt_file_raises_fxopt_error(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"PK\x03\x04 definitely not a torch file")
+    with pytest.raises(FxoptError, match="not a readable .pt file"):
+        load(tmp_path / "junk.pt", model=nn.Linear(1, 1))

@@ -154,6 +154,8 @@ def test_export_mode_returns_aten_graph():
     torch.testing.assert_close(gm(x), model(x), rtol=0, atol=1e-6)
     with pytest.raises(fxopt.TraceError, match="example_inputs"):
         fxopt.trace(model, mode="export")
+    with pytest.raises(fxopt.TraceError, match="leaf_modules"):
+        fxopt.trace(model, (x,), mode="export", leaf_modules=[nn.ReLU])
 
 
 def test_export_failure_is_trace_error():
@@ -250,16 +252,43 @@ def check_detector(name, size):
     assert meta.trace_notes(gm), "specializations on the example inputs are recorded"
     with torch.no_grad():
         assert_same(gm([img]), model([img]))
-    return gm
+    return gm, model
 
 
 def test_detection_ssdlite():
-    check_detector("ssdlite320_mobilenet_v3_large", 96)
+    gm, model = check_detector("ssdlite320_mobilenet_v3_large", 96)
+    leaves = {info.qualname: info for info in meta.leaves(gm)}
+    assert set(leaves) == {"fxopt_island_postprocess_detections", "fxopt_island_transform_postprocess"}
+    assert leaves["fxopt_island_postprocess_detections"].type_name == "SSD.postprocess_detections"
+    assert any("iteration over images specialized to length 1" in n for n in meta.trace_notes(gm))
+    img = torch.rand(3, 96, 96)  # same size, other pixels: the postprocess island keeps its control flow
+    copied = copy.deepcopy(gm)  # passes work on copies: islands must survive it
+    with torch.no_grad():
+        assert_same(gm([img]), model([img]))
+        assert_same(copied([img]), model([img]))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"])
 def test_detection_slow(name):
-    gm = check_detector(name, 128)
+    gm, _ = check_detector(name, 128)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert any(t.startswith("backbone.fpn.") for t in targets)
+
+
+def test_auto_reports_a_graph_that_diverges_from_eager(caplog):
+    class IsTensor(nn.Module):
+        def forward(self, x):
+            return x + 1 if isinstance(x, torch.Tensor) else x - 1  # a Proxy is no Tensor
+
+    x = torch.randn(3)
+    with caplog.at_level("WARNING", logger="fxopt.tracing"):
+        gm = fxopt.trace(IsTensor(), (x,))
+    assert any("differ" in note for note in meta.trace_notes(gm))
+    assert "differ" in caplog.text
+    assert meta.trace_notes(fxopt.trace(WithBranchyChild().eval(), (torch.randn(1, 3, 6, 6),))) == []
+
+
+def test_model_failing_on_examples_is_a_trace_error():
+    with pytest.raises(fxopt.TraceError, match="raises on example_inputs"):
+        fxopt.trace(nn.Linear(4, 2), (torch.randn(3, 5),))

@@ -176,7 +176,7 @@ class DynamicEmbedding(_DynamicEmbeddingBase):
         return self._bags(flat, offsets, 0).view(*indices.shape, self.embedding_dim)
 
 
-_BAG_MODES = {"sum": 0, "mean": 1, "max": 2}
+BAG_MODES = ("sum", "mean")  # the 8-bit kernel sums; mean divides by the bag sizes
 
 
 class DynamicEmbeddingBag(_DynamicEmbeddingBase):
@@ -192,6 +192,8 @@ class DynamicEmbeddingBag(_DynamicEmbeddingBase):
     def from_float(cls, module: nn.EmbeddingBag, dtype: torch.dtype = torch.qint8,
                    reduce_range: bool | None = None) -> "DynamicEmbeddingBag":
         _check_dtype(dtype)
+        if module.mode not in BAG_MODES:
+            raise ValueError(f"EmbeddingBag mode={module.mode!r} is not supported; supported: {BAG_MODES}")
         return cls(_prepack_rows(module.weight, dtype), module.num_embeddings, module.embedding_dim, dtype,
                    module.mode, module.include_last_offset)
 
@@ -209,4 +211,10 @@ class DynamicEmbeddingBag(_DynamicEmbeddingBase):
                                    per_sample_weights=per_sample_weights,
                                    include_last_offset=self.include_last_offset)
         psw = None if per_sample_weights is None else per_sample_weights.float()
-        return self._bags(indices, offsets, _BAG_MODES[self.mode], psw, self.include_last_offset)
+        out = self._bags(indices, offsets, 0, psw, self.include_last_offset)
+        if self.mode == "mean":
+            ends = offsets[1:] if self.include_last_offset else torch.cat(
+                [offsets[1:], offsets.new_tensor([indices.numel()])])
+            starts = offsets[:-1] if self.include_last_offset else offsets
+            out = out / (ends - starts).clamp(min=1).to(out.dtype).unsqueeze(1)
+        return out

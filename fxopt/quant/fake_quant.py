@@ -162,7 +162,8 @@ class LearnableFakeQuantize(FakeQuantize):
 
     The first observed batch sets ``scale`` (an ``nn.Parameter``) and turns the observer off; after that
     gradients flow to ``scale`` as ``round(v) - v`` inside the range and ``qmin/qmax - zp`` outside
-    (``v = x / scale + zp``), multiplied by ``1 / sqrt(numel * qmax)`` per the LSQ paper. For
+    (``v = x / scale + zp``), multiplied by ``1 / sqrt(numel * qmax)`` per the LSQ paper; ``x`` gets
+    gradient 1 where ``v`` (before rounding) lies in ``[qmin, qmax]``, as in the paper. For
     per-channel specs the parameter takes its shape on that first batch: create the optimizer after it.
     """
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from .spec import QSpec, qparams_from_range
 
-__all__ = ["histogram", "rebin", "percentile_range", "l2_range", "mse_range"]
+__all__ = ["histogram", "rebin", "percentile_range", "l2_range", "search_factors", "mse_range", "mse_range_on_values"]
 
 
 def histogram(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -22,7 +22,7 @@ def histogram(rows: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int)
     channels = rows.shape[0]
     scale = (bins / (hi - lo))[:, None]
     idx = ((rows - lo[:, None]) * scale).long().clamp_(0, bins - 1)
-    idx += torch.arange(channels)[:, None] * bins
+    idx += torch.arange(channels, device=rows.device)[:, None] * bins
     return torch.bincount(idx.reshape(-1), minlength=channels * bins).reshape(channels, bins).double()
 
 
@@ -34,7 +34,7 @@ def rebin(hist: torch.Tensor, old_lo, old_hi, new_lo, new_hi) -> torch.Tensor:
     channels, bins = hist.shape
     old_lo, old_hi, new_lo, new_hi = (t.double()[:, None] for t in (old_lo, old_hi, new_lo, new_hi))
     new_width = (new_hi - new_lo) / bins
-    u = (old_lo + (old_hi - old_lo) / bins * torch.arange(bins + 1) - new_lo) / new_width
+    u = (old_lo + (old_hi - old_lo) / bins * torch.arange(bins + 1, device=hist.device) - new_lo) / new_width
     start, end = u[:, :-1], u[:, 1:]
     first = start.floor().clamp(0, bins - 1)
     frac = ((first + 1 - start) / (end - start).clamp(min=1e-12)).clamp(0, 1)
@@ -71,7 +71,7 @@ def percentile_range(hist, left, width, lo, hi, percentile: float, symmetric: bo
     p = percentile / 100.0
     if symmetric:  # smallest t on a fine grid with P(-t <= x <= t) >= p
         bound = torch.maximum(lo.abs(), hi.abs()).double()[:, None]
-        t = bound * torch.linspace(0.0, 1.0, hist.shape[1] + 1, dtype=torch.float64)
+        t = bound * torch.linspace(0.0, 1.0, hist.shape[1] + 1, dtype=torch.float64, device=hist.device)
         inside = _interp_cdf(cdf, left, width, t) - _interp_cdf(cdf, left, width, -t)
         idx = (inside < p * total * (1 - 1e-12)).sum(dim=1, keepdim=True).clamp(max=t.shape[1] - 1)
         t = t.gather(1, idx)[:, 0]
@@ -96,7 +96,7 @@ class _L2Model:
 
     def __init__(self, hist, left, width, zeros, spec: QSpec):
         bins = hist.shape[1]
-        centers = left + width * (torch.arange(bins, dtype=torch.float64) + 0.5)
+        centers = left + width * (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5)
         self.hist, self.left, self.width, self.spec = hist, left, width, spec
         self.p0, self.p1 = _cdf(hist), _cdf(hist * centers)
         self.p2 = _cdf(hist * (centers**2 + width**2 / 12))
@@ -131,7 +131,7 @@ def l2_range(hist, left, width, zeros, lo, hi, spec: QSpec):
     model, bins = _L2Model(hist, left, width, zeros, spec), hist.shape[1]
     if spec.symmetric:
         bound = torch.maximum(lo.abs(), hi.abs()).double()[:, None]
-        t = bound * _best_factor(lambda f: model(-bound * f, bound * f), len(hist), max(16, bins // 8))
+        t = bound * _best_factor(lambda f: model(-bound * f, bound * f), len(hist), max(16, bins // 8), hist.device)
         return -t[:, 0], t[:, 0]
 
     def best(i, j):
@@ -139,10 +139,11 @@ def l2_range(hist, left, width, zeros, lo, hi, spec: QSpec):
         return i.gather(1, k), j.gather(1, k)
 
     step, rows = max(1, bins // 128), hist.shape[0]
-    i, j = torch.meshgrid(torch.arange(0, bins + 1, step), torch.arange(0, bins + 1, step), indexing="ij")
+    edge = torch.arange(0, bins + 1, step, device=hist.device)
+    i, j = torch.meshgrid(edge, edge, indexing="ij")
     keep = i < j
     i, j = best(i[keep].expand(rows, -1), j[keep].expand(rows, -1))
-    off = torch.arange(-step, step + 1)
+    off = torch.arange(-step, step + 1, device=hist.device)
     n = len(off)
     i = (i[:, :, None] + off[None, :, None]).expand(-1, n, n).reshape(rows, -1).clamp(0, bins)
     j = (j[:, :, None] + off[None, None, :]).expand(-1, n, n).reshape(rows, -1).clamp(0, bins)
@@ -166,24 +167,24 @@ def _exact_mse(edges, density, a, b, spec: QSpec):
     return ((g[..., 1:] - g[..., :-1]) * density[:, None, :]).sum(dim=-1)
 
 
-def _best_factor(score, rows: int, coarse: int, sub: int = 8) -> torch.Tensor:
+def _best_factor(score, rows: int, coarse: int, device, sub: int = 8) -> torch.Tensor:
     """argmin over factors ``f`` in (0, 1] of ``score(f)`` ((C, K) -> (C, K)): ``coarse`` even steps,
     then ``2 * sub + 1`` steps of ``1 / (coarse * sub)`` around the best. Returns (C, 1)."""
-    f = (torch.arange(1, coarse + 1, dtype=torch.float64) / coarse).expand(rows, -1)
+    f = (torch.arange(1, coarse + 1, dtype=torch.float64, device=device) / coarse).expand(rows, -1)
     f = f.gather(1, score(f).argmin(dim=1, keepdim=True))
-    f = (f + torch.linspace(-1.0, 1.0, 2 * sub + 1, dtype=torch.float64) / coarse).clamp(1.0 / (coarse * sub), 1.0)
+    steps = torch.linspace(-1.0, 1.0, 2 * sub + 1, dtype=torch.float64, device=device) / coarse
+    f = (f + steps).clamp(1.0 / (coarse * sub), 1.0)
     return f.gather(1, score(f).argmin(dim=1, keepdim=True))
 
 
-def mse_range(hist, left, width, lo, hi, spec: QSpec, num_candidates: int):
-    """Shrink factors of ``max|x|`` (symmetric), or of (min, max) jointly then of each side (asymmetric),
-    each searched on ``num_candidates`` even steps refined 8x around the best."""
-    edges = left + width * torch.arange(hist.shape[1] + 1, dtype=torch.float64)
-    density = hist / width
+def search_factors(err, lo, hi, spec: QSpec, num_candidates: int):
+    """Minimise ``err(a, b)`` ((C, K) candidates -> (C, K) errors) over shrink factors: of ``max|x|``
+    (symmetric), or of (min, max) jointly and then of each side in turn (asymmetric). Each 1-D search
+    takes ``num_candidates`` even steps in (0, 1], refined 8x around the best."""
     lo, hi = lo.double()[:, None], hi.double()[:, None]
 
     def factor(a_of, b_of):
-        return _best_factor(lambda f: _exact_mse(edges, density, a_of(f), b_of(f), spec), len(hist), num_candidates)
+        return _best_factor(lambda f: err(a_of(f), b_of(f)), len(lo), num_candidates, lo.device)
 
     if spec.symmetric:
         bound = torch.maximum(lo.abs(), hi.abs())
@@ -194,3 +195,22 @@ def mse_range(hist, left, width, lo, hi, spec: QSpec, num_candidates: int):
     a = lo * factor(lambda f: lo * f, lambda f: b.expand_as(f))
     b = hi * factor(lambda f: a.expand_as(f), lambda f: hi * f)
     return a[:, 0], b[:, 0]
+
+
+def mse_range(hist, left, width, lo, hi, spec: QSpec, num_candidates: int):
+    """:func:`search_factors` with the exact quantize→dequantize error integrated over the histogram."""
+    edges = left + width * torch.arange(hist.shape[1] + 1, dtype=torch.float64, device=hist.device)
+    density = hist / width
+    return search_factors(lambda a, b: _exact_mse(edges, density, a, b, spec), lo, hi, spec, num_candidates)
+
+
+def mse_range_on_values(values, lo, hi, spec: QSpec, num_candidates: int):
+    """:func:`search_factors` with the quantize→dequantize error of the values themselves ((C, N))."""
+    x = values[:, None, :]
+
+    def err(a, b):
+        scale, zero_point = (t.to(torch.float32)[:, :, None] for t in qparams_from_range(spec, a, b))
+        q = (torch.round(x / scale) + zero_point).clamp(spec.qmin, spec.qmax)
+        return (((q - zero_point) * scale - x) ** 2).sum(dim=-1)
+
+    return search_factors(err, lo, hi, spec, num_candidates)

@@ -14,8 +14,9 @@ Kinds (``make_observer(kind, spec)``):
 - ``histogram``: a histogram whose range grows (re-binning) as data arrives; the clipping range is the
   one that minimises the modelled quantization error (clipping error + rounding error ``scale²/12``)
   over the histogram, searched coarse-to-fine over bin edges with prefix sums (O(1) per candidate).
-- ``mse``: a grid search over shrink factors of the min / max that minimises the exact mean squared
-  error of quantize→dequantize, integrated over the histogram (values uniform inside a bin).
+- ``mse``: a grid search over shrink factors of the min / max that minimises the mean squared error
+  of quantize→dequantize: on the values themselves while few were seen (weights), else integrated
+  exactly over the histogram (values uniform inside a bin).
 
 State lives in buffers, so a calibrated model can be saved and reloaded with ``state_dict``.
 """
@@ -177,8 +178,6 @@ class _HistogramBase(Observer):
     histogram in ``_search`` (rows are processed in chunks to bound the search's memory).
     """
 
-    _search_budget = 1 << 21  # candidate-by-bin elements per chunk of rows
-
     def __init__(self, spec: QSpec, *, bins: int = 2048, name: str | None = None):
         super().__init__(spec, name=name)
         if bins < 16:
@@ -196,11 +195,12 @@ class _HistogramBase(Observer):
         if first:
             pad = torch.where(hi > lo, torch.zeros_like(hi), 1e-6 * hi.abs().clamp(min=1.0))
             self.hist_min, self.hist_max = lo.clone(), hi + pad
-            self.histogram = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64)
-            self.zeros = torch.zeros(rows.shape[0], dtype=torch.float64)
+            self.histogram = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64, device=rows.device)
+            self.zeros = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
         else:
             new_min, new_max = torch.minimum(self.hist_min, lo), torch.maximum(self.hist_max, hi)
             if bool((new_min < self.hist_min).any() or (new_max > self.hist_max).any()):
+                log.debug("%s: histogram range grows to [%s, %s]", self._label(), new_min.min(), new_max.max())
                 self.histogram = hm.rebin(self.histogram, self.hist_min, self.hist_max, new_min, new_max)
                 self.hist_min, self.hist_max = new_min, new_max
         self.histogram += hm.histogram(rows, self.hist_min, self.hist_max, self.bins)
@@ -209,18 +209,14 @@ class _HistogramBase(Observer):
 
     def _range(self):
         lo, hi = self._lo(), self._hi()
-        left = self.hist_min.double()[:, None]
-        width = (self.hist_max.double()[:, None] - left) / self.bins
-        chunk = max(1, self._search_budget // (self.bins * self._candidates()))
-        found = [
-            self._search(self.histogram[k : k + chunk], left[k : k + chunk], width[k : k + chunk],
-                         self.zeros[k : k + chunk], lo[k : k + chunk], hi[k : k + chunk])
-            for k in range(0, len(lo), chunk)
-        ]
-        chosen_lo = torch.cat([f[0] for f in found]).float()
-        chosen_hi = torch.cat([f[1] for f in found]).float()
+        chosen_lo, chosen_hi = self._choose(lo, hi)
         constant = hi <= lo  # a constant row: nothing to search, keep its value
         return torch.where(constant, lo, chosen_lo), torch.where(constant, hi, chosen_hi)
+
+    def _choose(self, lo, hi):
+        left = self.hist_min.double()[:, None]
+        width = (self.hist_max.double()[:, None] - left) / self.bins
+        return _by_chunks(self._search, self.bins * self._candidates(), self.histogram, left, width, self.zeros, lo, hi)
 
     def _candidates(self) -> int:
         return 1
@@ -253,25 +249,57 @@ class HistogramObserver(_HistogramBase):
 
 
 class MSEObserver(_HistogramBase):
-    """Range = argmin over shrink factors of the min / max of the exact quantize→dequantize MSE.
+    """Range = argmin over shrink factors of the min / max of the quantize→dequantize MSE.
 
-    The MSE is integrated over the histogram (values uniform inside each bin). Symmetric specs
-    search shrink factors of ``max|x|``; asymmetric ones a joint shrink of (min, max), then the left
-    and right factors one after the other. Each search takes ``num_candidates`` even steps in (0, 1],
-    then 17 finer ones around the best (resolution ``1 / (8 * num_candidates)``).
+    While a row has seen at most ``exact_limit`` values (weights: always) the values themselves are
+    kept and the MSE is exact; beyond that they are dropped and the MSE is integrated over the
+    histogram (values uniform inside each bin), so memory stays bounded. Symmetric specs search shrink
+    factors of ``max|x|``; asymmetric ones a joint shrink of (min, max), then each side in turn. Each
+    search takes ``num_candidates`` even steps in (0, 1], then 17 finer ones around the best.
     """
 
-    def __init__(self, spec: QSpec, *, num_candidates: int = 40, bins: int | None = None, name: str | None = None):
-        super().__init__(spec, bins=bins or (256 if spec.per_channel else 2048), name=name)
+    def __init__(self, spec: QSpec, *, num_candidates: int = 40, bins: int = 2048,
+                 exact_limit: int = 1 << 14, name: str | None = None):
+        super().__init__(spec, bins=bins, name=name)
         if num_candidates < 2:
             raise ValueError(f"num_candidates must be >= 2, got {num_candidates}")
         self.num_candidates = num_candidates
+        self.exact_limit = exact_limit
+        self.register_buffer("values", torch.zeros(0, 0))
+        self.register_buffer("exact", torch.tensor(True))
+
+    def _observe(self, rows, lo, hi):
+        first = not self.calibrated
+        super()._observe(rows, lo, hi)
+        kept = 0 if first else self.values.shape[1]
+        if bool(self.exact) and kept + rows.shape[1] <= self.exact_limit:
+            self.values = rows.clone() if first else torch.cat([self.values, rows], dim=1)
+        else:
+            if bool(self.exact):
+                log.debug("%s: over %d values per row, searching the histogram", self._label(), self.exact_limit)
+            self.values, self.exact = rows.new_zeros(0, 0), torch.tensor(False, device=rows.device)
+
+    def _choose(self, lo, hi):
+        if not bool(self.exact):
+            return super()._choose(lo, hi)
+
+        def search(values, lo, hi):
+            return hm.mse_range_on_values(values, lo, hi, self.spec, self.num_candidates)
+
+        return _by_chunks(search, self.values.shape[1] * self._candidates(), self.values, lo, hi)
 
     def _search(self, hist, left, width, zeros, lo, hi):
         return hm.mse_range(hist, left, width, lo, hi, self.spec, self.num_candidates)
 
     def _candidates(self):
         return self.num_candidates + 17
+
+
+def _by_chunks(search, cost_per_row: int, *per_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``search(*chunk) -> (lo, hi)`` over chunks of rows, so a search holds at most ~2M elements."""
+    chunk = max(1, (1 << 21) // max(1, cost_per_row))
+    found = [search(*(t[k : k + chunk] for t in per_row)) for k in range(0, len(per_row[0]), chunk)]
+    return torch.cat([f[0] for f in found]).float(), torch.cat([f[1] for f in found]).float()
 
 
 OBSERVER_KINDS: dict[str, type[Observer]] = {
