@@ -13,11 +13,14 @@ qualified name (every alias of a shared module gets the same replacement):
   layers in all but name; the encoder's nested-tensor fast path is switched off).
 
 ``dtype=torch.float16`` stores fp16 weights instead (``linear_dynamic_fp16``, fp16 RNN cells).
+``skip`` holds qualified-name patterns (``fnmatch``, e.g. ``"encoder.layers.5.*"``) of modules to keep
+float: the few most sensitive layers of a model, found with ``fxopt.compare``.
 Stats count replaced modules per type; notes name every module left float and why.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -86,11 +89,14 @@ class QuantizeDynamic(Pass):
     types: tuple = (nn.Linear, nn.LSTM, nn.GRU, nn.Embedding, nn.EmbeddingBag)
     reduce_range: bool | None = None
     rnn_first_input_fp16: bool = True
+    skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in DYNAMIC_DTYPES:
             raise ValueError(f"QuantizeDynamic(dtype={self.dtype}) is not supported; "
                              "use torch.qint8 (int8 weights) or torch.float16 (fp16 weights)")
+        if isinstance(self.skip, str):
+            object.__setattr__(self, "skip", (self.skip,))
         if isinstance(self.types, type):
             object.__setattr__(self, "types", (self.types,))
         unknown = [t for t in self.types if t not in _REPLACEMENTS]
@@ -123,11 +129,11 @@ class QuantizeDynamic(Pass):
             if factory is None:
                 continue
             reason = _skip_reason(module)
+            if any(fnmatch.fnmatchcase(qualname, pattern) for pattern in self.skip):
+                reason = "kept float by skip=" + repr(self.skip)
             if reason is not None:
                 notes.append(f"{qualname} ({type(module).__name__}) left float: {reason}")
-                if type(module) in _CONTAINERS:
-                    continue  # its Linear layers may still be quantized on their own
-                skipped_prefixes.append(qualname)
+                skipped_prefixes.append(qualname)  # with everything inside it
                 continue
             if id(module) not in replaced:
                 replaced[id(module)] = factory()

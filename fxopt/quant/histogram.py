@@ -127,8 +127,21 @@ class _L2Model:
 
 def l2_range(hist, left, width, zeros, lo, hi, spec: QSpec):
     """``[a, b]`` minimising the :class:`_L2Model` error: a 1-D search over bin edges when symmetric,
-    else a coarse 2-D grid of (left edge, right edge) refined at full resolution around the best."""
-    model, bins = _L2Model(hist, left, width, zeros, spec), hist.shape[1]
+    else a coarse 2-D grid of (left edge, right edge) refined at full resolution around the best.
+
+    The model's ``scale²/12`` rounding error is wrong for peaks narrower than a quantization step (few
+    bits), so the result is finally checked against the full ``[lo, hi]`` with the exact error.
+    """
+    a, b = _l2_search(_L2Model(hist, left, width, zeros, spec), hist, left, width, lo, hi, spec)
+    edges = left + width * torch.arange(hist.shape[1] + 1, dtype=torch.float64, device=hist.device)
+    a = torch.cat([a[:, None], lo.double()[:, None]], dim=1)
+    b = torch.cat([b[:, None], hi.double()[:, None]], dim=1)
+    k = _exact_mse(edges, hist / width, a, b, spec).argmin(dim=1, keepdim=True)
+    return a.gather(1, k)[:, 0], b.gather(1, k)[:, 0]
+
+
+def _l2_search(model, hist, left, width, lo, hi, spec: QSpec):
+    bins = hist.shape[1]
     if spec.symmetric:
         bound = torch.maximum(lo.abs(), hi.abs()).double()[:, None]
         t = bound * _best_factor(lambda f: model(-bound * f, bound * f), len(hist), max(16, bins // 8), hist.device)
@@ -147,7 +160,7 @@ def l2_range(hist, left, width, zeros, lo, hi, spec: QSpec):
     n = len(off)
     i = (i[:, :, None] + off[None, :, None]).expand(-1, n, n).reshape(rows, -1).clamp(0, bins)
     j = (j[:, :, None] + off[None, None, :]).expand(-1, n, n).reshape(rows, -1).clamp(0, bins)
-    i, j = best(i, j)
+    i, j = best(torch.minimum(i, j), torch.maximum(i, j))
     return (left + i * width)[:, 0], (left + j * width)[:, 0]
 
 
@@ -180,8 +193,9 @@ def _best_factor(score, rows: int, coarse: int, device, sub: int = 8) -> torch.T
 def search_factors(err, lo, hi, spec: QSpec, num_candidates: int):
     """Minimise ``err(a, b)`` ((C, K) candidates -> (C, K) errors) over shrink factors: of ``max|x|``
     (symmetric), or of (min, max) jointly and then of each side in turn (asymmetric). Each 1-D search
-    takes ``num_candidates`` even steps in (0, 1], refined 8x around the best."""
-    lo, hi = lo.double()[:, None], hi.double()[:, None]
+    takes ``num_candidates`` even steps in (0, 1], refined 8x around the best. The range is widened to
+    include 0 first (as qparams_from_range does), so every candidate has ``a <= 0 <= b``."""
+    lo, hi = lo.double().clamp(max=0)[:, None], hi.double().clamp(min=0)[:, None]
 
     def factor(a_of, b_of):
         return _best_factor(lambda f: err(a_of(f), b_of(f)), len(lo), num_candidates, lo.device)

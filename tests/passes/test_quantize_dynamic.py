@@ -199,6 +199,16 @@ def test_types_filter_and_shared_module():
     assert cosine(gm(x), model(x)) > 0.999
 
 
+def test_skip_patterns_keep_modules_float():
+    model = MLP().eval()
+    x = torch.randn(4, 32)
+    result = run(model, x, skip=("fc3", "fc1*"))
+    q = result.graph_module
+    assert result.stats == {"Linear": 1} and isinstance(q.fc2, DynamicLinear)
+    assert type(q.fc1) is nn.Linear and type(q.fc3) is nn.Linear
+    assert any("fc3" in n and "skip" in n for n in result.notes)
+
+
 def test_fp16_path():
     model = Recurrent(nn.LSTM).eval()
     x = torch.randn(2, 10, 16)
