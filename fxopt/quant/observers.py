@@ -82,7 +82,7 @@ class Observer(nn.Module):
                     "data and the model for NaN/inf (e.g. uninitialised weights, log/div by zero) before calibrating"
                 )
             self._observe(rows, lo, hi)
-            self.num_batches += 1
+            self.num_batches = self.num_batches + 1  # out of place: buffers may be inference tensors
         return x
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,9 +203,9 @@ class _HistogramBase(Observer):
                 log.debug("%s: histogram range grows to [%s, %s]", self._label(), new_min.min(), new_max.max())
                 self.histogram = hm.rebin(self.histogram, self.hist_min, self.hist_max, new_min, new_max)
                 self.hist_min, self.hist_max = new_min, new_max
-        self.histogram += hm.histogram(rows, self.hist_min, self.hist_max, self.bins)
+        self.histogram = self.histogram + hm.histogram(rows, self.hist_min, self.hist_max, self.bins)
         if bool((lo == 0).any() or (hi == 0).any()):  # ReLU-like rows: exact zeros pile up at one end
-            self.zeros += (rows == 0).sum(dim=1).to(torch.float64)
+            self.zeros = self.zeros + (rows == 0).sum(dim=1).to(torch.float64)
 
     def _range(self):
         lo, hi = self._lo(), self._hi()

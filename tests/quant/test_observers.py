@@ -107,6 +107,16 @@ def test_nan_and_inf_raise_calibration_error(kind, bad):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_calibrating_under_inference_mode_then_observing_outside(kind):
+    obs = make_observer(kind, QUINT8)
+    with torch.inference_mode():
+        obs(torch.randn(100) * 3)
+    obs(torch.randn(100) * 0.1)  # in range: no re-binning, buffers are updated
+    obs(torch.randn(100) * 10)
+    assert obs.num_batches.item() == 3 and obs.calculate_qparams()[0] > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_qparams_before_data_raise_calibration_error(kind):
     obs = make_observer(kind, QUINT8, name="fxopt_obs_3")
     with pytest.raises(CalibrationError, match=r"'fxopt_obs_3' saw no data: run fxopt.passes.Calibrate"):
@@ -126,6 +136,7 @@ def test_per_channel_shape_errors():
 # -- minmax and moving average --------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:Please use quant_min and quant_max")
 @pytest.mark.parametrize("spec,ref", [
     (QUINT8, dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine)),
     (QINT8_SYM, dict(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)),

@@ -1,0 +1,69 @@
+"""Hand-built prepared graphs (the contract lowering reads), independent of the fxopt passes.
+
+Every call node whose op the backend runs in int8 is put in the region, a QuantStub + observer goes
+after each placeholder, an observer after each compute op and a DeQuantStub before the output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+import fxopt
+from fxopt import backends, meta
+from fxopt.backends.spec import op_key
+from fxopt.quant.observers import make_observer
+from fxopt.quant.stubs import DeQuantStub, QuantConfig, QuantStub
+
+
+def prepare_by_hand(model: torch.nn.Module, example: tuple, backend: str = "x86", *, activation: str = "minmax",
+                    float_keys: frozenset[str] = frozenset()) -> torch.fx.GraphModule:
+    spec = backends.get(backend).spec
+    gm = fxopt.trace(model.eval(), example)
+    graph = gm.graph
+    counter = iter(range(10_000))
+
+    def add(after: torch.fx.Node, module: torch.nn.Module, prefix: str) -> torch.fx.Node:
+        name = f"{prefix}_{next(counter)}"
+        gm.add_submodule(name, module)
+        with graph.inserting_after(after):
+            new = graph.call_module(name, (after,))
+        after.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+        meta.set_quant_region(new, spec.name)
+        return new
+
+    for node in list(graph.nodes):
+        if node.op == "placeholder":
+            stub = add(node, QuantStub(), "fxopt_quant")
+            add(stub, make_observer(activation, spec.activation), "fxopt_obs")
+        elif node.op in ("call_module", "call_function", "call_method"):
+            key = op_key(node, gm)
+            rule = spec.rule(key)
+            if rule is None or key in float_keys or rule.kind == "weight_only":
+                continue
+            meta.set_quant_region(node, spec.name)
+            if rule.kind == "compute":
+                add(node, make_observer(activation, spec.activation), "fxopt_obs")
+        elif node.op == "output":
+            src = node.args[0]
+            with graph.inserting_before(node):
+                gm.add_submodule("fxopt_dequant_0", DeQuantStub())
+                deq = graph.call_module("fxopt_dequant_0", (src,))
+            node.args = (deq,)
+    meta.set_quant_config(gm, QuantConfig(spec.name, activation, "minmax", True, True, spec.activation, spec.weight))
+    meta.set_backend(gm, spec.name)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def calibrate(gm: torch.fx.GraphModule, batches) -> torch.fx.GraphModule:
+    with torch.no_grad():
+        for b in batches:
+            gm(*(b if isinstance(b, tuple) else (b,)))
+    return gm
+
+
+def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.float(), out.float()
+    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-20))).item()
