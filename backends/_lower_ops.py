@@ -227,12 +227,12 @@ class OpLowering:
         if key == "cat":
             tensors, dim = _cat_inputs(node)
             return self._emit_module(_base(node), qm.QCat(dim, *qparams), tuple(self.qvalue(t) for t in tensors))
-        if node.op != "call_module":
-            raise _KeepFloat(f"functional {key} has no int8 lowering")
         if key == "hardswish":
-            qmod: nn.Module = qm.QHardswish(*qparams)
-        elif key == "layer_norm":
-            qmod = qm.QLayerNorm.from_float(module, qparams)
+            return self._emit_module(_base(node), qm.QHardswish(*qparams), (self.qvalue(node.args[0]),))
+        if node.op != "call_module":
+            raise _KeepFloat(f"functional {key} has no int8 lowering (use the module form)")
+        if key == "layer_norm":
+            qmod: nn.Module = qm.QLayerNorm.from_float(module, qparams)
         elif key in ("batch_norm2d", "batch_norm3d"):
             qmod = qm.QBatchNorm.from_float(module, qparams)
         else:

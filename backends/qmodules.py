@@ -152,11 +152,11 @@ class _Packed(_QOutput):
         bias = None if bias is None else bias.detach().float()
         with engine_scope(self.engine):
             self._packed = self._prepack(weight, bias)
-        self._kept = None
-        try:  # some engine/op pairs cannot unpack (qnnpack conv3d): keep the tensors then
-            self._unpack()
-        except RuntimeError:
-            self._kept = (weight, bias)
+        # qnnpack cannot unpack conv3d weights ("QNNPACK only supports Conv2d now"): keep the tensors then
+        self._kept = (weight, bias) if self._cannot_unpack() else None
+
+    def _cannot_unpack(self) -> bool:
+        return False
 
     def weight_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._kept is not None:
@@ -201,6 +201,10 @@ class QConv(_Packed):
         self.padding = [int(p) for p in padding]
         self.dilation = [int(d) for d in dilation]
         self.set_weight_bias(weight, bias)
+
+    def _cannot_unpack(self) -> bool:
+        engine = self.engine or torch.backends.quantized.engine
+        return self.dim == 3 and engine == "qnnpack"
 
     def _prepack(self, weight, bias):
         return _CONV_PREPACK[self.dim](weight, bias, self.stride, self.padding, self.dilation, self.groups)

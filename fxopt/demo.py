@@ -18,7 +18,7 @@ __all__ = ["DigitsCNN", "DigitsMLP", "load_digits_tensors", "train", "accuracy",
 
 
 class DigitsCNN(nn.Module):
-    """A small CNN for 1x32x32 inputs (the 8x8 digits upsampled)."""
+    """A small CNN for 1x16x16 inputs (the 8x8 digits upsampled)."""
 
     def __init__(self, classes: int = 10):
         super().__init__()
@@ -51,7 +51,7 @@ class DigitsMLP(nn.Module):
         return self.net(x)
 
 
-def load_digits_tensors(image_size: int = 32, seed: int = 0):
+def load_digits_tensors(image_size: int = 16, seed: int = 0):
     """(x_train, y_train, x_test, y_test) from sklearn's digits, images scaled to [0, 1]."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -103,7 +103,7 @@ def run(threads: int | None = None, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    xtr, ytr, xte, yte = load_digits_tensors(32, seed)
+    xtr, ytr, xte, yte = load_digits_tensors(16, seed)
     cnn = train(DigitsCNN(), xtr, ytr, seed=seed)
     xtr8, _, xte8, _ = load_digits_tensors(8, seed)
     mlp = train(DigitsMLP(), xtr8.flatten(1), ytr, epochs=30, lr=1e-3, seed=seed)

@@ -265,7 +265,9 @@ def report(module: torch.nn.Module, example_inputs: Any = None) -> Report:
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"fxopt.report expects a torch.nn.Module, got {type(module).__name__}")
     is_gm = isinstance(module, torch.fx.GraphModule)
-    seen: dict[Any, str] = {}
+    # key -> (qualified name, tensor): the tensor is kept alive so that a freed temporary's address
+    # (e.g. weights unpacked from packed params) cannot be reused by another tensor and mistaken for sharing.
+    seen: dict[Any, tuple[str, torch.Tensor]] = {}
     rows: list[dict[str, Any]] = []
     owners: dict[str, torch.nn.Module] = {}
     covered: list[str] = []
@@ -301,7 +303,7 @@ def report(module: torch.nn.Module, example_inputs: Any = None) -> Report:
                   total_nonzero=sum(r["nonzero"] for r in rows), has_shapes=has_shapes, columns=columns)
 
 
-def _row(name: str, op: str, entries: list[_Entry], seen: dict[Any, str]) -> dict[str, Any]:
+def _row(name: str, op: str, entries: list[_Entry], seen: dict[Any, tuple[str, torch.Tensor]]) -> dict[str, Any]:
     params = nonzero = nbytes = 0
     dtypes: list[str] = []
     notes: list[str] = []
@@ -312,9 +314,9 @@ def _row(name: str, op: str, entries: list[_Entry], seen: dict[Any, str]) -> dic
             if dname not in dtypes:
                 dtypes.append(dname)
         if e.key in seen:
-            notes.append(f"{e.name} shared with {seen[e.key]}")
+            notes.append(f"{e.name} shared with {seen[e.key][0]}")
             continue
-        seen[e.key] = full
+        seen[e.key] = (full, e.tensor)
         nbytes += tensor_bytes(e.tensor)
         if e.is_weight:
             params += e.tensor.numel()

@@ -9,6 +9,7 @@ What was measured on this AVX-512 (with AVX512-FP16) CPU, 2 threads (``bench/ben
   activations to half and back at every layer costs more; these modules keep their weights stored in
   fp16 and upcast them right before the op (:class:`~fxopt.quant.fp16.FP16Module`, ``compute="fp32"``).
   ``compute="fp16"`` runs them in half precision instead (for CPUs where that pays off).
+* under the qnnpack engine (no fp16 linear kernels) every module is an upcasting ``FP16Module``.
 
 The module tree is walked (leaves the tracer kept opaque included). Float tensors the graph reads with
 ``get_attr`` are stored in fp16 and upcast where they are read. Stats count converted modules per type
@@ -26,6 +27,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxopt import Pass, PassResult
+from fxopt.quant.dynamic import fp16_linear_available
 from fxopt.quant.fp16 import COMPUTE_MODES, FP16Module
 
 from ._util import get_attr_path, set_attr_path
@@ -68,6 +70,7 @@ class ConvertFP16(Pass):
         notes: list[str] = []
         attr_targets = self._convert_get_attrs(gm, stats)
         dynamic = QuantizeDynamic(dtype=torch.float16)
+        native = fp16_linear_available()
         replaced: dict[int, nn.Module] = {}
         plan: list[tuple[str, nn.Module]] = []
         done: list[str] = []
@@ -76,9 +79,11 @@ class ConvertFP16(Pass):
                 continue
             if any(t.startswith(qualname + ".") for t in attr_targets):
                 continue  # the graph reads some of its tensors directly: convert its children only
-            factory = dynamic._factory(module)
-            if factory is not None and _skip_reason(module) is None:
+            factory = dynamic._factory(module, qualname)
+            if factory is not None and _skip_reason(module) is None and native:
                 make = factory
+            elif factory is not None:  # no fp16 linear kernels (qnnpack): store fp16, upcast the whole module
+                make = lambda m=module: FP16Module(m, "fp32")  # noqa: E731
             elif _own_float_tensors(module):
                 make = lambda m=module: FP16Module(m, self.compute)  # noqa: E731
             else:

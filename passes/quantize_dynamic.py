@@ -30,7 +30,9 @@ import torch.fx
 import torch.nn as nn
 
 from fxopt import Pass, PassResult
-from fxopt.quant.dynamic import BAG_MODES, DYNAMIC_DTYPES, DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear
+from fxopt.errors import UnsupportedError
+from fxopt.quant.dynamic import (BAG_MODES, DYNAMIC_DTYPES, DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear,
+                                  fp16_linear_available)
 from fxopt.quant.dynamic_attention import DynamicMultiheadAttention, DynamicTransformerEncoderLayer
 from fxopt.quant.dynamic_rnn import DynamicGRU, DynamicLSTM
 
@@ -105,8 +107,14 @@ class QuantizeDynamic(Pass):
             supported = ", ".join(f"nn.{t.__name__}" for t in _REPLACEMENTS)
             raise ValueError(f"QuantizeDynamic cannot quantize {names}; supported types: {supported}")
 
-    def _factory(self, module: nn.Module) -> Callable[[], nn.Module] | None:
+    def _skipped(self, qualname: str) -> bool:
+        return any(fnmatch.fnmatchcase(qualname, pattern) for pattern in self.skip)
+
+    def _factory(self, module: nn.Module, qualname: str = "") -> Callable[[], nn.Module] | None:
         kind = type(module)
+        if kind is nn.TransformerEncoderLayer and nn.Linear in self.types:
+            keep = frozenset(n for n in ("self_attn", "linear1", "linear2") if self._skipped(f"{qualname}.{n}"))
+            return lambda: DynamicTransformerEncoderLayer.from_float(module, self.dtype, self.reduce_range, keep)
         if kind in _CONTAINERS and nn.Linear in self.types:
             return lambda: _CONTAINERS[kind].from_float(module, self.dtype, self.reduce_range)
         if kind in _REPLACEMENTS and kind in self.types:
@@ -115,6 +123,13 @@ class QuantizeDynamic(Pass):
                     module, self.dtype, self.reduce_range, self.rnn_first_input_fp16)
             return lambda: _REPLACEMENTS[kind].from_float(module, self.dtype, self.reduce_range)
         return None
+
+    def requires(self, gm: torch.fx.GraphModule) -> None:
+        if self.dtype == torch.float16 and not fp16_linear_available():
+            raise UnsupportedError(
+                "QuantizeDynamic(dtype=torch.float16) needs fp16 linear kernels, which the "
+                f"{torch.backends.quantized.engine!r} engine lacks; use dtype=torch.qint8 or set "
+                "torch.backends.quantized.engine = 'x86'")
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         stats: dict[str, Any] = {}
@@ -125,16 +140,19 @@ class QuantizeDynamic(Pass):
         for qualname, module in gm.named_modules(remove_duplicate=False):
             if not qualname or any(qualname.startswith(p + ".") for p in skipped_prefixes):
                 continue
-            factory = self._factory(module)
+            factory = self._factory(module, qualname)
             if factory is None:
                 continue
             reason = _skip_reason(module)
-            if any(fnmatch.fnmatchcase(qualname, pattern) for pattern in self.skip):
+            if self._skipped(qualname):
                 reason = "kept float by skip=" + repr(self.skip)
             if reason is not None:
                 notes.append(f"{qualname} ({type(module).__name__}) left float: {reason}")
                 skipped_prefixes.append(qualname)  # with everything inside it
                 continue
+            if type(module) is nn.TransformerEncoderLayer:
+                notes += [f"{qualname}.{n} left float: kept float by skip={self.skip!r}"
+                          for n in ("self_attn", "linear1", "linear2") if self._skipped(f"{qualname}.{n}")]
             if id(module) not in replaced:
                 replaced[id(module)] = factory()
                 key = type(module).__name__
@@ -148,7 +166,7 @@ class QuantizeDynamic(Pass):
         for encoder in encoders:
             encoder.use_nested_tensor = False  # its fused fast path needs the float weights
         if any(isinstance(m, (DynamicLSTM, DynamicGRU)) for m in replaced.values()) and \
-                self.rnn_first_input_fp16 and self.dtype == torch.qint8:
+                self.rnn_first_input_fp16 and self.dtype == torch.qint8 and fp16_linear_available():
             notes.append("RNN first-layer input projections are stored in fp16 (the most sensitive matrix); "
                          "pass rnn_first_input_fp16=False for int8 everywhere")
         if plan:

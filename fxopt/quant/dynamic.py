@@ -30,6 +30,7 @@ __all__ = [
     "pack_linear",
     "unpack_linear",
     "needs_reduce_range",
+    "fp16_linear_available",
     "DynamicLinear",
     "DynamicEmbedding",
     "DynamicEmbeddingBag",
@@ -88,6 +89,11 @@ def needs_reduce_range() -> bool:
     qnnpack) the full 8 bits are safe, and twice as fine.
     """
     return torch.backends.quantized.engine in ("x86", "fbgemm") and not _cpu_has_vnni()
+
+
+def fp16_linear_available() -> bool:
+    """Whether the current engine has fp16 linear kernels (``linear_prepack_fp16``): fbgemm/x86 only."""
+    return torch.backends.quantized.engine != "qnnpack"
 
 
 def _check_dtype(dtype: torch.dtype) -> None:

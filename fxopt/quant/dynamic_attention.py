@@ -150,11 +150,13 @@ class DynamicTransformerEncoderLayer(nn.Module):
     """``nn.TransformerEncoderLayer`` (inference, regular path) with dynamic int8 projections."""
 
     def __init__(self, layer: nn.TransformerEncoderLayer, dtype: torch.dtype = torch.qint8,
-                 reduce_range: bool | None = None):
+                 reduce_range: bool | None = None, keep_float: frozenset[str] = frozenset()):
+        """``keep_float``: names among ``self_attn``, ``linear1``, ``linear2`` left as the float modules."""
         super().__init__()
-        self.self_attn = DynamicMultiheadAttention(layer.self_attn, dtype, reduce_range)
-        self.linear1 = DynamicLinear.from_float(layer.linear1, dtype, reduce_range)
-        self.linear2 = DynamicLinear.from_float(layer.linear2, dtype, reduce_range)
+        quantize = {"self_attn": DynamicMultiheadAttention, "linear1": DynamicLinear, "linear2": DynamicLinear}
+        for name, cls in quantize.items():
+            child = getattr(layer, name)
+            setattr(self, name, child if name in keep_float else cls.from_float(child, dtype, reduce_range))
         self.norm1, self.norm2 = layer.norm1, layer.norm2
         self.dropout, self.dropout1, self.dropout2 = layer.dropout, layer.dropout1, layer.dropout2
         self.activation = layer.activation
@@ -163,8 +165,9 @@ class DynamicTransformerEncoderLayer(nn.Module):
 
     @classmethod
     def from_float(cls, module: nn.TransformerEncoderLayer, dtype: torch.dtype = torch.qint8,
-                   reduce_range: bool | None = None) -> "DynamicTransformerEncoderLayer":
-        return cls(module, dtype, reduce_range)
+                   reduce_range: bool | None = None, keep_float: frozenset[str] = frozenset(),
+                   ) -> "DynamicTransformerEncoderLayer":
+        return cls(module, dtype, reduce_range, keep_float)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
         x = src

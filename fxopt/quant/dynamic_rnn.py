@@ -15,7 +15,7 @@ What fxopt does:
 * activations quantized per call over their own range, 8 bits unless the CPU needs ``reduce_range``;
 * the most sensitive matrix, the first layer's input projection (it reads the raw features, whose
   per-tensor 8-bit quantization loses the low-energy channels), is stored in fp16 (``first_input_fp16``);
-  it is small (input_size x 4*hidden);
+  it is small (input_size x 4*hidden); under qnnpack, which has no fp16 linear kernel, it stays int8;
 * the recurrence runs in PyTorch's C++ kernels (``quantized_lstm`` / ``quantized_gru``) on cell
   parameters fxopt builds from its own packed weights, so there is no Python loop over time steps.
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .dynamic import _check_dtype, needs_reduce_range, pack_linear, unpack_linear
+from .dynamic import _check_dtype, fp16_linear_available, needs_reduce_range, pack_linear, unpack_linear
 
 __all__ = ["DynamicRNN", "DynamicLSTM", "DynamicGRU"]
 
@@ -54,6 +54,7 @@ class DynamicRNN(nn.Module):
         # (name, packed weights, storage dtype) per matrix, in layer / direction order
         self._packed: list[tuple[str, torch.ScriptObject, torch.dtype]] = []
         self._biases: dict[str, torch.Tensor] = {}
+        first_input_fp16 = first_input_fp16 and fp16_linear_available()  # qnnpack: no fp16 kernels
         for layer in range(self.num_layers):
             for suffix in self._suffixes(layer):
                 for kind in ("ih", "hh"):

@@ -54,6 +54,16 @@ class FP16Module(nn.Module):
                    for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]}
         return functional_call(self.module, tensors, args, kwargs)
 
+    def __getattr__(self, name: str):
+        # transparent for attribute reads (containers such as nn.TransformerEncoder read their layers' options)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            inner = self.__dict__.get("_modules", {}).get("module")
+            if inner is None:
+                raise
+            return getattr(inner, name)
+
     def fxopt_weights(self) -> dict[str, torch.Tensor]:
         return {name: t for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]}
 

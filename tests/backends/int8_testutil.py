@@ -17,7 +17,9 @@ from fxopt.quant.stubs import DeQuantStub, QuantConfig, QuantStub
 
 
 def prepare_by_hand(model: torch.nn.Module, example: tuple, backend: str = "x86", *, activation: str = "minmax",
-                    float_keys: frozenset[str] = frozenset()) -> torch.fx.GraphModule:
+                    float_keys: frozenset[str] = frozenset(), inputs_from: tuple[str, ...] = ()
+                    ) -> torch.fx.GraphModule:
+    """``inputs_from``: node names whose outputs enter the region (default: the placeholders)."""
     spec = backends.get(backend).spec
     gm = fxopt.trace(model.eval(), example)
     graph = gm.graph
@@ -33,10 +35,10 @@ def prepare_by_hand(model: torch.nn.Module, example: tuple, backend: str = "x86"
         return new
 
     for node in list(graph.nodes):
-        if node.op == "placeholder":
+        if (node.name in inputs_from) if inputs_from else node.op == "placeholder":
             stub = add(node, QuantStub(), "fxopt_quant")
             add(stub, make_observer(activation, spec.activation), "fxopt_obs")
-        elif node.op in ("call_module", "call_function", "call_method"):
+        if node.op in ("call_module", "call_function", "call_method") and node.name not in inputs_from:
             key = op_key(node, gm)
             rule = spec.rule(key)
             if rule is None or key in float_keys or rule.kind == "weight_only":
@@ -44,7 +46,7 @@ def prepare_by_hand(model: torch.nn.Module, example: tuple, backend: str = "x86"
             meta.set_quant_region(node, spec.name)
             if rule.kind == "compute":
                 add(node, make_observer(activation, spec.activation), "fxopt_obs")
-        elif node.op == "output":
+        if node.op == "output":
             src = node.args[0]
             with graph.inserting_before(node):
                 gm.add_submodule("fxopt_dequant_0", DeQuantStub())

@@ -101,3 +101,20 @@ def test_deepcopy_and_errors(resnet18):
     torch.testing.assert_close(copy.deepcopy(gm)(x), gm(x))
     with pytest.raises(ValueError, match="compute"):
         fp.ConvertFP16(compute="bf16")
+
+
+def test_qnnpack_engine_upcasts_everything():
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    try:
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        model = nn.Sequential(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(32, 4)).eval()
+        x = torch.randn(2, 5, 32)
+        gm = fxopt.trace(model, (x,))
+        fp.ConvertFP16()(gm)
+        assert isinstance(gm.get_submodule("1"), FP16Module)
+        assert isinstance(gm.get_submodule("0.layers.0"), FP16Module)
+        with torch.inference_mode():
+            torch.testing.assert_close(gm(x), model(x), atol=2e-3, rtol=2e-3)
+    finally:
+        torch.backends.quantized.engine = engine

@@ -306,3 +306,25 @@ def test_digits_mlp_accuracy_within_half_a_point():
         acc_int8 = (q(x[test]).argmax(1) == y[test]).float().mean().item()
     assert acc_float > 0.93
     assert acc_int8 >= acc_float - 0.005
+
+
+@pytest.fixture
+def qnnpack():
+    engine = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"
+    yield
+    torch.backends.quantized.engine = engine
+
+
+def test_qnnpack_engine(qnnpack):
+    model = Recurrent(nn.LSTM).eval()
+    x = torch.randn(3, 12, 16)
+    result = run(model, x)
+    q = result.graph_module
+    weights = q.rnn.fxopt_weights()
+    assert weights["weight_ih_l0"].is_quantized  # no fp16 kernels on qnnpack: int8 everywhere
+    assert weights["weight_hh_l1"].q_per_channel_scales().numel() == 4 * 32  # per gate row
+    with torch.inference_mode():
+        assert cosine(q(x), model(x)) > 0.995
+    with pytest.raises(fxopt.UnsupportedError, match="qnnpack"):
+        fp.QuantizeDynamic(dtype=torch.float16)(fxopt.trace(MLP()))

@@ -187,3 +187,47 @@ def test_text_encoder_with_padding_mask_and_size():
     int8_bytes = stored_bytes(q.get_submodule("inner.encoder"))
     assert int8_bytes <= 0.30 * float_bytes  # LayerNorms and biases stay float
     assert int8_bytes >= 0.25 * float_bytes  # every weight counted once
+
+
+def trained_like_encoder(row_spread: float = 1.0) -> TextEncoder:
+    """A 6-layer encoder with a trained model's traits: rows of very different norms in every projection
+    and outlier dimensions in the LayerNorm output that feeds the FFN."""
+    torch.manual_seed(0)
+    model = TextEncoder().eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(torch.exp(row_spread * torch.randn(m.weight.shape[0], 1, generator=g)))
+            if isinstance(m, nn.MultiheadAttention):
+                m.in_proj_weight.mul_(torch.exp(row_spread * torch.randn(m.in_proj_weight.shape[0], 1, generator=g)))
+            if isinstance(m, nn.TransformerEncoderLayer):
+                m.norm1.weight[[7, 100, 200]] = 10.0
+    return model
+
+
+def test_trained_like_encoder_per_channel_beats_per_tensor():
+    """Per-tensor weights (torch.ao) lose the small rows; per-channel keeps them (measured 0.986 vs 0.920)."""
+    model = trained_like_encoder()
+    ids = torch.randint(0, 1000, (4, 64))
+    q = fxopt_dynamic(model, ids[:1])
+    with torch.inference_mode():
+        ref, out, ao = model(ids), q(ids), _run_ao(torch_ao_dynamic(model), ids)
+    ours, theirs = mean_cosine(out, ref), mean_cosine(ao, ref)
+    print(f"trained-like encoder: fxopt {ours:.4f}, torch.ao {theirs:.4f}")
+    assert ours >= 0.98
+    assert ours > theirs + 0.03
+
+
+def test_trained_like_encoder_sensitive_layers_float():
+    """The remaining error sits in the FFN output projections (their input, the GELU output, is long-tailed
+    and quantized per tensor on the fly); keeping them float with ``skip`` reaches 0.99."""
+    model = trained_like_encoder()
+    ids = torch.randint(0, 1000, (4, 64))
+    gm = fxopt.trace(model, (ids[:1],))
+    result = fp.QuantizeDynamic(skip=("*.linear2",))(gm)
+    assert type(gm.encoder.layers[3].linear2) is nn.Linear
+    assert type(gm.encoder.layers[3].linear1).__name__ == "DynamicLinear"
+    assert sum("linear2 left float" in n for n in result.notes) == 6
+    with torch.inference_mode():
+        assert mean_cosine(gm(ids), model(ids)) >= 0.99
