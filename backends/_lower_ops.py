@@ -38,7 +38,24 @@ class _KeepFloat(Exception):
     """This compute op stays float; the message is the reason."""
 
 
+# builtins without an inspectable signature: parameter names and defaults
+_SIGNATURES: dict[Any, tuple[tuple[str, Any], ...]] = {
+    **{f: (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+           ("groups", 1)) for f in _CONV_FUNCS},
+    F.linear: (("input", None), ("weight", None), ("bias", None)),
+}
+
+
 def _bind(fn: Callable, node: torch.fx.Node) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults filled in."""
+    if fn in _SIGNATURES:
+        params = _SIGNATURES[fn]
+        if len(node.args) > len(params) or set(node.kwargs) - {name for name, _ in params}:
+            raise _KeepFloat(f"unexpected arguments to {getattr(fn, '__name__', fn)}")
+        found = {name: default for name, default in params}
+        found.update(zip((name for name, _ in params), node.args))
+        found.update(node.kwargs)
+        return found
     bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
@@ -175,12 +192,19 @@ class OpLowering:
 
     # ---- weight-only ----------------------------------------------------------------------------
     def _weight_only(self, node: torch.fx.Node, key: str, module: nn.Module | None) -> None:
-        if key == "embedding" and type(module) is nn.Embedding and module.max_norm is None:
-            qmod = qm.QEmbedding.from_float(module)
-            self._set(node, self._emit_module(node.target, qmod, (self.fvalue(node.args[0]),)), False, None)
-            self._count("embedding")
+        """Embeddings: int8 rows, float in / float out (the dynamic-quant modules of fxopt.quant.dynamic)."""
+        from fxopt.quant.dynamic import DynamicEmbedding, DynamicEmbeddingBag  # noqa: PLC0415
+
+        cls = {nn.Embedding: DynamicEmbedding, nn.EmbeddingBag: DynamicEmbeddingBag}.get(type(module))
+        if cls is None or module.max_norm is not None:
+            self._float(node, key)
             return
-        self._float(node, key)
+        qmod = cls.from_float(module)
+        new = self._emit_module(node.target, qmod, ())
+        new.args = torch.fx.map_arg(node.args, self.fvalue)
+        new.kwargs = torch.fx.map_arg(node.kwargs, self.fvalue)
+        self._set(node, new, False, None)
+        self._count(key)
 
     # ---- compute ------------------------------------------------------------------------------
     def _compute(self, node: torch.fx.Node, key: str, rule: OpRule, module: nn.Module | None) -> None:

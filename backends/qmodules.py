@@ -4,11 +4,13 @@ Lowering (:mod:`fxopt.backends.lowering`) builds these from the float modules of
 Each module
 
 * takes quantized inputs and returns a quantized output with fixed output qparams (``scale``,
-  ``zero_point``), except :class:`QuantizeInput` (float in) and :class:`QEmbedding` (weight-only);
+  ``zero_point``), except :class:`QuantizeInput` (float in);
 * is built with ``from_float(float_module, weight_qparams, output_qparams, ...)``;
 * describes its stored tensors with ``fxopt_weights()`` (``fxopt.report`` counts them as int8 bytes);
 * survives ``copy.deepcopy`` and ``state_dict`` / ``load_state_dict`` (packed weights are saved
   unpacked and packed again on load, under the engine the module was built for).
+
+Embeddings are weight-only (float in, float out): lowering uses ``fxopt.quant.dynamic.DynamicEmbedding``.
 
 Packed weights are engine specific: they are packed under ``engine`` (``"x86"``/``"fbgemm"`` or
 ``"qnnpack"``), whatever the global engine is at construction time.
@@ -35,7 +37,6 @@ __all__ = [
     "QHardswish",
     "QLayerNorm",
     "QBatchNorm",
-    "QEmbedding",
 ]
 
 logger = logging.getLogger(__name__)
@@ -369,57 +370,3 @@ class QBatchNorm(_QOutput):
     def fxopt_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self.bias, "running_mean": self.running_mean,
                 "running_var": self.running_var}
-
-
-class QEmbedding(nn.Module):
-    """Weight-only int8 embedding: rows quantized to uint8 with a float scale/offset each.
-
-    Float in (indices), float out; ``torch.ops.quantized.embedding_byte`` on packed rows.
-    """
-
-    def __init__(self, weight: torch.Tensor, padding_idx: int | None = None) -> None:
-        super().__init__()
-        self.padding_idx = padding_idx
-        self.set_weight(weight)
-
-    def set_weight(self, weight: torch.Tensor) -> None:
-        weight = weight.detach().float()
-        lo, hi = weight.amin(1), weight.amax(1)
-        scale = torch.clamp((hi - lo) / 255.0, min=1e-8)
-        # float zero points select torch's per_channel_affine_float_qparams scheme: x = (q - zp) * scale
-        qweight = torch.quantize_per_channel(weight, scale, -lo / scale, 0, torch.quint8)
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self._packed = _Q.embedding_bag_prepack(qweight)
-
-    @classmethod
-    def from_float(cls, emb: nn.Embedding) -> "QEmbedding":
-        if emb.max_norm is not None:
-            raise ValueError("QEmbedding cannot renormalize rows (max_norm); keep this Embedding float")
-        return cls(emb.weight, emb.padding_idx)
-
-    def weight(self) -> torch.Tensor:
-        return _Q.embedding_bag_unpack(self._packed)
-
-    def fxopt_weights(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight()}
-
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        flat = indices.reshape(-1)
-        out = _Q.embedding_byte(self._packed, flat, pruned_weights=False)
-        return out.reshape(*indices.shape, self.embedding_dim)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "weight"] = self.weight().dequantize()
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if prefix + "weight" in state_dict:
-            self.set_weight(state_dict.pop(prefix + "weight"))
-        else:
-            missing_keys.append(prefix + "weight")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, weight-only int8"

@@ -255,6 +255,7 @@ def common_int8_ops() -> dict[str, OpRule]:
         "layer_norm": OpRule("compute", reason="quantized::layer_norm"),
         "batch_norm2d": OpRule("compute", reason="quantized::batch_norm2d (BatchNorm that could not be folded)"),
         "batch_norm3d": OpRule("compute", reason="quantized::batch_norm3d (BatchNorm that could not be folded)"),
-        "embedding": OpRule("weight_only", reason="int8 rows, float output (quantized::embedding_byte)"),
+        "embedding": OpRule("weight_only", reason="int8 rows, float output"),
+        "embedding_bag": OpRule("weight_only", reason="int8 rows, float output"),
     })
     return ops

@@ -108,20 +108,6 @@ def test_hardswish_layernorm_batchnorm(engine):
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_qembedding_weight_only(engine):
-    emb = nn.Embedding(50, 16, padding_idx=0)
-    idx = torch.randint(0, 50, (3, 7))
-    with engine_scope(engine):
-        q = qm.QEmbedding.from_float(emb)
-        out = q(idx)
-    assert out.dtype == torch.float32 and out.shape == (3, 7, 16)
-    assert sqnr(emb(idx), out) > 35
-    assert q.fxopt_weights()["weight"].dtype == torch.quint8
-    with pytest.raises(ValueError, match="max_norm"):
-        qm.QEmbedding.from_float(nn.Embedding(5, 4, max_norm=1.0))
-
-
-@pytest.mark.parametrize("engine", ENGINES)
 def test_deepcopy_state_dict_and_weights(engine):
     conv = nn.Conv2d(3, 4, 3)
     x = torch.randn(1, 3, 8, 8)
