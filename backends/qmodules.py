@@ -18,6 +18,8 @@ Packed weights are engine specific: they are packed under ``engine`` (``"x86"``/
 
 from __future__ import annotations
 
+import warnings
+
 import contextlib
 import logging
 from typing import Iterator, Sequence
@@ -75,9 +77,11 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch
     weight = weight.detach().float()
     scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
     zero_point = torch.as_tensor(zero_point, dtype=torch.int64).reshape(-1)
-    if scale.numel() == 1:
-        return torch.quantize_per_tensor(weight, float(scale[0]), int(zero_point[0]), dtype)
-    return torch.quantize_per_channel(weight, scale, zero_point, 0, dtype)
+    with warnings.catch_warnings():  # torch warns (once) that quantized tensor creation is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        if scale.numel() == 1:
+            return torch.quantize_per_tensor(weight, float(scale[0]), int(zero_point[0]), dtype)
+        return torch.quantize_per_channel(weight, scale, zero_point, 0, dtype)
 
 
 def _qparams(output_qparams: Sequence) -> tuple[float, int]:

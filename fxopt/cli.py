@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=224, help="input image size")
     p.set_defaults(func=_cmd_summary)
     p = sub.add_parser("demo", help="train a small CNN on digits and compare every recipe")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads for the latency column")
     p.set_defaults(func=_cmd_demo)
     p = sub.add_parser("passes", help="list built-in passes and backends")
     p.set_defaults(func=_cmd_passes)
