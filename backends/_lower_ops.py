@@ -182,7 +182,7 @@ class OpLowering:
             self._float(node, key)
             return
         qparams = fixed if fixed is not None else self.qparams.get(src)
-        if key == "identity" and node.op != "call_module":
+        if key == "identity" and node.op != "call_module" and not _dropout_in_training(node):
             self._set(node, self.env[src], src in self.quantized, qparams)
             return
         if src not in self.quantized or (key == "pad" and not _quantized_pad_ok(node)):
@@ -471,3 +471,11 @@ def _functional_params(gm, weight, bias, stride=1, padding=0, dilation=1, groups
         params.groups = groups
     return params
 
+
+
+def _dropout_in_training(node: torch.fx.Node) -> bool:
+    """``F.dropout(..., training=True)`` is not a no-op (the default of ``training`` is True)."""
+    if node.target is not F.dropout:
+        return False
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return bool(training)

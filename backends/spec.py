@@ -162,7 +162,7 @@ METHOD_KEYS: dict[str, str] = {
     "transpose": "transpose",
     "squeeze": "squeeze",
     "unsqueeze": "unsqueeze",
-    "contiguous": "identity",
+    "contiguous": "contiguous",
     "add": "add",
     "add_": "add",
     "mul": "mul",
@@ -232,7 +232,7 @@ def _fused_key(mod: nn.Module) -> str | None:
 _SHARE_KEYS = (
     "relu", "relu6", "hardtanh", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
     "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "flatten", "reshape", "permute",
-    "transpose", "squeeze", "unsqueeze", "identity", "getitem", "chunk", "split", "pad",
+    "transpose", "squeeze", "unsqueeze", "identity", "contiguous", "getitem", "chunk", "split", "pad",
 )
 _FIXED = {  # output range of the quantized kernel, whatever the input qparams
     "sigmoid": (1.0 / 256.0, 0),

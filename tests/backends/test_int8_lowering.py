@@ -283,3 +283,29 @@ def test_padding_modes_and_shared_pre_activation():
     with torch.no_grad():
         for r, o in zip(model(x), q(x)):
             assert sqnr(r, o) > 28
+
+
+class _ChannelShuffle(torch.nn.Module):
+    """shufflenet's channel shuffle: transpose makes the tensor non-contiguous, contiguous() must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        b, c, h, w = y.size()
+        y = y.view(b, 2, c // 2, h, w)
+        y = torch.transpose(y, 1, 2).contiguous()
+        return y.view(b, -1, h, w)
+
+
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_contiguous_after_transpose_is_kept(backend):
+    import fxopt
+    from fxopt import recipes
+
+    model = _ChannelShuffle().eval()
+    x = torch.randn(2, 4, 5, 5)
+    q = fxopt.compile(model, recipes.static_int8([x], backend=backend), example_inputs=(x,), backend=backend)
+    assert fxopt.compare(model, q, x).sqnr_db > 30
