@@ -285,7 +285,7 @@ def test_errors():
 
 
 def test_digits_mlp_accuracy_within_half_a_point():
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     digits = datasets.load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
     y = torch.tensor(digits.target)
