@@ -151,11 +151,24 @@ def _snapshot(out: Any) -> Any:
     return pytree.tree_map(lambda x: x.detach().clone() if isinstance(x, torch.Tensor) else x, out)
 
 
+def _wrapper_prefix(model: torch.nn.Module) -> str:
+    """``"child."`` when ``model`` only wraps one child (e.g. a lowered int8 model around its graph), else ``""``.
+
+    Layer names are then taken relative to that child, so they line up with the reference's.
+    """
+    children = list(model.named_children())
+    if len(children) == 1 and not list(model.parameters(recurse=False)) and not list(model.buffers(recurse=False)):
+        return children[0][0] + "."
+    return ""
+
+
 def _run_with_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, list[Any]]]:
     seen: dict[str, list[Any]] = {}
     handles = []
+    prefix = _wrapper_prefix(model)
     for name, mod in model.named_modules():
-        if name:
+        if name.startswith(prefix) and len(name) > len(prefix):
+            name = name[len(prefix):]
             handles.append(mod.register_forward_hook(
                 lambda _m, _i, out, name=name: seen.setdefault(name, []).append(_snapshot(out))))
     try:
@@ -168,7 +181,12 @@ def _run_with_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
 
 
 def compare(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: Any) -> Comparison:
-    """Compare ``candidate`` against ``reference`` on ``inputs``: per output and per matching layer."""
+    """Compare ``candidate`` against ``reference`` on ``inputs``: per output and per matching layer.
+
+    Layers match by qualified name. Passes keep names but may change what a layer computes (a conv with
+    BatchNorm folded in and ReLU fused computes ``relu(bn(conv(x)))``), so for per-layer numbers compare
+    an int8 model with the float model after the same fusion (``fxopt.compile(model, recipes.fuse())``).
+    """
     for label, m in (("reference", reference), ("candidate", candidate)):
         if not callable(m):
             raise TypeError(f"fxopt.compare: {label} must be a module (or callable), got {type(m).__name__}")

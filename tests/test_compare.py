@@ -117,3 +117,18 @@ def test_bad_inputs_raise_fxopt_errors():
         compare(model, model, [])
     with pytest.raises(FxoptError, match="returns 1 tensors but the candidate returns 2"):
         compare(model, Const((torch.zeros(2), torch.zeros(2))), torch.randn(1, 3))
+
+
+def test_layers_of_a_lowered_int8_model_line_up_with_the_fused_float_model():
+    import torchvision
+
+    from fxopt import recipes
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fused = fxopt.compile(model, recipes.fuse(), example_inputs=x)
+    int8 = fxopt.compile(model, recipes.static_int8([x]), example_inputs=x, backend="x86")
+    cmp = fxopt.compare(fused, int8, x)
+    names = {row["name"] for row in cmp.layers}
+    assert {"conv1", "layer1.0.conv1", "fc"} <= names
+    assert all(row["sqnr_db"] > 15 for row in cmp.layers)
