@@ -122,6 +122,7 @@ def test_bad_inputs_raise_fxopt_errors():
 def test_layers_of_a_lowered_int8_model_line_up_with_the_fused_float_model():
     import torchvision
 
+    import fxopt
     from fxopt import recipes
 
     model = torchvision.models.resnet18(num_classes=10).eval()
