@@ -190,9 +190,6 @@ def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str |
         custom = getattr(mod, "fxopt_op_key", None)
         if isinstance(custom, str):
             return custom
-        fused = _fused_key(mod)
-        if fused is not None:
-            return fused
         for cls in type(mod).__mro__:
             key = MODULE_KEYS.get(cls)
             if key is not None:
@@ -205,26 +202,6 @@ def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str |
     if node.op == "call_method":
         return METHOD_KEYS.get(node.target)
     return None
-
-
-_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
-
-
-def _fused_key(mod: nn.Module) -> str | None:
-    """Op key of the fused float modules of ``fuse-activations`` (``FusedConv/FusedLinear/FusedAdd``).
-
-    Recognised by shape (an ``activation`` child plus a ``conv``/``linear`` child) so that backends need
-    not import passes.
-    """
-    if not type(mod).__name__.startswith("Fused") or not isinstance(getattr(mod, "activation", None),
-                                                                     _FUSED_ACTIVATIONS):
-        return None
-    inner = getattr(mod, "conv", None)
-    if inner is None:
-        inner = getattr(mod, "linear", None)
-    if inner is None:
-        return "add" if type(mod).__name__ == "FusedAdd" else None
-    return MODULE_KEYS.get(type(inner))
 
 
 # ---- the part of the support table PyTorch's int8 engines share -----------------------------

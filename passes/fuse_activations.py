@@ -58,6 +58,11 @@ class FusedConv(nn.Module):
         self.conv = conv
         self.activation = activation
 
+    @property
+    def fxopt_op_key(self) -> str:
+        """What backends see (``fxopt.backends.spec.op_key``): the conv, with the activation fused."""
+        return f"conv{self.conv.weight.dim() - 2}d"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.conv(x))
 
@@ -70,12 +75,16 @@ class FusedLinear(nn.Module):
         self.linear = linear
         self.activation = activation
 
+    fxopt_op_key = "linear"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.activation(self.linear(x))
 
 
 class FusedAdd(nn.Module):
     """``activation(a + b)`` as one module: ``.activation`` (ReLU/ReLU6)."""
+
+    fxopt_op_key = "add"
 
     def __init__(self, activation: nn.Module) -> None:
         super().__init__()
