@@ -328,3 +328,83 @@ def test_qnnpack_engine(qnnpack):
         assert cosine(q(x), model(x)) > 0.995
     with pytest.raises(fxopt.UnsupportedError, match="qnnpack"):
         fp.QuantizeDynamic(dtype=torch.float16)(fxopt.trace(MLP()))
+
+
+class Outlier(nn.Module):
+    """fc2's input has one channel 1000x larger than the rest: its per-tensor int8 activations lose the rest."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 64), nn.Linear(64, 64), nn.Linear(64, 10)
+        self.register_buffer("gain", torch.ones(64))
+        self.gain[3] = 1000.0
+        with torch.no_grad():
+            self.fc2.weight[:, 3] = 0.0  # the outlier only sets the activation range
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)) * self.gain)))
+
+
+def test_min_cosine_keeps_the_sensitive_layer_float():
+    torch.manual_seed(0)
+    model = Outlier().eval()
+    data = [torch.randn(16, 32) for _ in range(2)]
+    plain = fp.QuantizeDynamic()(fxopt.trace(model, (data[0],)))
+    gm = fxopt.trace(model, (data[0],))
+    result = fp.QuantizeDynamic(calibration=data, min_cosine=0.999)(gm)
+    assert plain.stats == {"Linear": 3} and result.modified is True
+    assert result.stats["kept_float"] == ["fc2"] and result.stats["Linear"] == 2
+    assert type(gm.fc2) is nn.Linear and isinstance(gm.fc1, DynamicLinear) and isinstance(gm.fc3, DynamicLinear)
+    before, after = result.stats["cosine_quantized"], result.stats["cosine"]
+    assert before < 0.999 <= after
+    assert any(n.startswith("kept float: fc2 (cosine") for n in result.notes)
+    assert any("fc2 (Linear) left float: kept float by min_cosine" in n for n in result.notes)
+    x = torch.randn(32, 32)
+    with torch.inference_mode():
+        assert cosine(gm(x), model(x)) > cosine(plain.graph_module(x), model(x))
+
+
+def test_min_cosine_already_met_keeps_nothing_float():
+    model = MLP().eval()
+    data = [torch.randn(8, 32), (torch.randn(4, 32),), {"x": torch.randn(4, 32)}]
+    gm = fxopt.trace(model, (data[0],))
+    result = fp.QuantizeDynamic(calibration=data, min_cosine=0.99)(gm)
+    assert result.modified is True and result.stats["Linear"] == 3 and result.stats["kept_float"] == []
+    assert result.stats["cosine"] == result.stats["cosine_quantized"] >= 0.99
+    assert not any("kept float" in n for n in result.notes)
+    assert all(isinstance(m, DynamicLinear) for m in (gm.fc1, gm.fc2, gm.fc3))
+    measured = fp.QuantizeDynamic(calibration=data[:1])(fxopt.trace(model, (data[0],)))  # measures only
+    assert 0.99 <= measured.stats["cosine"] <= 1.0 and measured.stats["kept_float"] == []
+
+
+def test_min_cosine_out_of_reach_is_a_note():
+    torch.manual_seed(0)
+    model = MLP().eval()
+    data = [torch.randn(8, 32)]
+    gm = fxopt.trace(model, (data[0],))
+    result = fp.QuantizeDynamic(calibration=data, min_cosine=1.0, max_float_fraction=0.34)(gm)
+    assert len(result.stats["kept_float"]) == 1 and result.stats["Linear"] == 2  # cap: 1 of 3 modules
+    assert any("min_cosine=1.0 not reached" in n and "max_float_fraction" in n for n in result.notes)
+    none = fp.QuantizeDynamic(calibration=data, min_cosine=1.0, max_float_fraction=0.0)(fxopt.trace(model))
+    assert none.stats["kept_float"] == [] and none.stats["Linear"] == 3
+
+
+def test_min_cosine_errors_and_label():
+    with pytest.raises(fxopt.CalibrationError, match="needs calibration data"):
+        fp.QuantizeDynamic(min_cosine=0.99)
+    with pytest.raises(ValueError, match="min_cosine"):
+        fp.QuantizeDynamic(min_cosine=1.5, calibration=[torch.randn(2, 32)])
+    with pytest.raises(ValueError, match="max_float_fraction"):
+        fp.QuantizeDynamic(max_float_fraction=2.0)
+    gm = fxopt.trace(MLP().eval())
+    with pytest.raises(fxopt.CalibrationError, match="empty calibration"):
+        fp.QuantizeDynamic(calibration=[], min_cosine=0.9)(gm)
+    with pytest.raises(fxopt.CalibrationError, match="batch 1 .* does not fit"):
+        fp.QuantizeDynamic(calibration=[torch.randn(2, 32), torch.randn(2, 7)], min_cosine=0.9)(gm)
+    assert all(type(m) is nn.Linear for m in (gm.fc1, gm.fc2, gm.fc3))  # untouched: float outputs come first
+    p = fp.QuantizeDynamic(calibration=[torch.randn(2, 32)], min_cosine=0.99)
+    assert p.label() == "quantize-dynamic{min_cosine=0.99}"
+    assert p == fp.QuantizeDynamic(calibration=[torch.randn(3, 32)], min_cosine=0.99)
+    conv = fxopt.trace(nn.Sequential(nn.Conv2d(3, 4, 3)).eval())
+    result = fp.QuantizeDynamic(calibration=[torch.randn(1, 3, 8, 8)], min_cosine=0.99)(conv)
+    assert result.modified is False

@@ -231,3 +231,30 @@ def test_trained_like_encoder_sensitive_layers_float():
     assert sum("linear2 left float" in n for n in result.notes) == 6
     with torch.inference_mode():
         assert mean_cosine(gm(ids), model(ids)) >= 0.99
+
+
+def test_trained_like_encoder_min_cosine_keeps_a_few_layers_float():
+    """``min_cosine=0.99`` finds the float fallback itself: the most damaging modules (early layers: their error
+    propagates through the rest) stay float; the target holds on held-out batches too, at about half the size."""
+    model = trained_like_encoder()
+    batch = lambda seed: torch.randint(0, 1000, (8, 64), generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    calibration = [batch(10), batch(11)]
+    gm = fxopt.trace(model, (calibration[0][:1],))
+    result = fp.QuantizeDynamic(calibration=calibration, min_cosine=0.99)(gm)
+    kept = result.stats["kept_float"]
+    assert result.stats["cosine_quantized"] < 0.99 <= result.stats["cosine"]
+    assert 1 <= len(kept) <= 7  # of 19 modules (6 x self_attn/linear1/linear2, the token embedding)
+    for name in kept:
+        assert type(gm.get_submodule(name)).__name__ in ("Linear", "MultiheadAttention")
+        assert any(f"{name} left float: kept float by min_cosine=0.99" in n for n in result.notes)
+    assert any(n.startswith("kept float: " + ", ".join(kept)) for n in result.notes)
+    assert result.stats["TransformerEncoderLayer"] == 6 and result.stats["Embedding"] == 1
+    held_out = [batch(seed) for seed in range(6)]
+    with torch.inference_mode():
+        calib = sum(mean_cosine(gm(x), model(x)) for x in calibration) / len(calibration)
+        held = sum(mean_cosine(gm(x), model(x)) for x in held_out) / len(held_out)
+    ratio = stored_bytes(gm) / stored_bytes(model)
+    print(f"min_cosine=0.99: kept float {kept}; cosine {result.stats['cosine_quantized']:.4f} -> {calib:.4f} "
+          f"(held-out {held:.4f}); size {ratio:.3f} of float")
+    assert calib >= 0.99 and held >= 0.99
+    assert ratio < 0.6
