@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt import passes as fp
-from fxopt.report import tensor_bytes
+from fxopt.report import report
 
 
 def features(batch: int, steps: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -75,26 +75,8 @@ class TextEncoder(nn.Module):
 
 
 def stored_bytes(module: nn.Module) -> int:
-    """Bytes a module stores (quantized/fp16 weights as described by ``fxopt_weights``), each tensor once.
-
-    Independent of ``fxopt.report``: the unpacked tensors are kept alive while counting.
-    """
-    alive, total = [], 0
-
-    def visit(m):
-        nonlocal total
-        describe = getattr(m, "fxopt_weights", None)
-        tensors = list(describe().values()) if callable(describe) else [*m.parameters(recurse=False), *m.buffers(recurse=False)]
-        for t in tensors:
-            if not any(t is a for a in alive):
-                alive.append(t)
-                total += tensor_bytes(t)
-        if not callable(describe):
-            for child in m.children():
-                visit(child)
-
-    visit(module)
-    return total
+    """Bytes the module stores, as fxopt.report counts them (int8 weights 1 byte, fp16 2, each tensor once)."""
+    return report(module).total_bytes
 
 
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
