@@ -17,7 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 from tabulate import tabulate
 
-from .compiler import as_args
+from .tracing import as_args
 from .errors import FxoptError
 
 __all__ = ["Timing", "LatencyComparison", "benchmark", "benchmark_many"]

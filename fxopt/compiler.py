@@ -12,20 +12,9 @@ import torch.fx
 from . import meta
 from .errors import FxoptError
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
-from .tracing import trace
+from .tracing import as_args, trace
 
 __all__ = ["compile", "lower", "as_args"]
-
-
-def as_args(example_inputs: Any) -> tuple:
-    """Normalize example inputs: one tensor → ``(tensor,)``; a list/tuple → positional arguments."""
-    if example_inputs is None:
-        return ()
-    if isinstance(example_inputs, tuple):
-        return example_inputs
-    if isinstance(example_inputs, list):
-        return tuple(example_inputs)
-    return (example_inputs,)
 
 
 def compile(

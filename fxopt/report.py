@@ -29,7 +29,7 @@ import torch.fx
 from tabulate import tabulate
 
 from . import meta
-from .compiler import as_args
+from .tracing import as_args
 from .errors import FxoptError
 
 __all__ = ["Report", "report", "tensor_bytes", "unpack_packed_params"]

@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from . import meta
-from .compiler import as_args
+from .tracing import as_args
 from .errors import FxoptError, UnsupportedError
 
 __all__ = ["save", "load", "check_pt2_archive", "FORMAT_TAG"]

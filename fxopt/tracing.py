@@ -68,7 +68,7 @@ def trace(
         )
     if mode not in MODES:
         raise ValueError(f"unknown trace mode {mode!r}; choose one of {', '.join(MODES)}")
-    args = _as_args(example_inputs)
+    args = as_args(example_inputs)
     requested = _requested_leaves(model, leaf_modules)
     if mode == "export":
         if requested:
@@ -96,7 +96,8 @@ def untraced(gm: torch.nn.Module) -> list[str]:
 # helpers
 
 
-def _as_args(example_inputs: Any) -> tuple:
+def as_args(example_inputs: Any) -> tuple:
+    """Normalize example inputs: one tensor → ``(tensor,)``; a list/tuple → positional arguments."""
     if example_inputs is None:
         return ()
     if isinstance(example_inputs, tuple):
