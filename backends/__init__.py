@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from importlib import metadata
-from typing import Any
 
 from .base import Backend, Support
 

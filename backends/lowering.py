@@ -28,7 +28,7 @@ import torch.nn as nn
 from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.quant.spec import QSpec, qparams_from_range
-from fxopt.quant.stubs import DeQuantStub, QuantStub
+from fxopt.quant.stubs import QuantStub
 
 from .base import Backend, Support
 from ._lower_ops import OpLowering

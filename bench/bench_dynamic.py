@@ -121,7 +121,7 @@ def main(iters: int = 30) -> None:
             cos = {k: models.mean_cosine(m(x), ref) for k, m in mods.items() if k != "float"}
         ms = interleaved(mods, x, iters)
         print(f"{case}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in ms.items()))
-        print(f"  cosine vs float: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items()))
+        print("  cosine vs float: " + ", ".join(f"{k} {v:.4f}" for k, v in cos.items()))
         print(f"  speed-up vs float: fxopt {ms['float'] / ms['fxopt']:.2f}x, torch.ao {ms['float'] / ms['torch.ao']:.2f}x;"
               f" fxopt / torch.ao latency {ms['fxopt'] / ms['torch.ao']:.2f}")
     mods, x = fp16_variants()

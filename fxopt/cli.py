@@ -63,7 +63,7 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     print(graph_summary(gm))
     for rec in fxopt.records(gm):
         print(f"  pass {rec.name}: modified={rec.modified} {rec.stats} ({rec.seconds * 1000:.1f} ms)")
-    print(f"\n== report ==")
+    print("\n== report ==")
     print(fxopt.report(gm, (x,)))
     return 0
 

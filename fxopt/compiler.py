@@ -10,7 +10,6 @@ import torch
 import torch.fx
 
 from . import meta
-from .errors import FxoptError
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
 from .tracing import as_args, trace
 

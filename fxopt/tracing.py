@@ -147,7 +147,6 @@ def user_location(exc: BaseException) -> str | None:
     """``file:line`` of the innermost traceback frame outside torch and fxopt, if any."""
     location = None
     for frame in traceback.extract_tb(exc.__traceback__):
-        name = os.path.abspath(frame.filename)
         if not _is_user_file(frame.filename):
             continue
         location = f"{frame.filename}:{frame.lineno}"

@@ -131,6 +131,8 @@ def test_rnn_options_match_float(kind):
     with torch.inference_mode():
         (ref, ref_h), (out, out_h) = rnn(x, hx), q(x, hx)
         assert out.shape == ref.shape and cosine(out, ref) > 0.999
+        for h_q, h_f in zip(torch.utils._pytree.tree_leaves(out_h), torch.utils._pytree.tree_leaves(ref_h)):
+            assert h_q.shape == h_f.shape and cosine(h_q, h_f) > 0.999
         packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([9, 4, 6]), enforce_sorted=False)
         ref_p, out_p = rnn(packed, hx)[0], q(packed, hx)[0]
         assert isinstance(out_p, nn.utils.rnn.PackedSequence)
