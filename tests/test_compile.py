@@ -103,3 +103,18 @@ def test_plain_callable_pass_is_accepted():
 
     out = fxopt.compile(TwoHeads(), passes=[count_nodes])
     assert fxopt.records(out)[0].stats["nodes"] > 5
+
+
+def test_recipe_backend_must_match_compile_backend():
+    from fxopt import recipes
+
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="prepares the graph for backend 'qnnpack' but compile was asked for"):
+        fxopt.compile(model, recipes.static_int8([x], backend="qnnpack"), example_inputs=x, backend="x86")
+    prepared = fxopt.compile(model, recipes.static_int8([x], backend="qnnpack"), example_inputs=x)
+    with pytest.raises(ValueError, match="prepared for backend 'qnnpack'"):
+        fxopt.lower(prepared, "x86")
+    lowered = fxopt.lower(prepared, "qnnpack")
+    torch.testing.assert_close(lowered(x), model(x), atol=0.05, rtol=0.05)
+    assert fxopt.meta.backend_of(prepared) == "qnnpack"  # lower() does not mutate its input
