@@ -27,6 +27,8 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from fxopt.quant.qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
+
 __all__ = [
     "engine_scope",
     "quantize_weight",
@@ -84,6 +86,18 @@ def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch
         return torch.quantize_per_channel(weight, scale, zero_point, 0, dtype)
 
 
+def _local_engine(engine: object) -> str | None:
+    """The engine to pack saved weights under here: ``x86`` and ``fbgemm`` stand in for each other."""
+    if engine is None:
+        return None
+    if not isinstance(engine, str):
+        raise TypeError(f"engine must be a string, got {type(engine).__name__}")
+    supported = torch.backends.quantized.supported_engines
+    if engine not in supported and engine in ("x86", "fbgemm"):
+        return "fbgemm" if engine == "x86" else "x86"
+    return engine
+
+
 def _qparams(output_qparams: Sequence) -> tuple[float, int]:
     scale, zero_point = output_qparams
     return float(scale), int(zero_point)
@@ -126,6 +140,14 @@ class _QOutput(nn.Module):
     def fxopt_weights(self) -> dict[str, torch.Tensor]:
         return {}
 
+    # fxopt.save / fxopt.load: constructor state as plain data (tensors, numbers, strings)
+    def fxopt_state(self) -> dict:
+        return {"scale": self.scale, "zero_point": self.zero_point}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "_QOutput":
+        return cls(float(state["scale"]), int(state["zero_point"]))
+
 
 class QuantizeInput(nn.Module):
     """Float → quantized tensor with fixed qparams (the lowered form of a QuantStub)."""
@@ -139,6 +161,13 @@ class QuantizeInput(nn.Module):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}, dtype={self.dtype}"
+
+    def fxopt_state(self) -> dict:
+        return {"scale": self.scale, "zero_point": self.zero_point, "dtype": dtype_name(self.dtype)}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QuantizeInput":
+        return cls(float(state["scale"]), int(state["zero_point"]), dtype_from_name(state["dtype"]))
 
 
 class _Packed(_QOutput):
@@ -175,6 +204,11 @@ class _Packed(_QOutput):
         if bias is not None:
             found["bias"] = bias
         return found
+
+    def fxopt_state(self) -> dict:
+        weight, bias = self.weight_bias()
+        return {**super().fxopt_state(), "weight": qtensor_state(weight), "bias": bias, "relu": self.relu,
+                "engine": self.engine}
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -232,6 +266,16 @@ class QConv(_Packed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _CONV_OPS[(self.dim, self.relu)](x, self._packed, self.scale, self.zero_point)
 
+    def fxopt_state(self) -> dict:
+        return {**super().fxopt_state(), "dim": self.dim, "stride": self.stride, "padding": self.padding,
+                "dilation": self.dilation, "groups": self.groups}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QConv":
+        return cls(int(state["dim"]), qtensor_from_state(state["weight"]), state["bias"], state["stride"],
+                   state["padding"], state["dilation"], int(state["groups"]), float(state["scale"]),
+                   int(state["zero_point"]), relu=bool(state["relu"]), engine=_local_engine(state["engine"]))
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
                 f"groups={self.groups}, relu={self.relu}, {super().extra_repr()}")
@@ -263,6 +307,11 @@ class QLinear(_Packed):
             return _Q.linear_relu(x, self._packed, self.scale, self.zero_point)
         return _Q.linear(x, self._packed, self.scale, self.zero_point)
 
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QLinear":
+        return cls(qtensor_from_state(state["weight"]), state["bias"], float(state["scale"]),
+                   int(state["zero_point"]), relu=bool(state["relu"]), engine=_local_engine(state["engine"]))
+
     def extra_repr(self) -> str:
         return f"relu={self.relu}, {super().extra_repr()}"
 
@@ -282,6 +331,13 @@ class QAdd(_QOutput):
         if self.relu:
             return _Q.add_relu(a, b, self.scale, self.zero_point)
         return _Q.add(a, b, self.scale, self.zero_point)
+
+    def fxopt_state(self) -> dict:
+        return {**super().fxopt_state(), "relu": self.relu}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QAdd":
+        return cls(float(state["scale"]), int(state["zero_point"]), relu=bool(state["relu"]))
 
 
 class QMul(QAdd):
@@ -306,6 +362,13 @@ class QCat(_QOutput):
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         return _Q.cat(list(tensors), self.dim, self.scale, self.zero_point)
+
+    def fxopt_state(self) -> dict:
+        return {**super().fxopt_state(), "dim": self.dim}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QCat":
+        return cls(int(state["dim"]), float(state["scale"]), int(state["zero_point"]))
 
 
 class QHardswish(_QOutput):
@@ -342,6 +405,15 @@ class QLayerNorm(_QOutput):
     def fxopt_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self.bias}
 
+    def fxopt_state(self) -> dict:
+        return {**super().fxopt_state(), "normalized_shape": self.normalized_shape, "weight": self.weight,
+                "bias": self.bias, "eps": self.eps}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QLayerNorm":
+        return cls(state["normalized_shape"], state["weight"], state["bias"], float(state["eps"]),
+                   float(state["scale"]), int(state["zero_point"]))
+
 
 class QBatchNorm(_QOutput):
     """Quantized eval-mode batch norm (2d/3d), for BatchNorms that could not be folded into a conv."""
@@ -374,3 +446,11 @@ class QBatchNorm(_QOutput):
     def fxopt_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.weight, "bias": self.bias, "running_mean": self.running_mean,
                 "running_var": self.running_var}
+
+    def fxopt_state(self) -> dict:
+        return {**super().fxopt_state(), "dim": self.dim, "eps": self.eps, **self.fxopt_weights()}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "QBatchNorm":
+        return cls(int(state["dim"]), state["weight"], state["bias"], state["running_mean"], state["running_var"],
+                   float(state["eps"]), float(state["scale"]), int(state["zero_point"]))

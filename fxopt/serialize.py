@@ -6,7 +6,11 @@ Formats, chosen by the path's extension:
           example inputs: given to ``save``, or built from a GraphModule's recorded input shapes.
           ``torch.export.load`` alone may unpickle and exec data from the file, so ``load`` first checks
           the archive (:func:`check_pt2_archive`) and refuses any file that would do so.
-``.pt``   weights only: the ``state_dict`` (tensors, no code). A file of tensors cannot describe a
+``.pt``   for int8 models (a lowered x86/qnnpack ``QuantizedModel``, or a graph of fxopt's dynamic int8
+          modules): a self-contained file of plain data, the graph plus each module's int8 weights and qparams
+          (:mod:`fxopt.int8_format`); ``load(path)`` rebuilds the module with no ``model`` argument, from
+          allowlisted functions and classes only. For other modules,
+          weights only: the ``state_dict`` (tensors, no code). A file of tensors cannot describe a
           module's code, so ``load(path, model=skeleton)`` restores the weights into a copy of
           ``skeleton``; without ``model`` it raises and says so. Read with ``torch.load(weights_only=True)``:
           files holding arbitrary pickled objects are refused.
@@ -31,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from . import meta
+from . import int8_format, meta
 from .tracing import as_args
 from .errors import FxoptError, UnsupportedError
 
@@ -93,6 +97,15 @@ def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) 
         raise TypeError(f"fxopt.save expects a torch.nn.Module, got {type(module).__name__}")
     path = Path(path)
     suffix = _suffix(path)
+    if suffix in (".pt", ".pt2") and int8_format.is_int8_model(module):
+        if suffix == ".pt2":
+            raise UnsupportedError(
+                f"{type(module).__name__} is an int8 model: torch.export cannot export its packed int8 weights to "
+                f"{str(path)!r}. Save it as .pt instead: fxopt.save(model, 'model.pt') writes a self-contained int8 "
+                f"file that fxopt.load(path) rebuilds without the original model")
+        torch.save(int8_format.to_plain(module), path)
+        logger.debug("saved int8 model %s", path)
+        return
     marker = meta.backend_of(module)
     if marker is not None:
         backend = _backend(marker, f"saving a module lowered by backend {marker!r}")
@@ -157,6 +170,10 @@ def _load_weights(path: Path, model: torch.nn.Module | None) -> torch.nn.Module:
             f"directly. Details: {exc}") from exc
     except RuntimeError as exc:
         raise FxoptError(f"{str(path)!r} is not a readable .pt file: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("format") == int8_format.FORMAT_TAG:
+        if model is not None:
+            logger.info("%s is a self-contained int8 file: model= is not needed and is ignored", path)
+        return int8_format.from_plain(obj, repr(str(path)))
     state = obj.get("state_dict") if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG else obj
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise FxoptError(f"{str(path)!r} is not a state_dict (a dict of tensors); it cannot be loaded as weights")

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
 from .spec import QSpec, qparams_from_range
 
 __all__ = [
@@ -135,6 +136,25 @@ class DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
+    # fxopt.save / fxopt.load: the stored weights as plain data; packed again (not re-quantized) on load
+    def fxopt_state(self) -> dict:
+        w, b = unpack_linear(self._packed, self.dtype)
+        weight = w if self.dtype == torch.float16 else qtensor_state(w)
+        return {"weight": weight, "bias": b, "in_features": self.in_features, "out_features": self.out_features,
+                "dtype": dtype_name(self.dtype), "reduce_range": self.reduce_range}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "DynamicLinear":
+        dtype = dtype_from_name(state["dtype"])
+        _check_dtype(dtype)
+        bias = state["bias"]
+        if dtype == torch.float16:
+            packed = _q.linear_prepack_fp16(state["weight"].float(), bias)
+        else:
+            packed = _q.linear_prepack(qtensor_from_state(state["weight"]), bias)
+        return cls(packed, int(state["in_features"]), int(state["out_features"]), dtype,
+                   bool(state["reduce_range"]))
+
 
 def _prepack_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if dtype == torch.float16:
@@ -159,6 +179,17 @@ class _DynamicEmbeddingBase(nn.Module):
 
     def fxopt_weights(self) -> dict[str, torch.Tensor]:
         return {"weight": self.packed_weight}
+
+    def fxopt_state(self) -> dict:
+        return {"rows": self.packed_weight, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "dtype": dtype_name(self.dtype)}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "_DynamicEmbeddingBase":
+        rows = state["rows"]
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError("embedding rows must be a tensor")
+        return cls(rows, int(state["num_embeddings"]), int(state["embedding_dim"]), dtype_from_name(state["dtype"]))
 
     def extra_repr(self) -> str:
         kind = "fp16" if self.dtype == torch.float16 else "uint8 rows with per-row scale/offset"
@@ -193,6 +224,19 @@ class DynamicEmbeddingBag(_DynamicEmbeddingBase):
         super().__init__(rows, num_embeddings, embedding_dim, dtype)
         self.mode = mode
         self.include_last_offset = include_last_offset
+
+    def fxopt_state(self) -> dict:
+        return {**super().fxopt_state(), "mode": self.mode, "include_last_offset": self.include_last_offset}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "DynamicEmbeddingBag":
+        if state["mode"] not in BAG_MODES:
+            raise ValueError(f"EmbeddingBag mode {state['mode']!r} is not one of {BAG_MODES}")
+        rows = state["rows"]
+        if not isinstance(rows, torch.Tensor):
+            raise TypeError("embedding rows must be a tensor")
+        return cls(rows, int(state["num_embeddings"]), int(state["embedding_dim"]), dtype_from_name(state["dtype"]),
+                   state["mode"], bool(state["include_last_offset"]))
 
     @classmethod
     def from_float(cls, module: nn.EmbeddingBag, dtype: torch.dtype = torch.qint8,
