@@ -76,6 +76,22 @@ def delete_if_unreferenced(gm: torch.fx.GraphModule, path: str) -> bool:
     return True
 
 
+def bypass_node(gm: torch.fx.GraphModule, node: torch.fx.Node, source: torch.fx.Node) -> list[str]:
+    """Route ``node``'s users to ``source``, erase ``node`` and the ``get_attr`` inputs left unused.
+
+    Returns the module/attribute targets that may now be unreferenced (for ``delete_if_unreferenced``).
+    """
+    inputs = node.all_input_nodes
+    node.replace_all_uses_with(source)
+    gm.graph.erase_node(node)
+    dropped = [node.target] if node.op == "call_module" else []
+    for arg in inputs:
+        if arg.op == "get_attr" and not arg.users:
+            dropped.append(arg.target)
+            gm.graph.erase_node(arg)
+    return dropped
+
+
 def call_sites(gm: torch.fx.GraphModule, module: torch.nn.Module) -> list[torch.fx.Node]:
     """Every ``call_module`` node that calls this very module object (aliases included)."""
     return [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is module]

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from fxopt import Pass, PassResult
 from fxopt import meta
 
-from ._util import call_sites, delete_if_unreferenced, get_attr_path, module_of, referenced_targets, set_attr_path
+from ._util import bypass_node, call_sites, delete_if_unreferenced, get_attr_path, module_of, referenced_targets, set_attr_path
 
 __all__ = ["FoldBatchNorm", "fold_bn_into"]
 
@@ -182,15 +182,7 @@ class FoldBatchNorm(Pass):
                 continue
             layer = module_of(gm, source)
             set_attr_path(gm, source.target, fold_bn_into(layer, stats))
-            inputs = node.all_input_nodes
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
-            if node.op == "call_module":
-                dropped.append(node.target)
-            for arg in inputs:
-                if arg.op == "get_attr" and not arg.users:
-                    dropped.append(arg.target)
-                    gm.graph.erase_node(arg)
+            dropped += bypass_node(gm, node, source)
             folded += 1
         for target in dict.fromkeys(dropped):
             delete_if_unreferenced(gm, target)

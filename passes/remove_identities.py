@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fxopt import Pass, PassResult
 from fxopt import meta
 
-from ._util import delete_if_unreferenced, get_attr_path, has_mutating_user, module_of
+from ._util import bypass_node, delete_if_unreferenced, get_attr_path, has_mutating_user, module_of
 
 __all__ = ["RemoveIdentities"]
 
@@ -231,15 +231,7 @@ class RemoveIdentities(Pass):
                 notes.append(f"{node.name}: kept, a later in-place op writes into its value or its input")
                 continue
             kind = _kind(gm, node)
-            inputs = node.all_input_nodes
-            node.replace_all_uses_with(source)
-            gm.graph.erase_node(node)
-            if node.op == "call_module":
-                touched_modules.append(node.target)
-            for arg in inputs:
-                if arg.op == "get_attr" and not arg.users:
-                    touched_modules.append(arg.target)
-                    gm.graph.erase_node(arg)
+            touched_modules += bypass_node(gm, node, source)
             stats[kind] = stats.get(kind, 0) + 1
         for target in dict.fromkeys(touched_modules):
             delete_if_unreferenced(gm, target)
