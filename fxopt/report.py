@@ -24,15 +24,19 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import math
+import zlib
+
 import torch
 import torch.fx
 from tabulate import tabulate
+from torch.nn.utils import parametrize
 
 from . import meta
 from .tracing import as_args
 from .errors import FxoptError
 
-__all__ = ["Report", "report", "tensor_bytes", "unpack_packed_params"]
+__all__ = ["Report", "report", "tensor_bytes", "unpack_packed_params", "compressed_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +118,10 @@ def _own_entries(module: torch.nn.Module, is_root: bool) -> tuple[list[_Entry], 
             found["bias"] = module.bias()
         return [_Entry(n, t, True, ("packed", id(module), n)) for n, t in found.items()], True
     entries = [_Entry(n, p, True, _key(p)) for n, p in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):  # masked / clustered weights: what the layer computes with
+        with torch.no_grad():
+            entries += [_Entry(n, getattr(module, n), True, ("parametrized", id(module), n))
+                        for n in module.parametrizations.keys()]
     for n, b in module.named_buffers(recurse=False):
         if n in module._non_persistent_buffers_set:
             continue
@@ -224,7 +232,7 @@ def _output_shapes(module: torch.nn.Module, owners: dict[str, torch.nn.Module], 
     return found, node_shapes
 
 
-_NUMERIC = ("params", "nonzero", "unique", "bytes")
+_NUMERIC = ("params", "nonzero", "sparsity", "unique", "bits/w", "bytes")
 
 
 def _cell(value: Any) -> str:
@@ -241,6 +249,16 @@ class Report:
     total_nonzero: int
     has_shapes: bool = False
     columns: list[str] = field(default_factory=list)
+    _stored: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
+    _compressed: int | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def compressed_bytes(self) -> int:
+        """Size of the stored tensors after gzip (deflate level 6): what pruning and clustering save on disk
+        or over the air, where dense storage gains nothing. Computed on first use."""
+        if self._compressed is None:
+            self._compressed = compressed_size(self._stored)
+        return self._compressed
 
     @property
     def sparsity(self) -> float:
@@ -253,7 +271,8 @@ class Report:
         table = [[_cell(row.get(c, "")) for c in self.columns] for row in [*self.rows, total]]
         align = ["right" if c in _NUMERIC else "left" for c in self.columns]
         text = tabulate(table, headers=self.columns, disable_numparse=True, colalign=align)
-        return f"{text}\nsparsity: {self.sparsity:.2%}"
+        return (f"{text}\nsparsity: {self.sparsity:.2%}, compressed (gzip): {self.compressed_bytes:,} bytes "
+                f"({self.compressed_bytes / max(self.total_bytes, 1):.1%} of {self.total_bytes:,})")
 
     def __repr__(self) -> str:
         return (f"Report({len(self.rows)} rows, params={self.total_params}, "
@@ -271,8 +290,13 @@ def report(module: torch.nn.Module, example_inputs: Any = None) -> Report:
     rows: list[dict[str, Any]] = []
     owners: dict[str, torch.nn.Module] = {}
     covered: list[str] = []
+    kept: list[torch.Tensor] = []  # every stored tensor once, for the compressed size
     for qualname, mod in module.named_modules():
         if any(p == "" or qualname.startswith(p + ".") for p in covered):
+            continue
+        if qualname.rsplit(".", 1)[-1] == "parametrizations" and parametrize.is_parametrized(
+                module.get_submodule(qualname.rpartition(".")[0])):
+            covered.append(qualname)  # the originals and masks behind a parametrized weight: counted as the weight
             continue
         entries, whole = _own_entries(mod, is_root=(qualname == "" and is_gm))
         if whole:
@@ -298,9 +322,11 @@ def report(module: torch.nn.Module, example_inputs: Any = None) -> Report:
             user = _first_user(module, name) if is_gm else None
             row["output shape"] = mod_shapes.get(name) or (node_shapes.get(user.name, "") if user else "")
     columns = ["name", "op", "dtype"] + (["output shape"] if has_shapes else []) + [
-        "params", "nonzero", "unique", "bytes", "notes"]
+        "params", "nonzero", "sparsity", "unique", "bits/w", "bytes", "notes"]
+    stored = [t for _, t in seen.values()]
     return Report(rows, total_bytes=sum(r["bytes"] for r in rows), total_params=sum(r["params"] for r in rows),
-                  total_nonzero=sum(r["nonzero"] for r in rows), has_shapes=has_shapes, columns=columns)
+                  total_nonzero=sum(r["nonzero"] for r in rows), has_shapes=has_shapes, columns=columns,
+                  _stored=stored)
 
 
 def _row(name: str, op: str, entries: list[_Entry], seen: dict[Any, tuple[str, torch.Tensor]]) -> dict[str, Any]:
@@ -327,8 +353,41 @@ def _row(name: str, op: str, entries: list[_Entry], seen: dict[Any, tuple[str, t
         unique = int(torch.unique(_as_float(main).detach().float()).numel())
     if not dtypes:
         dtypes = sorted({str(e.tensor.dtype).replace("torch.", "") for e in entries})
+    sparsity = f"{1 - nonzero / params:.1%}" if params else ""
     return {"name": name, "op": op, "dtype": "/".join(dtypes), "params": params, "nonzero": nonzero,
-            "unique": unique, "bytes": nbytes, "notes": "; ".join(notes)}
+            "sparsity": sparsity, "unique": unique, "bits/w": _bits_per_weight(main, unique), "bytes": nbytes,
+            "notes": "; ".join(notes)}
+
+
+def _bits_per_weight(main: torch.Tensor | None, unique: int) -> str:
+    """Bits per weight of the main weight as stored, or as a palette (index bits + the palette spread over
+    the weights) when that is smaller: ``ceil(log2(unique)) + unique * element_bits / numel``."""
+    if main is None or not main.numel():
+        return ""
+    element_bits = main.element_size() * 8
+    palette = max(1, math.ceil(math.log2(max(unique, 1)))) + unique * main.element_size() * 8 / main.numel()
+    return f"{min(element_bits, palette):.2f}"
+
+
+def compressed_size(tensors: list[torch.Tensor], level: int = 6) -> int:
+    """Size in bytes of the gzip stream of the tensors' raw bytes (quantized: int values + qparams)."""
+    gz = zlib.compressobj(level, zlib.DEFLATED, 31)  # wbits=31: gzip container
+    size = 0
+    for t in tensors:
+        t = t.detach()
+        parts = [t]
+        if t.is_quantized:
+            parts = [t.int_repr()]
+            if t.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric,
+                               torch.per_channel_affine_float_qparams):
+                parts += [t.q_per_channel_scales().double(), t.q_per_channel_zero_points().long()]
+            else:
+                parts += [torch.tensor([t.q_scale()], dtype=torch.float64),
+                          torch.tensor([t.q_zero_point()], dtype=torch.int64)]
+        for part in parts:
+            part = part.cpu().contiguous()
+            size += len(gz.compress(part.reshape(-1).view(torch.uint8).numpy().tobytes()))
+    return size + len(gz.flush())
 
 
 def _main_weight(entries: list[_Entry]) -> torch.Tensor | None:

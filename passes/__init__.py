@@ -19,6 +19,11 @@ _PASSES: dict[str, str] = {
     "Calibrate": "calibrate",
     "QuantizeDynamic": "quantize_dynamic",
     "ConvertFP16": "convert_fp16",
+    "PruneMagnitude": "prune_magnitude",
+    "ApplyMasks": "apply_masks",
+    "PruneChannels": "prune_channels",
+    "ClusterWeights": "cluster_weights",
+    "LowRankFactorize": "low_rank",
 }
 
 __all__ = sorted(_PASSES)
