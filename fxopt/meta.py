@@ -31,6 +31,8 @@ __all__ = [
     "set_fusion_group",
     "backend_of",
     "set_backend",
+    "module_notes",
+    "add_module_note",
 ]
 
 # Keys, kept in one place.
@@ -210,3 +212,19 @@ def set_fusion_group(node: torch.fx.Node, group: str | None) -> None:
         node.meta.pop(_FUSION_GROUP, None)
     else:
         node.meta[_FUSION_GROUP] = str(group)
+
+
+# Per-layer notes written by passes (e.g. prune-channels: why a layer kept its channels); the report shows them.
+_MODULE_NOTES = "fxopt.module_notes"
+
+
+def module_notes(gm: torch.nn.Module) -> dict[str, str]:
+    """``{layer qualname: note}`` that passes left for the report."""
+    return dict(_gm_meta(gm).get(_MODULE_NOTES, {}))
+
+
+def add_module_note(gm: torch.nn.Module, qualname: str, note: str) -> None:
+    meta = getattr(gm, "meta", None)
+    if isinstance(meta, dict):
+        notes = meta.setdefault(_MODULE_NOTES, {})
+        notes[qualname] = "; ".join(x for x in (notes.get(qualname), note) if x)

@@ -185,7 +185,8 @@ def _quant_island_notes(module: torch.nn.Module) -> dict[str, str]:
 
 # Sources of per-row notes: each maps a row name (or a module prefix) to a note. Rows that do not exist
 # yet (weightless modules or ops) are added with zero counts.
-NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes]
+NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes,
+                                                                    meta.module_notes]
 
 
 class _ShapeRecorder(torch.fx.Interpreter):
