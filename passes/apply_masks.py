@@ -43,9 +43,22 @@ class ApplyMasks(Pass):
                 if not all(is_compression_parametrization(p) for p in plist):
                     notes.append(f"{name}.{tensor}: not baked, it also has parametrizations fxopt did not create")
                     continue
+                _own_class(module)
                 with torch.no_grad():
                     parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
                 baked += 1
         if not baked:
             notes.append("no pruning mask or clustered weight to bake")
         return baked > 0, {"baked": baked}, notes
+
+
+def _own_class(module: torch.nn.Module) -> None:
+    """Give ``module`` its own copy of its ``Parametrized*`` class.
+
+    ``copy.deepcopy`` of a parametrized module shares the dynamically created class with the original,
+    and ``remove_parametrizations`` deletes the property from that class: without this, baking the masks
+    of a copy would break the original (``'ParametrizedConv2d' object has no attribute 'weight'``).
+    """
+    cls = module.__class__
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
