@@ -6,11 +6,14 @@ reach layers inside float islands (untraced leaves) and work on any module tree.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from ._util import set_attr_path
 
 __all__ = ["DEFAULT_TYPES", "select_layers", "describe_selection"]
 
@@ -54,6 +57,20 @@ def select_layers(root: nn.Module, include: tuple = (), exclude: tuple = (),
             continue
         found.append((name, module))
     return found, notes
+
+
+def own_copy(root: nn.Module, module: nn.Module) -> nn.Module:
+    """Replace ``module`` everywhere in ``root`` by a deep copy and return it.
+
+    A graph traced with ``torch.fx.symbolic_trace`` shares its submodules with the user's model; the
+    compression passes change modules in place (parametrizations), so they work on a copy (shared
+    modules stay shared: every name that pointed to ``module`` gets the same copy).
+    """
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is module and n]
+    new = copy.deepcopy(module)
+    for name in names:
+        set_attr_path(root, name, new)
+    return new
 
 
 def describe_selection(include: tuple, types: tuple[type, ...] = DEFAULT_TYPES) -> str:

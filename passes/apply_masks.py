@@ -17,6 +17,8 @@ from torch.nn.utils import parametrize
 from fxopt import Pass, PassResult
 from fxopt.compress import is_compression_parametrization
 
+from ._compress import own_copy
+
 __all__ = ["ApplyMasks"]
 
 
@@ -36,6 +38,10 @@ class ApplyMasks(Pass):
         for name, module in list(root.named_modules()):
             if not parametrize.is_parametrized(module):
                 continue
+            if not any(is_compression_parametrization(p) for plist in module.parametrizations.values() for p in plist):
+                continue
+            module = own_copy(root, module)
+            _own_class(module)
             for tensor in list(module.parametrizations.keys()):
                 plist = list(module.parametrizations[tensor])
                 if not any(is_compression_parametrization(p) for p in plist):
@@ -43,7 +49,6 @@ class ApplyMasks(Pass):
                 if not all(is_compression_parametrization(p) for p in plist):
                     notes.append(f"{name}.{tensor}: not baked, it also has parametrizations fxopt did not create")
                     continue
-                _own_class(module)
                 with torch.no_grad():
                     parametrize.remove_parametrizations(module, tensor, leave_parametrized=True)
                 baked += 1

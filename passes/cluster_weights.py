@@ -24,7 +24,7 @@ from fxopt import Pass, PassResult
 from fxopt.compress import ClusteredWeight, kmeans_1d
 from fxopt.compress.kmeans import INITS
 
-from ._compress import as_tuple, describe_selection, parametrizations_of, select_layers
+from ._compress import as_tuple, describe_selection, own_copy, parametrizations_of, select_layers
 
 __all__ = ["ClusterWeights"]
 
@@ -67,10 +67,11 @@ class ClusterWeights(Pass):
                 notes.append(f"{name}: skipped, already clustered")
                 continue
             weight = module.weight.detach()
-            rows = weight.shape[0] if self.per_channel else 1
-            if weight.numel() // rows <= self.n_clusters:
-                notes.append(f"{name}: skipped, {weight.numel() // rows} weights per row <= n_clusters={self.n_clusters}")
+            if weight.numel() // (weight.shape[0] if self.per_channel else 1) <= self.n_clusters:
+                notes.append(f"{name}: skipped, {weight.numel()} weights <= n_clusters={self.n_clusters} per row")
                 continue
+            module = own_copy(root, module)
+            rows = weight.shape[0] if self.per_channel else 1
             flat = weight.reshape(rows, -1).float().cpu()
             keep = flat != 0 if self.preserve_sparsity else None
             if keep is not None and bool(keep.all()):

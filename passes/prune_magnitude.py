@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from fxopt import Pass, PassResult
 from fxopt.compress import MagnitudeMask, PruningSchedule, magnitude_masks
 
-from ._compress import as_tuple, describe_selection, parametrizations_of, select_layers
+from ._compress import as_tuple, describe_selection, own_copy, parametrizations_of, select_layers
 
 __all__ = ["PruneMagnitude", "SCOPES"]
 
@@ -90,6 +90,7 @@ class PruneMagnitude(Pass):
             keeps = [magnitude_masks([w], target)[0] for w in weights]
         pruned = total = 0
         for (name, module), weight, keep in zip(todo, weights, keeps):
+            module = own_copy(root, module)
             group = "global" if self.scope == "global" else f"layer:{name}"
             mask = MagnitudeMask(keep.view_as(weight).to(weight.device), sparsity=self.sparsity, group=group,
                                  schedule=self.schedule)
