@@ -14,7 +14,7 @@ those with the smallest importance:
 
 Groups that reach a graph output, a float island (untraced leaf), a model constant, an op the analysis
 does not understand, or a protected layer are left alone; the notes (and ``fxopt.report``) say why.
-By default the first conv and the classifier (the last Conv/Linear) are protected (``protect_ends``);
+By default the first conv and the classifier (the last Linear called, else the last Conv) are protected (``protect_ends``);
 ``protect`` names more layers, ``layer_ratios`` sets another ratio for the groups containing the named
 layers (``{"layer4": 0.5}`` matches ``layer4`` and everything under it; the smallest match wins).
 
@@ -107,8 +107,11 @@ class PruneChannels(Pass):
                   and isinstance(gm.get_submodule(n.target), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
         protected: dict[str, str] = {}
         if self.protect_ends and layers:
+            # the classifier: the last Linear called, or the last layer when there is no Linear
+            linears = [n for n in layers if isinstance(gm.get_submodule(n), nn.Linear)]
+            last = (linears or layers)[-1]
             protected[layers[0]] = f"it contains the first layer {layers[0]} (protected; protect_ends=False to prune it)"
-            protected[layers[-1]] = f"it contains the classifier {layers[-1]} (protected; protect_ends=False to prune it)"
+            protected[last] = f"it contains the classifier {last} (protected; protect_ends=False to prune it)"
         for name in layers:
             if any(name == p or name.startswith(p + ".") for p in self.protect):
                 protected[name] = f"it contains {name}, protected by protect={self.protect!r}"
