@@ -153,6 +153,10 @@ class PruneChannels(Pass):
             n = len(members)
             n_prune = n - max(1, int(n * (1.0 - ratio) + 1e-9))
             if n_prune <= 0:
+                notes.append(f"group {_names(layers)}: left alone, its channels are coupled into {n} unit(s); "
+                             f"ratio {ratio} removes none")
+                for layer in layers:
+                    left_alone[layer] = f"coupled into {n} unit(s), ratio {ratio} removes none"
                 continue
             scores = l1
             if self.importance == "l2":

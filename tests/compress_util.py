@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
+import fxopt
+from fxopt import passes as fp, recipes
 from fxopt.compress import pruning_hook
+from fxopt.demo import DigitsCNN, load_digits_tensors, train
 
 
 def finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 2, lr: float = 1e-3,
@@ -24,3 +29,67 @@ def finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
     return model.eval()
+
+
+def prune_both(model: torch.nn.Module, x: torch.Tensor, ratio: float = 0.3):
+    """Prune ``model`` with Torch-Pruning (MetaPruner, L1 magnitude, first conv and classifier ignored) and
+    with fxopt (PruneChannels, same settings). Returns ``(tp_model, fxopt_model, missed)`` where ``missed``
+    maps each layer Torch-Pruning shrank but fxopt did not to fxopt's reason (its report note)."""
+    import copy
+
+    import torch_pruning as tp
+
+    import fxopt
+    from fxopt import passes as fp
+
+    def ends(m):  # noqa: E306
+        layers = [mod for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))]
+        return [layers[0], [mod for mod in layers if isinstance(mod, torch.nn.Linear)][-1]]
+
+    tp_model = copy.deepcopy(model).eval()
+    pruner = tp.pruner.MetaPruner(tp_model, x, importance=tp.importance.MagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, ignored_layers=ends(tp_model))
+    pruner.step()
+    fx_model = fxopt.compile(model, [fp.PruneChannels(ratio, importance="l1")], example_inputs=(x,))
+    notes = {row["name"]: row["notes"] for row in fxopt.report(fx_model).rows}
+    fx_layers = dict(fx_model.named_modules())
+    missed = {}
+    for name, layer in tp_model.named_modules():
+        if not isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            continue
+        original = model.get_submodule(name).weight.shape[0]
+        if layer.weight.shape[0] < original and fx_layers[name].weight.shape[0] == original:
+            missed[name] = notes.get(name, "")
+    return tp_model, fx_model, missed
+
+
+def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
+    """``[(name, module)]``: the float model and every compressed variant (fine-tuned)."""
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = load_digits_tensors(16, seed=0)
+    model = train(DigitsCNN(), xtr, ytr, epochs=epochs, seed=0)
+    example = (xte[:1],)
+    calib = [xtr[i : i + 32] for i in range(0, 256, 32)]
+
+    def tuned(passes):
+        gm = fxopt.compile(model, passes, example_inputs=example)
+        return finetune(gm, xtr, ytr, epochs=finetune_epochs)
+
+    pruned = tuned(recipes.prune(0.5))
+    channels = tuned(recipes.prune(0.3, structured=True))
+    clustered = tuned(recipes.cluster(16))
+    # the 1-channel first conv and the 10-way classifier hold 1% of the weights: factorizing them only hurts
+    low = tuned([fp.LowRankFactorize(rank_ratio=0.5, exclude=("features.0", "classifier"))])
+    variants = [
+        ("float", model),
+        ("int8 (x86)", fxopt.compile(model, recipes.static_int8(calib), example_inputs=example, backend="x86")),
+        ("prune 50%", fxopt.compile(pruned, [fp.ApplyMasks()], example_inputs=example)),
+        ("channels 30%", channels),
+        ("cluster 16", fxopt.compile(clustered, [fp.ApplyMasks()], example_inputs=example)),
+        ("low-rank 50% params", low),
+    ]
+    for name, base in (("prune 50% + int8", pruned), ("cluster 16 + int8", clustered),
+                       ("low-rank 50% + int8", low), ("channels 30% + int8", channels)):
+        variants.append((name, fxopt.compile(copy.deepcopy(base), [fp.ApplyMasks()] + recipes.static_int8(calib),
+                                             example_inputs=example, backend="x86")))
+    return variants, (xtr, ytr, xte, yte)

@@ -1,8 +1,9 @@
 """Batched 1-D k-means in torch (weight clustering).
 
 Rows are clustered independently (one row per output channel, or a single row for the whole layer).
-Assignment uses ``searchsorted`` on the midpoints of sorted centroids, so an iteration costs
-``O(N log K)`` and no ``N x K`` distance matrix is built. ``weights`` (0/1) exclude values from a row
+The values are sorted once; since a 1-D cluster is a contiguous run of sorted values, each Lloyd
+iteration only looks up the midpoints between centroids in the sorted values and reads cluster sums from
+prefix sums (``O(K log N)``). No ``N x K`` distance matrix is ever built. ``weights`` (0/1) exclude values from a row
 (e.g. the zeros of a pruned layer).
 
 Initialisations (TF-MOT's names): ``"kmeans++"`` (D² sampling), ``"linear"`` (evenly spaced between the
@@ -40,7 +41,11 @@ def _init(x: torch.Tensor, w: torch.Tensor, k: int, how: str, gen: torch.Generat
         idx = (q[None] * count[:, None]).floor().long().clamp(min=0)
         idx = torch.minimum(idx, (count.long() - 1).clamp(min=0)[:, None])
         return ordered.gather(1, idx)
-    # kmeans++: first centre uniform over valid values, then D^2 sampling
+    # kmeans++: first centre uniform over valid values, then D^2 sampling (on a random subset of a long row)
+    if x.shape[1] > 65536:
+        pick = torch.randperm(x.shape[1], generator=gen)[:65536]
+        x, w = x[:, pick], w[:, pick]
+        w[w.sum(1) <= 0, 0] = 1.0  # a row whose subset has no valid value: any value seeds it
     centres = torch.empty(rows, k, dtype=x.dtype)
     first = torch.multinomial(w.float(), 1, generator=gen)
     centres[:, 0] = x.gather(1, first)[:, 0]
@@ -69,11 +74,20 @@ def kmeans_1d(x: torch.Tensor, k: int, *, init: str = "kmeans++", weights: torch
         raise ValueError("every row needs at least one value to cluster")
     gen = torch.Generator().manual_seed(seed)
     centroids = _init(x, w, k, init, gen).sort(1).values
+    # Lloyd iterations on the sorted values: a cluster is a contiguous run, so its sum and count come from
+    # prefix sums at the midpoints between centroids (O(K log N) per iteration after one sort).
+    xs, order = x.sort(1)
+    ws = w.gather(1, order).double()
+    zero = torch.zeros(x.shape[0], 1, dtype=torch.float64)
+    cum_xw = torch.cat([zero, torch.cumsum(xs.double() * ws, 1)], 1)
+    cum_w = torch.cat([zero, torch.cumsum(ws, 1)], 1)
+    n = torch.full((x.shape[0], 1), x.shape[1], dtype=torch.long)
     for _ in range(iters):
-        labels = assign(x, centroids)
-        sums = torch.zeros_like(centroids).scatter_add_(1, labels, x * w)
-        counts = torch.zeros_like(centroids).scatter_add_(1, labels, w)
-        new = torch.where(counts > 0, sums / counts.clamp(min=1e-12), centroids).sort(1).values
+        mid = ((centroids[:, 1:] + centroids[:, :-1]) / 2).contiguous()
+        bounds = torch.cat([torch.zeros_like(n), torch.searchsorted(xs, mid, right=True), n], 1)
+        sums = cum_xw.gather(1, bounds[:, 1:]) - cum_xw.gather(1, bounds[:, :-1])
+        counts = cum_w.gather(1, bounds[:, 1:]) - cum_w.gather(1, bounds[:, :-1])
+        new = torch.where(counts > 0, sums / counts.clamp(min=1e-300), centroids.double()).float().sort(1).values
         shift = (new - centroids).abs().max()
         centroids = new
         if shift <= tol * (1 + centroids.abs().max()):

@@ -113,6 +113,7 @@ def test_bad_init_and_nothing_to_cluster():
     assert result.modified is False and "nothing to cluster" in result.notes[-1]
 
 
+@pytest.mark.slow
 def test_mobilenet_clusters_every_layer():
     m = torchvision.models.mobilenet_v3_small(weights=None).eval()
     gm = fxopt.compile(m, [fp.ClusterWeights(16), fp.ApplyMasks()], example_inputs=(torch.randn(1, 3, 64, 64),))
