@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/compress_digits.py
 
-Trains the demo's DigitsCNN (seconds), applies each compression with a short fine-tune (2 epochs, the
-loop in tests/compress_util.py), and prints one table. Single-threaded, so numbers are comparable on a
+Trains the demo's DigitsCNN (seconds), applies each compression with a short fine-tune (2 epochs of
+``fxopt.demo.train``; variants built by tests/compress_util.py), and prints one table. Single-threaded, so numbers are comparable on a
 busy machine.
 """
 

@@ -7,6 +7,7 @@ reach layers inside float islands (untraced leaves) and work on any module tree.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Iterable
 
 import torch
@@ -83,6 +84,21 @@ def parametrizations_of(module: nn.Module, tensor: str = "weight") -> list[nn.Mo
     if not parametrize.is_parametrized(module, tensor):
         return []
     return list(module.parametrizations[tensor])
+
+
+def check_fraction(value: Any, what: str, meaning: str, *, zero_ok: bool = True, one_ok: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a finite number in [0, 1) (or (0, 1], per the flags)."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and (
+        (0.0 <= value if zero_ok else 0.0 < value) and (value <= 1.0 if one_ok else value < 1.0))
+    if not ok:
+        interval = f"{'[' if zero_ok else '('}0, 1{']' if one_ok else ')'}"
+        raise ValueError(f"{what} must be a number in {interval} ({meaning}), got {value!r}")
+
+
+def freeze_selection(p: Any) -> None:
+    """Store a frozen pass's ``include`` / ``exclude`` options as tuples (hashable, printable)."""
+    object.__setattr__(p, "include", as_tuple(p.include))
+    object.__setattr__(p, "exclude", as_tuple(p.exclude))
 
 
 def as_tuple(value: Any) -> tuple:

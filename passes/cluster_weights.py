@@ -24,7 +24,7 @@ from fxopt import Pass, PassResult
 from fxopt.compress import ClusteredWeight, kmeans_1d
 from fxopt.compress.kmeans import INITS
 
-from ._compress import as_tuple, describe_selection, own_copy, parametrizations_of, select_layers
+from ._compress import describe_selection, freeze_selection, own_copy, parametrizations_of, select_layers
 
 __all__ = ["ClusterWeights"]
 
@@ -51,8 +51,7 @@ class ClusterWeights(Pass):
             raise ValueError(f"n_clusters must be an integer >= 2, got {self.n_clusters!r}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
-        object.__setattr__(self, "include", as_tuple(self.include))
-        object.__setattr__(self, "exclude", as_tuple(self.exclude))
+        freeze_selection(self)
 
     def call(self, gm: torch.nn.Module) -> PassResult:
         return PassResult(gm, *self.apply(gm))

@@ -30,19 +30,12 @@ from torch.nn.utils import parametrize
 
 from fxopt import Pass, PassResult
 
-from ._compress import as_tuple, describe_selection, select_layers
+from ._compress import check_fraction, describe_selection, freeze_selection, select_layers
 from ._util import set_attr_path
 
 __all__ = ["LowRankFactorize", "factorize", "choose_rank"]
 
 logger = logging.getLogger(__name__)
-
-
-def _check_fraction(value: float | None, what: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{what} must be a number in (0, 1], got {value!r}")
 
 
 def choose_rank(singular: torch.Tensor, out_dim: int, in_dim: int, *, rank: int | None, rank_ratio: float | None,
@@ -102,12 +95,13 @@ class LowRankFactorize(Pass):
         given = [n for n in ("rank_ratio", "energy", "rank") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of rank_ratio, energy, rank (got {', '.join(given)})")
-        _check_fraction(self.rank_ratio, "rank_ratio")
-        _check_fraction(self.energy, "energy")
+        if self.rank_ratio is not None:
+            check_fraction(self.rank_ratio, "rank_ratio", "the fraction of parameters kept", zero_ok=False, one_ok=True)
+        if self.energy is not None:
+            check_fraction(self.energy, "energy", "the fraction of sum(s^2) kept", zero_ok=False, one_ok=True)
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        object.__setattr__(self, "include", as_tuple(self.include))
-        object.__setattr__(self, "exclude", as_tuple(self.exclude))
+        freeze_selection(self)
 
     def call(self, gm: torch.nn.Module) -> PassResult:
         return PassResult(gm, *self.apply(gm))

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -39,7 +38,7 @@ from fxopt import Pass, PassResult, meta
 from fxopt.errors import FxoptError
 
 from ._channel_groups import ChannelGraph, Use, analyse, example_inputs_of
-from ._compress import as_tuple
+from ._compress import as_tuple, check_fraction
 from ._util import set_attr_path
 
 __all__ = ["PruneChannels", "IMPORTANCES"]
@@ -50,9 +49,7 @@ IMPORTANCES = ("l1", "l2", "bn_scale")
 
 
 def _check_ratio(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0.0 <= value < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1) (the fraction of channels removed), got {value!r}")
+    check_fraction(value, what, "the fraction of channels removed")
 
 
 @dataclass(frozen=True)

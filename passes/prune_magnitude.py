@@ -15,9 +15,8 @@ Layers: Conv1d/2d/3d and Linear by default, plus any module named (or typed) in 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch.nn.utils import parametrize
@@ -25,19 +24,14 @@ from torch.nn.utils import parametrize
 from fxopt import Pass, PassResult
 from fxopt.compress import MagnitudeMask, PruningSchedule, magnitude_masks
 
-from ._compress import as_tuple, describe_selection, own_copy, parametrizations_of, select_layers
+from ._compress import check_fraction, describe_selection, freeze_selection, own_copy, parametrizations_of, \
+    select_layers
 
 __all__ = ["PruneMagnitude", "SCOPES"]
 
 logger = logging.getLogger(__name__)
 
 SCOPES = ("global", "layer")
-
-
-def check_sparsity(sparsity: Any, what: str = "sparsity") -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not math.isfinite(sparsity) \
-            or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1) (the fraction of weights set to zero), got {sparsity!r}")
 
 
 @dataclass(frozen=True)
@@ -54,14 +48,13 @@ class PruneMagnitude(Pass):
     exclude: tuple = ()
 
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity)
+        check_fraction(self.sparsity, "sparsity", "the fraction of weights set to zero")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.schedule is not None and not isinstance(self.schedule, PruningSchedule):
             raise TypeError("schedule must be None or a fxopt.compress schedule (ConstantSparsity, PolynomialDecay), "
                             f"got {type(self.schedule).__name__}")
-        object.__setattr__(self, "include", as_tuple(self.include))
-        object.__setattr__(self, "exclude", as_tuple(self.exclude))
+        freeze_selection(self)
 
     def call(self, gm: torch.nn.Module) -> PassResult:
         return PassResult(gm, *self.apply(gm))

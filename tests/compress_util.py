@@ -1,34 +1,17 @@
-"""A small fine-tuning loop for the compression tests (until ``fxopt.finetune`` lands from the QAT work)."""
+"""Shared helpers of the compression tests and benches.
+
+Fine-tuning uses ``fxopt.demo.train`` (Adam on cross-entropy) until ``fxopt.finetune`` lands from the QAT work.
+"""
 
 from __future__ import annotations
 
 import copy
 
 import torch
-import torch.nn.functional as F
 
 import fxopt
 from fxopt import passes as fp, recipes
-from fxopt.compress import pruning_hook
 from fxopt.demo import DigitsCNN, load_digits_tensors, train
-
-
-def finetune(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 2, lr: float = 1e-3,
-             batch: int = 64, seed: int = 0, prune_schedule: bool = False) -> torch.nn.Module:
-    """Adam on cross-entropy; with ``prune_schedule`` the pruning masks advance after every step."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    if prune_schedule:
-        opt.register_step_post_hook(pruning_hook(model))
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch):
-            idx = perm[i : i + batch]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
 
 
 def prune_both(model: torch.nn.Module, x: torch.Tensor, ratio: float = 0.3):
@@ -73,7 +56,7 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
 
     def tuned(passes):
         gm = fxopt.compile(model, passes, example_inputs=example)
-        return finetune(gm, xtr, ytr, epochs=finetune_epochs)
+        return train(gm, xtr, ytr, epochs=finetune_epochs, lr=1e-3, seed=0)
 
     pruned = tuned(recipes.prune(0.5))
     channels = tuned(recipes.prune(0.3, structured=True))
