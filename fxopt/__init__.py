@@ -70,7 +70,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # Submodules that import heavier dependencies are loaded on first use.
-    if name in ("passes", "backends", "recipes"):
+    if name in ("passes", "backends", "recipes", "compress"):
         import importlib
 
         return importlib.import_module(f"fxopt.{name}")

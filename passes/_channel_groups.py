@@ -240,14 +240,14 @@ class _Analysis:
                     continue
                 args, kwargs = _lookup(node.args, real), _lookup(node.kwargs, real)
                 real[node] = _run(self.gm, node, args, kwargs)
-                lab[node] = self.labels(node, real[node], lab, args, kwargs)
+                lab[node] = self.labels(node, real[node], lab)
                 for arg in node.all_input_nodes:
                     if last_use.get(arg) is node:
                         real.pop(arg, None)
                         lab.pop(arg, None)
         return ChannelGraph(self.n, self.edges, self.fixed, self.owner, self.uses, self.producers)
 
-    def labels(self, node: torch.fx.Node, out: Any, lab: dict, args: tuple, kwargs: dict) -> Any:
+    def labels(self, node: torch.fx.Node, out: Any, lab: dict) -> Any:
         largs, lkwargs = _lookup(node.args, lab), _lookup(node.kwargs, lab)
         if node.op == "get_attr":
             return self.fixed_like(out, node.target, f"combined with the model constant {node.target}")
@@ -262,7 +262,7 @@ class _Analysis:
                 return self.binary(largs[0], largs[1], out)
             if name in _MOVE_METHODS:
                 return self.move(node, lambda *a, **k: getattr(a[0], "reshape" if name == "view" else name)(*a[1:], **k),
-                                 out, largs, lkwargs, args)
+                                 out, largs, lkwargs)
             if name in _REDUCE_METHODS:
                 return self.reduce(node, out, largs, lkwargs)
             if name in ("softmax", "log_softmax"):
@@ -273,7 +273,7 @@ class _Analysis:
         if target in _BINARY_FUNCTIONS:
             return self.binary(largs[0], largs[1] if len(largs) > 1 else lkwargs.get("other"), out)
         if target in _MOVE_FUNCTIONS:
-            return self.move(node, target, out, largs, lkwargs, args)
+            return self.move(node, target, out, largs, lkwargs)
         if target in _SPATIAL_FUNCTIONS:
             return self.spatial(node, out, largs[0])
         if target in _REDUCE_FUNCTIONS:
@@ -376,9 +376,10 @@ class _Analysis:
             self.fix(x, f"normalized over channels by {node.name}")
         return x
 
-    def move(self, node: torch.fx.Node, fn: Callable, out: Any, largs: tuple, lkwargs: dict, args: tuple) -> Any:
+    def move(self, node: torch.fx.Node, fn: Callable, out: Any, largs: tuple, lkwargs: dict) -> Any:
+        """Ops that only move data: applied to the labels themselves, then the size rules."""
         name = getattr(fn, "__name__", "") if node.op != "call_method" else str(node.target)
-        if name in ("size", "dim", "getattr") and node.op == "call_method" or fn is getattr:
+        if fn is getattr or (node.op == "call_method" and name in ("size", "dim")):
             return out  # shapes and attributes: the real value
         if fn is operator.getitem and isinstance(largs[0], torch.Tensor):
             return self.getitem(node, out, largs[0], largs[1])
