@@ -8,9 +8,11 @@ from __future__ import annotations
 import copy
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fxopt
 from fxopt import passes as fp, recipes
+from fxopt.compress import PolynomialDecay, pruning_hook
 from fxopt.demo import DigitsCNN, load_digits_tensors, train
 
 
@@ -59,6 +61,14 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
         return train(gm, xtr, ytr, epochs=finetune_epochs, lr=1e-3, seed=0)
 
     pruned = tuned(recipes.prune(0.5))
+    # gradual pruning to 80%: TF-MOT's polynomial schedule, advanced after every optimizer step
+    gradual = fxopt.compile(model, recipes.prune(0.8, schedule=PolynomialDecay(initial_sparsity=0.3, end_step=30,
+                                                                               frequency=5)), example_inputs=example)
+    hook = register_optimizer_step_post_hook(pruning_hook(gradual))
+    try:
+        train(gradual, xtr, ytr, epochs=finetune_epochs, lr=1e-3, seed=0)
+    finally:
+        hook.remove()
     channels = tuned(recipes.prune(0.3, structured=True))
     clustered = tuned(recipes.cluster(16))
     # the 1-channel first conv and the 10-way classifier hold 1% of the weights: factorizing them only hurts
@@ -67,6 +77,7 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
         ("float", model),
         ("int8 (x86)", fxopt.compile(model, recipes.static_int8(calib), example_inputs=example, backend="x86")),
         ("prune 50%", fxopt.compile(pruned, [fp.ApplyMasks()], example_inputs=example)),
+        ("prune 80% gradual", fxopt.compile(gradual, [fp.ApplyMasks()], example_inputs=example)),
         ("channels 30%", channels),
         ("cluster 16", fxopt.compile(clustered, [fp.ApplyMasks()], example_inputs=example)),
         ("low-rank 50% params", low),

@@ -26,8 +26,8 @@ def variants():
     return dict(found), xte, yte
 
 
-@pytest.mark.parametrize("name", ["prune 50%", "channels 30%", "cluster 16", "low-rank 50% params",
-                                  "prune 50% + int8"])
+@pytest.mark.parametrize("name", ["prune 50%", "prune 80% gradual", "channels 30%", "cluster 16",
+                                  "low-rank 50% params", "prune 50% + int8"])
 def test_within_one_point_of_float(variants, name):
     found, xte, yte = variants
     base = accuracy(found["float"], xte, yte)
@@ -41,6 +41,7 @@ def test_sizes_shrink_as_each_compression_promises(variants):
     rep = {name: fxopt.report(m) for name, m in found.items()}
     float_params = rep["float"].total_params
     assert rep["prune 50%"].sparsity > 0.45 and rep["prune 50%"].compressed_bytes < 0.7 * rep["float"].compressed_bytes
+    assert rep["prune 80% gradual"].sparsity > 0.78  # the schedule reached its final sparsity
     assert rep["channels 30%"].total_params < 0.6 * float_params
     assert max(r["unique"] for r in rep["cluster 16"].rows if r["op"] in ("Conv2d", "Linear")) <= 16
     assert rep["cluster 16"].compressed_bytes < 0.25 * rep["float"].compressed_bytes
