@@ -4,7 +4,7 @@
 
 Same settings for both: ratio 0.3 per group, L1 magnitude importance, first conv and classifier kept.
 Prints parameters, FLOPs and batch-1 latency (median and min over interleaved rounds: float, Torch-Pruning and
-fxopt are timed one after the other in every round, single-threaded), the fxopt/Torch-Pruning ratios, and
+fxopt are timed one after the other in every round, in a rotating order, single-threaded), the fxopt/Torch-Pruning ratios, and
 for every layer Torch-Pruning shrank but fxopt did not, fxopt's reason.
 """
 
@@ -40,10 +40,11 @@ def interleaved_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int) 
         for m in models:
             for _ in range(3):
                 m(x)
-        for _ in range(rounds):
-            for i, m in enumerate(models):
+        for r in range(rounds):
+            for k in range(len(models)):  # the order rotates every round: no model always runs first
+                i = (k + r) % len(models)
                 start = time.perf_counter()
-                m(x)
+                models[i](x)
                 times[i].append((time.perf_counter() - start) * 1e3)
     return [(statistics.median(t), min(t)) for t in times]
 
