@@ -19,8 +19,9 @@ from .meta import records
 from .pass_base import FunctionPass, Pass, PassResult, function_pass
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassManager, PassRecord, TimingInstrument
 from .report import Report, report
-from .rewrite import RewritePass, RewriteRule, explain, rule
-from .serialize import load, save
+from .rewrite import RewritePass, RewriteRule, rule
+from .rewrite_explain import explain
+from .io import load, save
 from .tracing import trace, untraced
 from .verify import verify
 

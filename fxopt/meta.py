@@ -23,8 +23,6 @@ __all__ = [
     "set_trace_notes",
     "records",
     "set_records",
-    "get_node_tag",
-    "set_node_tag",
     "fused_activation",
     "set_fused_activation",
     "fusion_group",
@@ -37,7 +35,6 @@ __all__ = [
 _LEAVES = "fxopt.leaves"
 _RECORDS = "fxopt.records"
 _TRACE_NOTES = "fxopt.trace_notes"
-_TAG_PREFIX = "fxopt."
 
 
 @dataclass(frozen=True)
@@ -104,15 +101,6 @@ def set_records(gm: torch.nn.Module, recs: list) -> None:
         meta[_RECORDS] = list(recs)
 
 
-def get_node_tag(node: torch.fx.Node, key: str, default: Any = None) -> Any:
-    """A value a pass attached to ``node`` under ``key`` (namespaced as ``fxopt.<key>``)."""
-    return node.meta.get(_TAG_PREFIX + key, default)
-
-
-def set_node_tag(node: torch.fx.Node, key: str, value: Any) -> None:
-    node.meta[_TAG_PREFIX + key] = value
-
-
 # ---- quantization state -------------------------------------------------------------------
 # Written by InsertQuantStubs / PlaceObservers, read by lowering and report.
 
@@ -148,13 +136,6 @@ class FloatIsland:
 
 def float_islands(gm: torch.nn.Module) -> list[FloatIsland]:
     return list(_gm_meta(gm).get(_ISLANDS, []))
-
-
-def add_float_island(gm: torch.nn.Module, island: FloatIsland) -> None:
-    meta = getattr(gm, "meta", None)
-    if isinstance(meta, dict):
-        current = [i for i in meta.get(_ISLANDS, []) if i.node != island.node]
-        meta[_ISLANDS] = current + [island]
 
 
 def set_float_islands(gm: torch.nn.Module, islands: list[FloatIsland]) -> None:

@@ -7,7 +7,7 @@ What was measured on this AVX-512 (with AVX512-FP16) CPU, 2 threads (``bench/ben
   attention, LSTM and GRU) therefore become fp16 dynamic modules, as in ``QuantizeDynamic(dtype=float16)``.
 * conv, batch norm, layer norm...: PyTorch's fp16 CPU kernels are no faster than fp32 ones, and casting
   activations to half and back at every layer costs more; these modules keep their weights stored in
-  fp16 and upcast them right before the op (:class:`~fxopt.quant.fp16.FP16Module`, ``compute="fp32"``).
+  fp16 and upcast them right before the op (:class:`~fxopt.quant.nn.FP16Module`, ``compute="fp32"``).
   ``compute="fp16"`` runs them in half precision instead (for CPUs where that pays off).
 * under the qnnpack engine (no fp16 linear kernels) every module is an upcasting ``FP16Module``.
 
@@ -27,10 +27,11 @@ import torch.fx
 import torch.nn as nn
 
 from fxopt import Pass, PassResult
-from fxopt.quant.dynamic import fp16_linear_available
-from fxopt.quant.fp16 import COMPUTE_MODES, FP16Module
+from fxopt.graph_utils import get_attr_path, set_attr_path
+from fxopt.quant.nn.base import DescribesWeights
+from fxopt.quant.nn.dynamic import fp16_linear_available
+from fxopt.quant.nn.fp16 import COMPUTE_MODES, FP16Module
 
-from ._util import get_attr_path, set_attr_path
 from .quantize_dynamic import QuantizeDynamic, _skip_reason
 
 __all__ = ["ConvertFP16"]
@@ -136,14 +137,14 @@ def _stored_tensors(gm: nn.Module) -> list[torch.Tensor]:
     seen: set[int] = set()
 
     def visit(module: nn.Module) -> None:
-        describe = getattr(module, "fxopt_weights", None)
-        tensors = list(describe().values()) if callable(describe) else \
+        describes = isinstance(module, DescribesWeights)
+        tensors = list(module.fxopt_weights().values()) if describes else \
             [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         for t in tensors:
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 out.append(t)
-        if not callable(describe):
+        if not describes:
             for child in module.children():
                 visit(child)
 

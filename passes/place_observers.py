@@ -17,8 +17,12 @@ from typing import ClassVar
 import torch.fx
 
 from fxopt import meta
+from fxopt.backends.lowering import int8_spec
+from fxopt.backends.spec import op_key
 from fxopt.errors import UnsupportedError
+from fxopt.graph_utils import unique_name
 from fxopt.pass_base import Pass, PassResult
+from fxopt.quant.observers import Observer, make_observer
 from fxopt.quant.stubs import QuantConfig, QuantStub
 
 __all__ = ["PlaceObservers", "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS"]
@@ -50,13 +54,10 @@ class PlaceObservers(Pass):
             )
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxopt import backends  # noqa: PLC0415
-        from fxopt.backends.spec import op_key  # noqa: PLC0415
-        from fxopt.quant.observers import Observer, make_observer  # noqa: PLC0415
 
         if any(isinstance(m, Observer) for m in gm.modules()):
             return PassResult(gm, False, {"observers": 0}, ["the graph already has observers"])
-        spec = backends.get(meta.backend_of(gm)).spec
+        spec = int8_spec(meta.backend_of(gm))
         weight_spec = spec.weight if self.per_channel else spec.weight_per_tensor
         if not self.symmetric_weights:
             weight_spec = replace(weight_spec, symmetric=False)
@@ -72,8 +73,10 @@ class PlaceObservers(Pass):
             if rule is not None and rule.kind == "compute":
                 targets.append(node)
 
-        for i, node in enumerate(targets):
-            target = f"fxopt_obs_{i}"
+        next_index = 0
+        for node in targets:
+            target = unique_name("fxopt_obs", lambda n: hasattr(gm, n), start=next_index)
+            next_index = int(target.rsplit("_", 1)[1]) + 1
             observer = make_observer(self.activation, spec.activation)
             observer.name = f"{target} (after {node.name})"
             gm.add_submodule(target, observer)

@@ -4,8 +4,8 @@ The pass walks the **module tree** of the GraphModule, not only its ``call_modul
 inside leaves the tracer kept opaque (float islands) are quantized too. Each module is replaced by
 qualified name (every alias of a shared module gets the same replacement):
 
-* ``nn.Linear`` → :class:`~fxopt.quant.dynamic.DynamicLinear` (per-channel int8, ``linear_dynamic``);
-* ``nn.LSTM`` / ``nn.GRU`` → :class:`~fxopt.quant.dynamic_rnn.DynamicLSTM` / ``DynamicGRU`` (per gate row
+* ``nn.Linear`` → :class:`~fxopt.quant.nn.DynamicLinear` (per-channel int8, ``linear_dynamic``);
+* ``nn.LSTM`` / ``nn.GRU`` → :class:`~fxopt.quant.nn.DynamicLSTM` / ``DynamicGRU`` (per gate row
   int8; the first layer's input projection in fp16 unless ``rnn_first_input_fp16=False``);
 * ``nn.Embedding`` / ``nn.EmbeddingBag`` → 8-bit weight-only rows (per-row scale and offset);
 * with ``nn.Linear`` in ``types``: ``nn.MultiheadAttention`` → ``DynamicMultiheadAttention`` and
@@ -39,12 +39,12 @@ import torch.nn as nn
 
 from fxopt import Pass, PassResult
 from fxopt.errors import CalibrationError, UnsupportedError
-from fxopt.quant.dynamic import (BAG_MODES, DYNAMIC_DTYPES, DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear,
+from fxopt.quant.nn.dynamic import (BAG_MODES, DYNAMIC_DTYPES, DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear,
                                   fp16_linear_available)
-from fxopt.quant.dynamic_attention import DynamicMultiheadAttention, DynamicTransformerEncoderLayer
-from fxopt.quant.dynamic_rnn import DynamicGRU, DynamicLSTM
+from fxopt.quant.nn.dynamic_attention import DynamicMultiheadAttention, DynamicTransformerEncoderLayer
+from fxopt.quant.nn.dynamic_rnn import DynamicGRU, DynamicLSTM
 
-from ._util import set_attr_path
+from fxopt.graph_utils import set_attr_path
 from .calibrate import as_call
 
 __all__ = ["QuantizeDynamic", "DYNAMIC_TYPES"]

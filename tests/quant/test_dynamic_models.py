@@ -115,7 +115,7 @@ def test_lstm_encoder_keeps_cosine(hidden, steps, layers):
     print(f"LSTM h={hidden} T={steps} L={layers}: fxopt cosine {ours:.4f}, torch.ao {theirs:.4f}")
     assert ours >= 0.98
     assert ours > theirs
-    assert isinstance(q.get_submodule("lstm"), fxopt.quant.dynamic_rnn.DynamicLSTM)
+    assert isinstance(q.get_submodule("lstm"), fxopt.quant.nn.DynamicLSTM)
 
 
 def test_lstm_per_channel_is_what_matters():

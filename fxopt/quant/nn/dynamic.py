@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
-from .spec import QSpec, qparams_from_range
+from ..qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
+from ..spec import QSpec, qparams_from_range
+from .base import QuantizedModule
 
 __all__ = [
     "DYNAMIC_DTYPES",
@@ -102,8 +103,9 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dynamic quantization supports dtype torch.qint8 or torch.float16, got {dtype}")
 
 
-class DynamicLinear(nn.Module):
+class DynamicLinear(QuantizedModule):
     """``nn.Linear`` with int8 per-channel (or fp16) packed weights; the input is quantized per call."""
+
 
     def __init__(self, packed: torch.ScriptObject, in_features: int, out_features: int,
                  dtype: torch.dtype = torch.qint8, reduce_range: bool = False):
@@ -163,7 +165,7 @@ def _prepack_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _q.embedding_bag_byte_prepack(weight.detach().float().contiguous())
 
 
-class _DynamicEmbeddingBase(nn.Module):
+class _DynamicEmbeddingBase(QuantizedModule):
     def __init__(self, rows: torch.Tensor, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
         super().__init__()
         _check_dtype(dtype)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
+from .base import QuantizedModule
 from .dynamic import _check_dtype, fp16_linear_available, needs_reduce_range, pack_linear, unpack_linear
 
 __all__ = ["DynamicRNN", "DynamicLSTM", "DynamicGRU"]
@@ -36,7 +37,7 @@ __all__ = ["DynamicRNN", "DynamicLSTM", "DynamicGRU"]
 _q = torch.ops.quantized
 
 
-class DynamicRNN(nn.Module):
+class DynamicRNN(QuantizedModule):
     """Common part of :class:`DynamicLSTM` and :class:`DynamicGRU`."""
 
     mode = ""  # "LSTM" or "GRU"
