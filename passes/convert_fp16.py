@@ -31,8 +31,8 @@ from fxopt.graph_utils import get_attr_path, set_attr_path
 from fxopt.quant.nn.base import DescribesWeights
 from fxopt.quant.nn.dynamic import fp16_linear_available
 from fxopt.quant.nn.fp16 import COMPUTE_MODES, FP16Module
+from fxopt.quant.nn.swap import dynamic_factory, skip_reason
 
-from .quantize_dynamic import QuantizeDynamic, _skip_reason
 
 __all__ = ["ConvertFP16"]
 
@@ -70,7 +70,6 @@ class ConvertFP16(Pass):
         stats: dict[str, Any] = {}
         notes: list[str] = []
         attr_targets = self._convert_get_attrs(gm, stats)
-        dynamic = QuantizeDynamic(dtype=torch.float16)
         native = fp16_linear_available()
         replaced: dict[int, nn.Module] = {}
         plan: list[tuple[str, nn.Module]] = []
@@ -80,8 +79,8 @@ class ConvertFP16(Pass):
                 continue
             if any(t.startswith(qualname + ".") for t in attr_targets):
                 continue  # the graph reads some of its tensors directly: convert its children only
-            factory = dynamic._factory(module, qualname)
-            if factory is not None and _skip_reason(module) is None and native:
+            factory = dynamic_factory(module, dtype=torch.float16)
+            if factory is not None and skip_reason(module) is None and native:
                 make = factory
             elif factory is not None:  # no fp16 linear kernels (qnnpack): store fp16, upcast the whole module
                 make = lambda m=module: FP16Module(m, "fp32")  # noqa: E731
