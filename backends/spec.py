@@ -31,7 +31,7 @@ from fxopt.quant.nn import FusedModule
 from fxopt.quant.spec import QSpec
 
 __all__ = ["OpRule", "BackendSpec", "op_key", "common_int8_ops", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS",
-           "SHAPE_READERS"]
+           "SHAPE_READERS", "weighted_compute_ops"]
 
 
 @dataclass(frozen=True)
@@ -221,6 +221,13 @@ _FIXED = {  # output range of the quantized kernel, whatever the input qparams
     "hardsigmoid": (1.0 / 256.0, 0),
     "tanh": (2.0 / 256.0, 128),
 }
+
+
+def weighted_compute_ops(per_channel: bool, fused_activations: frozenset[str] = frozenset({"relu"}),
+                         ) -> dict[str, OpRule]:
+    """conv1d/2d/3d and linear as int8 compute ops (``quantized::<op>`` kernels, ReLU fused by default)."""
+    return {key: OpRule("compute", per_channel=per_channel, fused_activations=fused_activations,
+                        reason=f"quantized::{key}") for key in ("conv1d", "conv2d", "conv3d", "linear")}
 
 
 def common_int8_ops() -> dict[str, OpRule]:

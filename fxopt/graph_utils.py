@@ -94,9 +94,7 @@ def is_referenced(path: str, targets: Iterable[str]) -> bool:
 
 def delete_if_unreferenced(gm: torch.fx.GraphModule, path: str) -> bool:
     """Delete the attribute ``path`` of ``gm`` when the graph no longer refers to it. True if deleted."""
-    try:
-        get_attr_path(gm, path)
-    except AttributeError:
+    if not has_attr_path(gm, path):
         return False
     if is_referenced(path, referenced_targets(gm)):
         return False

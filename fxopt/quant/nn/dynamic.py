@@ -15,7 +15,6 @@ Each module has ``from_float(module, dtype, reduce_range)`` and ``fxopt_weights(
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn as nn
@@ -24,11 +23,12 @@ import torch.nn.functional as F
 from ..qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
 from ..spec import QSpec, qparams_from_range
 from .base import QuantizedModule
+from .int8 import quantize_weight
 
 __all__ = [
     "DYNAMIC_DTYPES",
     "WEIGHT_SPEC",
-    "quantize_weight",
+    "quantize_rows",
     "pack_linear",
     "unpack_linear",
     "needs_reduce_range",
@@ -46,16 +46,14 @@ WEIGHT_SPEC = QSpec(dtype=torch.qint8, symmetric=True, axis=0)
 _q = torch.ops.quantized
 
 
-def quantize_weight(weight: torch.Tensor, spec: QSpec = WEIGHT_SPEC) -> torch.Tensor:
-    """A quantized tensor of ``weight`` (2-D, rows = output channels) per ``spec``."""
+def quantize_rows(weight: torch.Tensor, spec: QSpec = WEIGHT_SPEC) -> torch.Tensor:
+    """A quantized tensor of ``weight`` (2-D, rows = output channels) over its own range, per ``spec``."""
     w = weight.detach().float()
-    with warnings.catch_warnings():  # torch warns that quantized tensor creation is deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        if spec.per_channel:
-            scale, zp = qparams_from_range(spec, w.amin(dim=1), w.amax(dim=1))
-            return torch.quantize_per_channel(w, scale.double(), zp, 0, spec.dtype)
+    if spec.per_channel:
+        scale, zp = qparams_from_range(spec, w.amin(dim=1), w.amax(dim=1))
+    else:
         scale, zp = qparams_from_range(spec, w.min(), w.max())
-        return torch.quantize_per_tensor(w, float(scale), int(zp), spec.dtype)
+    return quantize_weight(w, scale, zp, spec.dtype, per_channel=spec.per_channel)
 
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.ScriptObject:
@@ -63,7 +61,7 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dt
     b = None if bias is None else bias.detach().float()
     if dtype == torch.float16:
         return _q.linear_prepack_fp16(weight.detach().float(), b)
-    return _q.linear_prepack(quantize_weight(weight), b)
+    return _q.linear_prepack(quantize_rows(weight), b)
 
 
 def unpack_linear(packed: torch.ScriptObject, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -6,6 +6,8 @@ Float numerics do not change. State-dict keys keep the original module's names (
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -14,44 +16,42 @@ from .base import FusedModule
 __all__ = ["FusedAdd", "FusedConv", "FusedLinear"]
 
 
-class FusedConv(FusedModule):
-    """``activation(conv(x))``: ``.conv`` (Conv1d/2d/3d) and ``.activation`` (ReLU/ReLU6)."""
+class _FusedWeighted(FusedModule):
+    """``activation(inner(x))`` where the inner module keeps its attribute name (``conv`` / ``linear``)."""
 
-    def __init__(self, conv: nn.Module, activation: nn.Module) -> None:
+    _inner_name: ClassVar[str] = ""
+
+    def __init__(self, inner: nn.Module, activation: nn.Module) -> None:
         super().__init__()
-        self.conv = conv
+        self.add_module(self._inner_name, inner)
         self.activation = activation
-
-    @property
-    def op_key(self) -> str:
-        return f"conv{self.conv.weight.dim() - 2}d"
 
     @property
     def inner(self) -> nn.Module:
-        return self.conv
+        return self._modules[self._inner_name]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.conv(x))
+        return self.activation(self.inner(x))
 
 
-class FusedLinear(FusedModule):
+class FusedConv(_FusedWeighted):
+    """``activation(conv(x))``: ``.conv`` (Conv1d/2d/3d) and ``.activation`` (ReLU/ReLU6)."""
+
+    _inner_name = "conv"
+
+    @property
+    def op_key(self) -> str:
+        return f"conv{self.inner.weight.dim() - 2}d"
+
+
+class FusedLinear(_FusedWeighted):
     """``activation(linear(x))``: ``.linear`` and ``.activation`` (ReLU/ReLU6)."""
 
-    def __init__(self, linear: nn.Linear, activation: nn.Module) -> None:
-        super().__init__()
-        self.linear = linear
-        self.activation = activation
+    _inner_name = "linear"
 
     @property
     def op_key(self) -> str:
         return "linear"
-
-    @property
-    def inner(self) -> nn.Module:
-        return self.linear
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.linear(x))
 
 
 class FusedAdd(FusedModule):

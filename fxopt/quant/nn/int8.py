@@ -55,14 +55,15 @@ _CONV_OPS = {
 
 
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                    dtype: torch.dtype = torch.qint8) -> torch.Tensor:
-    """``weight`` as a quantized tensor: per tensor when ``scale`` has one element, else per channel (axis 0)."""
+                    dtype: torch.dtype = torch.qint8, *, per_channel: bool | None = None) -> torch.Tensor:
+    """``weight`` as a quantized tensor: per channel (axis 0) when ``per_channel`` (default: when ``scale`` has
+    more than one element), else per tensor."""
     weight = weight.detach().float()
     scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
     zero_point = torch.as_tensor(zero_point, dtype=torch.int64).reshape(-1)
     with warnings.catch_warnings():  # torch warns (once) that quantized tensor creation is deprecated
         warnings.simplefilter("ignore", UserWarning)
-        if scale.numel() == 1:
+        if not (per_channel if per_channel is not None else scale.numel() > 1):
             return torch.quantize_per_tensor(weight, float(scale[0]), int(zero_point[0]), dtype)
         return torch.quantize_per_channel(weight, scale, zero_point, 0, dtype)
 
