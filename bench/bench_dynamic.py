@@ -10,26 +10,21 @@ Batch 1, 2 threads. torch.ao is used only here and in tests, as the reference.
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 import fxopt
+from bench import models
 from fxopt import passes as fp
 
 warnings.filterwarnings("ignore")
 
-_spec = importlib.util.spec_from_file_location(
-    "dynamic_models", Path(__file__).resolve().parents[1] / "tests" / "quant" / "test_dynamic_models.py")
-models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(models)
 
 
 def _lstm_case():
@@ -50,7 +45,7 @@ class _NoFastPath(torch.nn.Module):
         self.inner = inner
 
     def forward(self, x):
-        return models._run_ao(self.inner, x)
+        return models.run_ao(self.inner, x)
 
 
 def variants(case: str) -> tuple[dict[str, torch.nn.Module], torch.Tensor]:

@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model
+from bench.quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"]
 

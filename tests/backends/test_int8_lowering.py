@@ -16,7 +16,7 @@ from fxopt.quant.nn import int8 as qm
 from fxopt.backends.lowering import lower_int8
 from fxopt.quant.nn import QuantizedModel
 from fxopt.quant.stubs import DeQuantStub
-from int8_testutil import calibrate, prepare_by_hand, sqnr
+from tests.helpers import calibrate, prepare_by_hand, sqnr
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 BACKENDS = ["x86", "qnnpack"]

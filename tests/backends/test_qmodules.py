@@ -15,7 +15,7 @@ from fxopt.quant.nn import engine_scope
 from fxopt.backends.x86 import x86_engine
 from fxopt.quant.spec import QSpec, qparams_from_range
 
-from int8_testutil import sqnr
+from tests.helpers import sqnr
 
 ENGINES = [x86_engine(), "qnnpack"]
 ACT = QSpec(torch.quint8)
