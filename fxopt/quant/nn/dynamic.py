@@ -31,6 +31,7 @@ __all__ = [
     "quantize_rows",
     "pack_linear",
     "unpack_linear",
+    "pack_stored",
     "needs_reduce_range",
     "fp16_linear_available",
     "DynamicLinear",
@@ -62,6 +63,17 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dt
     if dtype == torch.float16:
         return _q.linear_prepack_fp16(weight.detach().float(), b)
     return _q.linear_prepack(quantize_rows(weight), b)
+
+
+def pack_stored(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """Packed weights from stored ones, as :func:`unpack_linear` gives them: a quantized (int8) weight is packed
+    as it is (not quantized again), a float16 one for the fp16 kernel."""
+    b = None if bias is None else bias.detach().float()
+    if weight.is_quantized:
+        return _q.linear_prepack(weight, b)
+    if weight.dtype != torch.float16:
+        raise TypeError(f"a stored dynamic weight is an int8 quantized or a float16 tensor, got {weight.dtype}")
+    return _q.linear_prepack_fp16(weight.float(), b)
 
 
 def unpack_linear(packed: torch.ScriptObject, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -104,7 +116,6 @@ def _check_dtype(dtype: torch.dtype) -> None:
 class DynamicLinear(QuantizedModule):
     """``nn.Linear`` with int8 per-channel (or fp16) packed weights; the input is quantized per call."""
 
-
     def __init__(self, packed: torch.ScriptObject, in_features: int, out_features: int,
                  dtype: torch.dtype = torch.qint8, reduce_range: bool = False):
         super().__init__()
@@ -136,6 +147,17 @@ class DynamicLinear(QuantizedModule):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
+        return self.fxopt_weights() | {"bias": unpack_linear(self._packed, self.dtype)[1]}
+
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        weight = tensors["weight"]
+        if weight.is_quantized != (self.dtype == torch.qint8) or tuple(weight.shape) != (self.out_features,
+                                                                                        self.in_features):
+            raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)} does not fit this {self.dtype} layer of "
+                             f"shape {(self.out_features, self.in_features)}")
+        self._packed = pack_stored(weight, tensors["bias"])
+
     # fxopt.save / fxopt.load: the stored weights as plain data; packed again (not re-quantized) on load
     def fxopt_state(self) -> dict:
         w, b = unpack_linear(self._packed, self.dtype)
@@ -147,11 +169,8 @@ class DynamicLinear(QuantizedModule):
     def fxopt_from_state(cls, state: dict) -> "DynamicLinear":
         dtype = dtype_from_name(state["dtype"])
         _check_dtype(dtype)
-        bias = state["bias"]
-        if dtype == torch.float16:
-            packed = _q.linear_prepack_fp16(state["weight"].float(), bias)
-        else:
-            packed = _q.linear_prepack(qtensor_from_state(state["weight"]), bias)
+        weight = state["weight"] if dtype == torch.float16 else qtensor_from_state(state["weight"])
+        packed = pack_stored(weight, state["bias"])
         return cls(packed, int(state["in_features"]), int(state["out_features"]), dtype,
                    bool(state["reduce_range"]))
 

@@ -73,37 +73,20 @@ def _qparams(output_qparams: Sequence) -> tuple[float, int]:
     return float(scale), int(zero_point)
 
 
-def _save_qparams(module: nn.Module, destination: dict, prefix: str) -> None:
-    destination[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64)
-    destination[prefix + "zero_point"] = torch.tensor(module.zero_point, dtype=torch.int64)
-
-
-def _load_qparams(module: nn.Module, state_dict: dict, prefix: str, missing: list) -> None:
-    for name, cast in (("scale", float), ("zero_point", int)):
-        if prefix + name in state_dict:
-            setattr(module, name, cast(state_dict.pop(prefix + name)))
-        else:
-            missing.append(prefix + name)
-
-
 class _QOutput(QuantizedModule):
     """Base for modules with an output scale / zero point (saved in the state dict)."""
-
 
     def __init__(self, scale: float, zero_point: int) -> None:
         super().__init__()
         self.scale = float(scale)
         self.zero_point = int(zero_point)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        _save_qparams(self, destination, prefix)
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"scale": torch.tensor(self.scale, dtype=torch.float64),
+                "zero_point": torch.tensor(self.zero_point, dtype=torch.int64)}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        _load_qparams(self, state_dict, prefix, missing_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        self.scale, self.zero_point = float(tensors["scale"]), int(tensors["zero_point"])
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
@@ -120,13 +103,12 @@ class _QOutput(QuantizedModule):
         return cls(float(state["scale"]), int(state["zero_point"]))
 
 
-class QuantizeInput(QuantizedModule):
+class QuantizeInput(_QOutput):
     """Float → quantized tensor with fixed qparams (the lowered form of a QuantStub)."""
 
-
     def __init__(self, scale: float, zero_point: int, dtype: torch.dtype = torch.quint8) -> None:
-        super().__init__()
-        self.scale, self.zero_point, self.dtype = float(scale), int(zero_point), dtype
+        super().__init__(scale, zero_point)
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_tensor(x, self.scale, self.zero_point, self.dtype)
@@ -182,20 +164,13 @@ class _Packed(_QOutput):
         return {**super().fxopt_state(), "weight": qtensor_state(weight), "bias": bias, "relu": self.relu,
                 "engine": self.engine}
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
         weight, bias = self.weight_bias()
-        destination[prefix + "weight"] = weight
-        destination[prefix + "bias"] = bias
+        return {**super()._state_tensors(), "weight": weight, "bias": bias}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if prefix + "weight" in state_dict:
-            self.set_weight_bias(state_dict.pop(prefix + "weight"), state_dict.pop(prefix + "bias", None))
-        else:
-            missing_keys.append(prefix + "weight")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        super()._set_state_tensors(tensors)
+        self.set_weight_bias(tensors["weight"], tensors["bias"])
 
 
 class QConv(_Packed):
