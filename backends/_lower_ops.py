@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fxopt import meta
 from fxopt.errors import UnsupportedError
-from fxopt.graph_utils import bind_args, get_attr_path, is_observer, unique_name
+from fxopt.graph_utils import bind_args, get_attr_path, is_observer, single_user, unique_name
 from fxopt.quant.nn import FusedModule
 from fxopt.quant.nn import int8 as qm
 from fxopt.quant.observers import make_observer
@@ -207,7 +207,7 @@ class OpLowering:
             self._count("float")
             return
         if follower is not None:
-            self.absorbed.add(next(iter(obs.users)))
+            self.absorbed.add(single_user(obs))
         self._set(node, value, True, qparams)
         self._count(key)
 
@@ -276,7 +276,7 @@ class OpLowering:
 
     def _fold_pad(self, x: torch.fx.Node, pads: list[tuple[int, int]], dim: int):
         """Fold a constant-zero ``F.pad`` feeding only this conv into the conv's padding."""
-        if not (x.op == "call_function" and x.target is F.pad and len(x.users) == 1):
+        if not (x.op == "call_function" and x.target is F.pad and single_user(x) is not None):
             return x, pads
         args = _bind(F.pad, x)
         flat = list(args["pad"])
@@ -342,10 +342,8 @@ class OpLowering:
 
     def _absorbable_activation(self, obs: torch.fx.Node) -> str | None:
         """``relu``/``relu6`` when the observed value's only reader is such an activation in the region."""
-        if len(obs.users) != 1:
-            return None
-        user = next(iter(obs.users))
-        if meta.quant_region(user) is None or not user.args or user.args[0] is not obs:
+        user = single_user(obs)
+        if user is None or meta.quant_region(user) is None or not user.args or user.args[0] is not obs:
             return None
         act = _ACTIVATION_KEYS.get(op_key(user, self.gm))
         if act is None or (op_key(user, self.gm) == "hardtanh" and _hardtanh_bounds(user, self.modules) != (0, 6)):

@@ -1,10 +1,10 @@
 """Dynamic int8 and FP16 latency: float vs fxopt vs torch.ao ``quantize_dynamic`` (the reference).
 
     pytest bench/bench_dynamic.py --benchmark-only          # pytest-benchmark tables
-    python bench/bench_dynamic.py [iters]                   # interleaved ratios + cosines, one process
+    python -m bench.bench_dynamic [iters]                   # interleaved ratios + cosines, one process
 
 Models: the 3-layer LSTM encoder (hidden 256, 160 steps, trained-like weights) and the 6-layer text
-encoder (d_model 384, 6 heads, ff 1536) of ``tests/quant/test_dynamic_models.py``; resnet18 for FP16.
+encoder (d_model 384, 6 heads, ff 1536) of ``bench/models.py``; resnet18 for FP16.
 Batch 1, 2 threads. torch.ao is used only here and in tests, as the reference.
 """
 

@@ -3,7 +3,7 @@
     python -m pytest bench/bench_static.py --benchmark-only
 
 Each group holds float / fxopt / torch.ao for one model and batch size (2 threads, x86 engine).
-Ratios measured interleaved in one process come from ``python bench/static_speed.py``.
+Ratios measured interleaved in one process come from ``python -m bench.static_speed``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Static int8 SQNR vs float: fxopt against torch.ao FX on the torchvision zoo, both engines.
 
-    python bench/quant_numerics.py [--size 96] [--models resnet18,mobilenet_v2]
+    python -m bench.quant_numerics [--size 96] [--models resnet18,mobilenet_v2]
 
 Prints one table; the same comparison runs as a (slow) test in tests/quant/test_zoo_numerics.py.
 """

@@ -1,6 +1,6 @@
 """Static int8 latency: float eager vs fxopt int8 vs torch.ao FX int8, measured interleaved in one process.
 
-    python bench/static_speed.py [--models resnet18,...] [--batches 1,8] [--threads 2] [--backend x86]
+    python -m bench.static_speed [--models resnet18,...] [--batches 1,8] [--threads 2] [--backend x86]
 
 Also times calibration + conversion for both (same calibration data, same observer kind).
 Prints one table of medians and ratios; the pytest-benchmark variant is bench/bench_static.py.

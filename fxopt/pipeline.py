@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import torch
 import torch.fx
 
-from . import meta
 from .errors import NumericsError, PassError, in_pass
 from .pass_base import Pass, PassContext, PassResult, check_result, pass_label
 from .verify import verify

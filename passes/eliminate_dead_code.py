@@ -22,7 +22,6 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassResult
-
 from fxopt.graph_utils import delete_if_unreferenced, is_mutating, is_referenced, module_of, referenced_targets
 
 __all__ = ["EliminateDeadCode"]

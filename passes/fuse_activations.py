@@ -40,9 +40,8 @@ from torch import nn
 
 from fxopt import Pass, PassResult
 from fxopt import meta
-from fxopt.quant.nn.fused import FusedAdd, FusedConv, FusedLinear
-
 from fxopt.graph_utils import call_sites, delete_if_unreferenced, module_of, referenced_targets, unique_attr_name
+from fxopt.quant.nn.fused import FusedAdd, FusedConv, FusedLinear
 
 __all__ = ["FuseActivations"]
 

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from fxopt import Pass, PassResult
 from fxopt import meta
-
-from fxopt.graph_utils import bind_args, bypass_node, delete_if_unreferenced, get_attr_path, has_mutating_user, module_of
+from fxopt.graph_utils import (bind_args, bypass_node, delete_if_unreferenced, get_attr_path, has_mutating_user,
+                               module_of)
 
 __all__ = ["RemoveIdentities"]
 

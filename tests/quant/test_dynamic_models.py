@@ -12,12 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
+from bench.models import LSTMEncoder, TextEncoder, features, fxopt_dynamic, mean_cosine, run_ao, torch_ao_dynamic
 from fxopt import passes as fp
 from fxopt.report import report
-from bench.models import LSTMEncoder, TextEncoder, features, fxopt_dynamic, mean_cosine, run_ao, torch_ao_dynamic
 
 
 def stored_bytes(module: nn.Module) -> int:
