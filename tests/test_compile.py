@@ -149,3 +149,15 @@ def test_no_backend_anywhere_prepares_for_x86_and_explicit_agreement_is_fine():
     with pytest.raises(ValueError, match="prepares the graph for backend 'x86' but compile was asked for "
                                          "backend='qnnpack'"):
         fxopt.compile(model, [fp.InsertQuantStubs(backend="x86")], example_inputs=x, backend="qnnpack")
+
+
+def test_backend_object_with_options_is_what_the_recipe_prepares_for():
+    from fxopt import recipes
+    from fxopt.backends.x86 import X86Backend
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    q = fxopt.compile(model, recipes.static_int8([x]), example_inputs=x, backend=X86Backend(reduce_range=True))
+    config = fxopt.meta.quant_config(q)
+    assert config.backend == "x86" and config.activation_spec.reduce_range  # observers used the object's spec
+    assert fxopt.compare(model, q, [x]).sqnr_db > 20
