@@ -1,25 +1,20 @@
 """Compression on the digits CNN: accuracy, bytes, gzip bytes, batch-1 latency for each recipe.
 
-    .venv/bin/python bench/compress_digits.py
+    .venv/bin/python -m bench.compress_digits
 
 Trains the demo's DigitsCNN (seconds), applies each compression with a short fine-tune (2 epochs of
-``fxopt.demo.train``; variants built by tests/compress_util.py), and prints one table. Single-threaded, so numbers are comparable on a
-busy machine.
+``fxopt.demo.train``; the variants come from bench/compress_models.py), and prints one table.
+Single-threaded, so numbers are comparable on a busy machine.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-import fxopt  # noqa: E402
-from fxopt.demo import accuracy  # noqa: E402
-from compress_util import digits_variants  # noqa: E402
+import fxopt
+from bench.compress_models import digits_variants
+from fxopt.demo import accuracy
 
 
 def main() -> None:

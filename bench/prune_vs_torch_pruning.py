@@ -1,6 +1,6 @@
 """fxopt PruneChannels vs Torch-Pruning (DepGraph, MetaPruner) on the torchvision zoo, in one run.
 
-    .venv/bin/python bench/prune_vs_torch_pruning.py [--size 224] [--rounds 15] [--models resnet18,...]
+    .venv/bin/python -m bench.prune_vs_torch_pruning [--size 224] [--rounds 15] [--models resnet18,...]
 
 Same settings for both: ratio 0.3 per group, L1 magnitude importance, first conv and classifier kept.
 Prints parameters, FLOPs and batch-1 latency (median and min over interleaved rounds: float, Torch-Pruning and
@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torchvision
 from tabulate import tabulate
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from compress_util import prune_both  # noqa: E402
+from bench.compress_models import prune_both
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_x_400mf", "densenet121"]
 

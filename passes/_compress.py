@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._util import set_attr_path
+from fxopt.graph_utils import set_attr_path
 
 __all__ = ["DEFAULT_TYPES", "select_layers", "describe_selection"]
 

@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from fxopt import Pass, PassResult
 
 from ._compress import check_fraction, describe_selection, freeze_selection, select_layers
-from ._util import set_attr_path
+from fxopt.graph_utils import set_attr_path
 
 __all__ = ["LowRankFactorize", "factorize", "choose_rank"]
 

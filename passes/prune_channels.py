@@ -39,7 +39,7 @@ from fxopt.errors import FxoptError
 
 from ._channel_groups import ChannelGraph, Use, analyse, example_inputs_of
 from ._compress import as_tuple, check_fraction
-from ._util import set_attr_path
+from fxopt.graph_utils import set_attr_path
 
 __all__ = ["PruneChannels", "IMPORTANCES"]
 

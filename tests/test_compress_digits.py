@@ -3,17 +3,13 @@ point of float (prune 50%, channels 30%, 16 clusters, low-rank at half the param
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import fxopt
 from fxopt.demo import accuracy
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compress_util import digits_variants  # noqa: E402
+from bench.compress_models import digits_variants
 
 # trains the float model and fine-tunes 4 compressed copies (~25 s of CPU): run with -m slow
 pytestmark = pytest.mark.slow

@@ -3,15 +3,11 @@ least as many parameters, and every group Torch-Pruning prunes but fxopt leaves 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the shared compress_util helpers
-from compress_util import prune_both  # noqa: E402
+from bench.compress_models import prune_both
 
 pytest.importorskip("torch_pruning")
 

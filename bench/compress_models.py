@@ -1,6 +1,8 @@
-"""Shared helpers of the compression tests and benches.
+"""Models and references shared by bench/compress_digits.py, bench/prune_vs_torch_pruning.py and their tests
+(tests/test_compress_digits.py, tests/passes/test_prune_vs_torch_pruning.py).
 
 Fine-tuning uses ``fxopt.demo.train`` (Adam on cross-entropy) until ``fxopt.finetune`` lands from the QAT work.
+Torch-Pruning is the reference for structured pruning (benchmarks and tests only).
 """
 
 from __future__ import annotations
