@@ -15,6 +15,7 @@ from .errors import (
     UnsupportedError,
     VerificationError,
 )
+from .finetune import finetune
 from .meta import records
 from .pass_base import FunctionPass, Pass, PassResult, function_pass
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassManager, PassRecord, TimingInstrument
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile",
     "lower",
+    "finetune",
     "trace",
     "untraced",
     "report",
