@@ -79,6 +79,7 @@ class OpLowering:
         self._fcache: dict[torch.fx.Node, torch.fx.Node] = {}
         self.islands: list[meta.FloatIsland] = []
         self.stats: dict[str, int] = {}
+        self._grid_bits: int | None = None  # weight grid of the QAT layer being lowered
 
     # ---- values -----------------------------------------------------------------------------
     def qvalue(self, node: torch.fx.Node) -> torch.fx.Node:
@@ -217,6 +218,7 @@ class OpLowering:
             act = activation or follower
             qparams = self._clamp(out_qparams, act)
             relu = act is not None and key in _RELU_KERNELS
+            self._grid_bits = None
             value = self._build(node, key, module, qparams, relu)
         except _KeepFloat as why:
             self.islands.append(meta.FloatIsland(node.name, key, str(why)))
@@ -224,6 +226,9 @@ class OpLowering:
             self._set(node, self._copy(node, self.fvalue), False, out_qparams)
             self._count("float")
             return
+        if self._grid_bits is not None and self._grid_bits < 8 and value.op == "call_module":
+            self.root[value.target].weight_bits = self._grid_bits  # int8 storage, coarser grid (for the report)
+            self._count(f"weights_on_{self._grid_bits}bit_grid")
         if follower is not None:
             self.absorbed.add(next(iter(obs.users)))
         self._set(node, value, True, qparams)
@@ -235,13 +240,13 @@ class OpLowering:
             return self._conv(node, key, module, qparams, relu)
         if key == "linear":
             if node.op == "call_module":
-                linear = getattr(module, "linear", module)
+                linear, wq = self._layer_and_weight_qparams(module, "linear", key)
                 x = node.args[0]
             else:
                 args = _bind(F.linear, node)
                 linear = _functional_params(self.gm, args["weight"], args["bias"])
                 x = args["input"]
-            wq = self._weight_qparams(linear.weight, key)
+                wq = self._weight_qparams(linear.weight, key)
             qmod = qm.QLinear.from_float(linear, wq, qparams, relu=relu, engine=engine)
             return self._emit_module(_base(node), qmod, (self.qvalue(x),))
         if key in ("add", "mul"):
@@ -266,7 +271,7 @@ class OpLowering:
     def _conv(self, node, key, module, qparams, relu) -> torch.fx.Node:
         dim = _CONV_KEYS[key]
         if node.op == "call_module":
-            conv = getattr(module, "conv", module)
+            conv, wq = self._layer_and_weight_qparams(module, "conv", key)
             x = node.args[0]
             padding, mode = conv.padding, conv.padding_mode
         else:
@@ -274,6 +279,7 @@ class OpLowering:
             conv = _functional_params(self.gm, args["weight"], args["bias"], args["stride"], args["padding"],
                                       args["dilation"], args["groups"], dim)
             x, padding, mode = args["input"], conv.padding, "zeros"
+            wq = self._weight_qparams(conv.weight, key)
         pads = _explicit_padding(padding, conv, dim)
         if mode != "zeros" and mode != "reflect":
             raise _KeepFloat(f"padding_mode={mode!r} has no int8 kernel")
@@ -288,7 +294,6 @@ class OpLowering:
         extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, sym)]
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
-        wq = self._weight_qparams(conv.weight, key)
         qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self.spec.engine)
         return self._emit_module(_base(node), qmod, (qx,))
 
@@ -310,6 +315,20 @@ class OpLowering:
         return args["input"], pads
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _layer_and_weight_qparams(self, module: nn.Module, attr: str, key: str):
+        """The float layer to lower and its weight qparams.
+
+        A QAT module (``fxopt_lowering()``) hands over its folded, on-grid weights with the qparams its
+        fake quantizer trained with; weight grids under 8 bits are recorded for the report.
+        """
+        lowering = getattr(module, "fxopt_lowering", None)
+        if callable(lowering):
+            layer, wq = lowering()
+            self._grid_bits = int(getattr(module, "grid_bits", 8))
+            return layer, wq
+        layer = getattr(module, attr, module)
+        return layer, self._weight_qparams(layer.weight, key)
+
     def _weight_qparams(self, weight: torch.Tensor, key: str):
         from .lowering import weight_qparams  # noqa: PLC0415 - avoid an import cycle
 

@@ -171,9 +171,14 @@ class QuantizeInput(nn.Module):
 
 
 class _Packed(_QOutput):
-    """Base for modules holding prepacked weights (``self._packed``)."""
+    """Base for modules holding prepacked weights (``self._packed``).
+
+    ``weight_bits`` is the grid the int8 weights lie on: 8, or fewer for weights trained on a coarser
+    grid (QAT with 4-bit weights: int8 storage, values in ``[-8, 7]``); ``fxopt.report`` notes it.
+    """
 
     engine: str | None = None
+    weight_bits: int = 8
     _kept: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _prepack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:  # pragma: no cover

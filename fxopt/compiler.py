@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -14,6 +16,8 @@ from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManag
 from .tracing import as_args, trace
 
 __all__ = ["compile", "lower", "as_args"]
+
+logger = logging.getLogger(__name__)
 
 
 def compile(
@@ -112,6 +116,26 @@ def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
         )
     work = copy.deepcopy(module)
+    _eval_for_lowering(work)
     lowered = backend_obj.lower(work)
     meta.set_records(lowered, meta.records(module))
     return lowered
+
+
+def _eval_for_lowering(work: torch.nn.Module) -> None:
+    """A QAT graph still in training mode is switched to eval (on the copy being lowered), with a warning:
+    the lowered model computes what the QAT model computes in eval mode (BatchNorm running statistics,
+    frozen fake-quant ranges), not what it computes in training mode."""
+    from .quant.fake_quant import FakeQuantize
+
+    training = [name or "(root)" for name, m in work.named_modules() if m.training]
+    if not training or not any(isinstance(m, FakeQuantize) for m in work.modules()):
+        return
+    message = (
+        "fxopt.lower: the QAT module is in training mode; lowering switches it to eval mode (BatchNorm running "
+        "statistics, fake-quant ranges as last observed). Call module.eval() before lowering, and compare the "
+        "lowered model with the eval-mode QAT model."
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)
+    work.eval()
