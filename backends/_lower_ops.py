@@ -155,7 +155,7 @@ class OpLowering:
         if isinstance(module, DeQuantStub):
             self._set(node, self.fvalue(node.args[0]), False, None)
             return
-        if module is not None and _is_observer(module):
+        if module is not None and (_is_observer(module) or getattr(module, "fxopt_lowered_as_identity", False)):
             src = node.args[0]
             self._set(node, self.env[src], src in self.quantized, self.qparams.get(src))
             return

@@ -58,6 +58,7 @@ def compile(
     if check is not False and not args:
         raise ValueError("compile(check=...) needs example_inputs to compare outputs with the original model")
 
+    _refuse_quantization_state(model)
     work = copy.deepcopy(model)
     gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
 
@@ -139,3 +140,25 @@ def _eval_for_lowering(work: torch.nn.Module) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
     logger.warning(message)
     work.eval()
+
+
+def _refuse_quantization_state(model: torch.nn.Module) -> None:
+    """Tracing a prepared / calibrated / QAT module again would silently drop its stubs, observers and
+    fake quantizers (they are identities in float): refuse, and say what to do instead."""
+    from .quant.fake_quant import FakeQuantize
+    from .quant.observers import Observer
+    from .quant.stubs import DeQuantStub, QuantStub
+
+    found = [name for name, m in model.named_modules() if isinstance(m, (Observer, FakeQuantize, QuantStub, DeQuantStub))]
+    if not found:
+        return
+    calibrated = any(isinstance(m, Observer) and m.calibrated for m in model.modules())
+    qat = any(isinstance(m, FakeQuantize) for m in model.modules())
+    state = "prepared for QAT" if qat else ("statically calibrated" if calibrated else "prepared for static int8")
+    from .errors import UnsupportedError
+
+    raise UnsupportedError(
+        f"fxopt.compile got a module that is already {state} ({', '.join(found[:3])}...): compiling it again would "
+        "drop that state. Lower it with fxopt.lower(module, backend), or start QAT / quantization from the float "
+        "model (e.g. fxopt.compile(model, fxopt.recipes.qat()))"
+    )

@@ -34,7 +34,7 @@ from fxopt.errors import UnsupportedError
 from fxopt.pass_base import Pass, PassResult
 from fxopt.quant.stubs import DeQuantStub, QuantConfig, QuantStub
 
-from ._util import call_sites, delete_if_unreferenced, module_of, referenced_targets, set_attr_path
+from ._util import call_sites, delete_if_unreferenced, module_of, referenced_targets, set_attr_path, unique_attr_name
 from .fuse_activations import FuseActivations, _activation
 from .insert_quant_stubs import InsertQuantStubs
 from .place_observers import PlaceObservers
@@ -45,6 +45,26 @@ QAT_ACTIVATION_OBSERVERS = ("moving_average", "minmax")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
 _ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+# share ops whose int8 kernel rounds its result onto the input's grid (the float op does not)
+_ROUNDING_SHARE_OPS = frozenset({"avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+                                 "adaptive_avg_pool2d", "adaptive_avg_pool3d"})
+
+
+def _grid_source(gm, node, spec, fq_type) -> str | None:
+    """The fake quantizer whose grid ``node``'s first input lies on (through value-preserving share ops)."""
+    from fxopt.backends.spec import op_key  # noqa: PLC0415
+
+    current = node.args[0] if node.args else None
+    for _ in range(64):
+        if not isinstance(current, torch.fx.Node) or meta.quant_region(current) is None:
+            return None
+        if current.op == "call_module" and isinstance(gm.get_submodule(current.target), fq_type):
+            return current.target
+        rule = spec.rule(op_key(current, gm))
+        if rule is None or rule.kind != "share" or not current.args:
+            return None
+        current = current.args[0]
+    return None
 
 
 def _narrowed(spec, bits: int):
@@ -128,6 +148,7 @@ class PrepareQAT(Pass):
 
         act_spec = _narrowed(spec.activation, self.activation_bits)
         n_act = self._observers_to_fake_quant(gm, act_spec)
+        n_grid = self._grid_rounding(gm, spec, act_spec)
         n_weight = self._attach_weight_fake_quant(gm, qat_nodes, spec, notes)
         config = meta.quant_config(gm)
         weight_spec = _narrowed(config.weight_spec, self.weight_bits)
@@ -137,7 +158,8 @@ class PrepareQAT(Pass):
                          f"the {self.weight_bits}-bit grid ({spec.name} has no {self.weight_bits}-bit kernels)")
         gm.graph.lint()
         gm.recompile()
-        return PassResult(gm, True, {**stats, "activation_fake_quant": n_act, "weight_fake_quant": n_weight}, notes)
+        return PassResult(gm, True, {**stats, "activation_fake_quant": n_act, "weight_fake_quant": n_weight,
+                                          "grid_rounding": n_grid}, notes)
 
     # ---- 1. conv(+bn)(+act) / linear(+act) -> QAT modules -------------------------------------
     def _swap_layers(self, gm, stats, notes) -> list[torch.fx.Node]:
@@ -217,6 +239,44 @@ class PrepareQAT(Pass):
             if isinstance(observer, Observer):
                 set_attr_path(gm, node.target, self._fake_quant(act_spec, self.activation, observer.name))
                 count += 1
+        return count
+
+    def _grid_rounding(self, gm, spec, act_spec) -> int:
+        """Round where int8 kernels round without an observer: average pooling (onto its input's grid)
+        and fixed-range ops (sigmoid, tanh...: onto their fixed grid)."""
+        from fxopt.backends.spec import op_key  # noqa: PLC0415
+        from fxopt.quant.fake_quant import FakeQuantize  # noqa: PLC0415
+        from fxopt.quant.qat import FixedFakeQuantize, SharedFakeQuantize  # noqa: PLC0415
+
+        count = 0
+        for node in list(gm.graph.nodes):
+            if meta.quant_region(node) is None:
+                continue
+            key = op_key(node, gm)
+            rule = spec.rule(key)
+            if rule is None or not (rule.kind == "fixed" or key in _ROUNDING_SHARE_OPS):
+                continue
+            if rule.kind == "fixed":
+                target = unique_attr_name(gm, f"fxopt_fixed_fq_{node.name}")
+                gm.add_submodule(target, FixedFakeQuantize(act_spec, *rule.fixed_qparams))
+                args: tuple = ()
+                anchor = node
+            else:
+                source = _grid_source(gm, node, spec, FakeQuantize)
+                if source is None:
+                    continue
+                target = unique_attr_name(gm, f"fxopt_shared_fq_{node.name}")
+                gm.add_submodule(target, SharedFakeQuantize(act_spec))
+                with gm.graph.inserting_after(node):
+                    scale = gm.graph.get_attr(f"{source}.scale")
+                with gm.graph.inserting_after(scale):
+                    zero_point = gm.graph.get_attr(f"{source}.zero_point")
+                args, anchor = (scale, zero_point), zero_point
+            with gm.graph.inserting_after(anchor):
+                rounded = gm.graph.call_module(target, (node, *args))
+            node.replace_all_uses_with(rounded, delete_user_cb=lambda user: user is not rounded)
+            meta.set_quant_region(rounded, spec.name)
+            count += 1
         return count
 
     # ---- 3. weight fake quantizers --------------------------------------------------------------

@@ -26,9 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fake_quant import FakeQuantize, LearnableFakeQuantize
+from .fake_quant import FakeQuantize, LearnableFakeQuantize, fake_quantize
+from .spec import QSpec
 
-__all__ = ["QATFakeQuantize", "QATLearnableFakeQuantize", "QATConv", "QATLinear", "freeze_bn", "is_qat_module"]
+__all__ = ["QATFakeQuantize", "QATLearnableFakeQuantize", "SharedFakeQuantize", "FixedFakeQuantize", "QATConv",
+           "QATLinear", "freeze_bn", "is_qat_module"]
 
 
 def _distributed() -> bool:
@@ -101,6 +103,48 @@ class QATLearnableFakeQuantize(_QATSchedule, LearnableFakeQuantize):
     def __init__(self, observer=None, *, freeze_after: int | None = None, **kwargs):
         super().__init__(observer, **kwargs)
         self._setup_schedule(freeze_after)
+
+
+class _GridRounding(nn.Module):
+    """Rounding to a grid that no observer chooses; an identity once lowered (the int8 kernel rounds)."""
+
+    fxopt_lowered_as_identity = True
+
+    def __init__(self, spec: QSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.fake_quant_enabled = True
+
+    def enable_fake_quant(self, enabled: bool = True) -> "_GridRounding":
+        self.fake_quant_enabled = bool(enabled)
+        return self
+
+
+class SharedFakeQuantize(_GridRounding):
+    """Rounds the output of a value-changing op that int8 runs with its input's qparams (average pooling).
+
+    The int8 kernel of ``avg_pool`` rounds the mean onto the input's grid; this does the same in the QAT
+    graph, with the scale / zero point of the input's fake quantizer passed in as graph inputs.
+    """
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled or not x.is_floating_point():
+            return x
+        return fake_quantize(x, scale.detach(), zero_point, self.spec)
+
+
+class FixedFakeQuantize(_GridRounding):
+    """Rounds onto the fixed output grid of an int8 kernel (sigmoid: scale 1/256, zero point 0)."""
+
+    def __init__(self, spec: QSpec, scale: float, zero_point: int) -> None:
+        super().__init__(spec)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("zero_point", torch.tensor(int(zero_point), dtype=torch.int64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled or not x.is_floating_point():
+            return x
+        return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
 
 def _grid_bits(fq: FakeQuantize) -> int:
