@@ -236,20 +236,10 @@ class QATConv(_QATWeighted):
             y = y / self._per_channel(self._bn_factor(), y, 1)  # undo the folding: BN sees conv(x) ...
             if self.conv.bias is not None:
                 y = y + self._per_channel(self.conv.bias, y, 1)
-            y = self._batch_norm(y)  # ... normalised with the batch statistics
+            y = self.bn(y)  # ... normalised with the batch statistics (and updating the running ones)
         else:
             y = self.conv._conv_forward(x, wq, b)
         return self.activation(y) if self.activation is not None else y
-
-    def _batch_norm(self, y: torch.Tensor) -> torch.Tensor:
-        bn = self.bn
-        momentum = bn.momentum
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-        return F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
-                            0.1 if momentum is None else momentum, bn.eps)
 
     def fxopt_lowering(self) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
         """A plain conv with the on-grid folded weights and folded bias, and the weight qparams."""
