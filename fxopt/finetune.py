@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FxoptError
+from .quant.qat import is_distributed
 
 __all__ = ["finetune", "distillation_loss"]
 
@@ -80,7 +81,7 @@ def finetune(
         raise FxoptError(f"temperature must be > 0, got {temperature}")
     if teacher is None:
         alpha = 0.0  # no teacher: labels only
-    distributed = _distributed()
+    distributed = is_distributed()
     model = module
     if distributed and not isinstance(module, nn.parallel.DistributedDataParallel):
         model = nn.parallel.DistributedDataParallel(module)
@@ -248,11 +249,6 @@ def _hits(out: torch.Tensor, target: Any) -> tuple[int, int] | None:
 
 # ---- distributed --------------------------------------------------------------------------------
 
-def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def _agree_on_steps(data: Iterable[Any], steps: int | None, epochs: int, distributed: bool) -> int | None:
     """Every rank must take the same number of steps (DDP's all-reduces would hang otherwise)."""
     if not distributed or steps is not None:
@@ -282,5 +278,5 @@ def _progress_bar(total: int | None, enabled: bool | None):
         from tqdm.auto import tqdm  # noqa: PLC0415
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return None
-    return tqdm(total=total, desc="fxopt finetune", unit="step", leave=False, disable=None if enabled is None
+    return tqdm(total=total, desc="fxopt finetune", unit="step", leave=True, disable=None if enabled is None
                 else not enabled)

@@ -112,3 +112,12 @@ def test_no_data_is_a_clear_error(data):
 def test_bare_inputs_without_teacher_is_a_clear_error():
     with pytest.raises(fxopt.FxoptError, match=r"\(inputs, target\) pairs, or bare inputs together with a teacher"):
         fxopt.finetune(_net(), [torch.randn(4, 8)], steps=1, progress=False)
+
+
+def test_progress_bar_shows_loss_and_accuracy(capsys):
+    x, y = _blobs(64)
+    fxopt.finetune(_net(), _batches(x, y), steps=3, lr=1e-2, progress=True)
+    err = capsys.readouterr().err
+    assert "fxopt finetune" in err and "loss=" in err and "acc=" in err
+    fxopt.finetune(_net(), _batches(x, y), steps=3, lr=1e-2)  # default: off when stderr is not a terminal
+    assert "fxopt finetune" not in capsys.readouterr().err

@@ -30,10 +30,11 @@ from .fake_quant import FakeQuantize, LearnableFakeQuantize, fake_quantize
 from .spec import QSpec
 
 __all__ = ["QATFakeQuantize", "QATLearnableFakeQuantize", "SharedFakeQuantize", "FixedFakeQuantize", "QATConv",
-           "QATLinear", "freeze_bn", "is_qat_module"]
+           "QATLinear", "freeze_bn", "is_qat_module", "is_distributed"]
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """A torch.distributed process group with more than one rank is initialised."""
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -76,7 +77,7 @@ class _QATSchedule:
         return super().forward(x)
 
     def _observe(self, x: torch.Tensor) -> None:
-        if _distributed() and torch.is_grad_enabled() and self.training:
+        if is_distributed() and torch.is_grad_enabled() and self.training:
             x = _global_extremes(x, self.spec.axis)
         super()._observe(x)
 

@@ -250,3 +250,9 @@ def test_qat_then_finetune_with_distillation_then_lower(net):
     assert not q.training
     low = fxopt.lower(q, "x86")
     assert _sqnr(q, low, data[0]) > 35
+
+
+def test_recipe_is_a_plain_list_with_the_options():
+    passes = recipes.qat(weight_bits=4, learnable=True, freeze_bn_after=3, freeze_observers_after=5)
+    assert passes == [fp.PrepareQAT(weight_bits=4, learnable=True, freeze_bn_after=3, freeze_observers_after=5)]
+    assert passes[0].target == "x86" and fp.PrepareQAT(backend="qnnpack").target == "qnnpack"
