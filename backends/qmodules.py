@@ -213,7 +213,16 @@ class _Packed(_QOutput):
     def fxopt_state(self) -> dict:
         weight, bias = self.weight_bias()
         return {**super().fxopt_state(), "weight": qtensor_state(weight), "bias": bias, "relu": self.relu,
-                "engine": self.engine}
+                "engine": self.engine, "weight_bits": self.weight_bits}
+
+    def _with_weight_bits(self, state: dict) -> "_Packed":
+        """Restore the weight grid recorded by ``fxopt_state`` (files written before it existed: 8)."""
+        bits = state.get("weight_bits", 8)
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"weight_bits must be an int in [2, 8], got {bits!r}")
+        if bits != 8:
+            self.weight_bits = bits
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -279,7 +288,8 @@ class QConv(_Packed):
     def fxopt_from_state(cls, state: dict) -> "QConv":
         return cls(int(state["dim"]), qtensor_from_state(state["weight"]), state["bias"], state["stride"],
                    state["padding"], state["dilation"], int(state["groups"]), float(state["scale"]),
-                   int(state["zero_point"]), relu=bool(state["relu"]), engine=_local_engine(state["engine"]))
+                   int(state["zero_point"]), relu=bool(state["relu"]),
+                   engine=_local_engine(state["engine"]))._with_weight_bits(state)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
@@ -315,7 +325,8 @@ class QLinear(_Packed):
     @classmethod
     def fxopt_from_state(cls, state: dict) -> "QLinear":
         return cls(qtensor_from_state(state["weight"]), state["bias"], float(state["scale"]),
-                   int(state["zero_point"]), relu=bool(state["relu"]), engine=_local_engine(state["engine"]))
+                   int(state["zero_point"]), relu=bool(state["relu"]),
+                   engine=_local_engine(state["engine"]))._with_weight_bits(state)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, {super().extra_repr()}"

@@ -164,7 +164,7 @@ def test_lowered_matches_qat_eval_within_one_step(net, backend):
 
 
 @pytest.mark.parametrize("backend,grid", [("x86", (-8, 7)), ("qnnpack", (-7, 7))])
-def test_four_bit_weights_are_int8_on_the_four_bit_grid(net, backend, grid):
+def test_four_bit_weights_are_int8_on_the_four_bit_grid(net, backend, grid, tmp_path):
     q = _train(_prepare(net, backend=backend, weight_bits=4))
     assert any("4-bit grid" in n for n in fxopt.records(q)[-1].notes)
     low = fxopt.lower(q, backend)
@@ -177,6 +177,11 @@ def test_four_bit_weights_are_int8_on_the_four_bit_grid(net, backend, grid):
     x = torch.randn(8, 3, 12, 12)
     with torch.no_grad():
         assert _sqnr(q, low, x) > 35
+    fxopt.save(low, tmp_path / "int4.pt")  # the grid survives saving
+    restored = fxopt.load(tmp_path / "int4.pt")
+    with torch.no_grad():
+        assert torch.equal(restored(x), low(x))
+    assert str(fxopt.report(restored)).count("int8 storage of 4-bit weights") == len(layers)
 
 
 def test_learnable_scales_are_trained_and_lowered(net):
