@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FxoptError
-from .quant.qat import is_distributed
+from .quant.nn.qat import is_distributed
 
 __all__ = ["finetune", "distillation_loss"]
 

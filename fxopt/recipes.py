@@ -21,12 +21,13 @@ def static_int8(
     *,
     observer: str = "histogram",
     per_channel: bool = True,
-    backend: str = "x86",
+    backend: str | None = None,
     num_batches: int | None = None,
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
-    Compile with the same ``backend`` to lower: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="x86")``.
+    The recipe does not fix the backend: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="qnnpack")``
+    prepares for qnnpack (x86 when compile names none). ``backend=`` pins one; compile must then agree.
     """
     return fuse() + [
         fp.InsertQuantStubs(backend=backend),
@@ -58,7 +59,8 @@ def qat(
     """Quantization-aware training: a trainable fake-quant graph (Conv+BN trained folded, STE, optional LSQ).
 
     Train the compiled module (an ordinary loop or ``fxopt.finetune(qat_model, data, teacher=float_model)``),
-    then ``fxopt.lower(qat_model.eval(), backend)``. ``backend=None``: x86 until compile hands the target over.
+    then ``fxopt.lower(qat_model.eval(), backend)``. The recipe follows compile's ``backend`` (x86 when none is
+    named); ``backend=`` pins one.
     """
     return [
         fp.PrepareQAT(backend=backend, weight_bits=weight_bits, activation_bits=activation_bits,

@@ -23,7 +23,7 @@ statistics / the observers stop updating (``None``: never; :func:`fxopt.quant.qa
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
@@ -31,10 +31,12 @@ from torch import nn
 
 from fxopt import meta
 from fxopt.errors import UnsupportedError
-from fxopt.pass_base import Pass, PassResult
+from fxopt import registry
+from fxopt.pass_base import Pass, PassContext, PassResult
 from fxopt.quant.stubs import DeQuantStub, QuantConfig, QuantStub
 
-from ._util import call_sites, delete_if_unreferenced, module_of, referenced_targets, set_attr_path, unique_attr_name
+from fxopt.graph_utils import (call_sites, delete_if_unreferenced, module_of, referenced_targets, set_attr_path,
+                                unique_attr_name)
 from .fuse_activations import FuseActivations, _activation
 from .insert_quant_stubs import InsertQuantStubs
 from .place_observers import PlaceObservers
@@ -84,7 +86,8 @@ class PrepareQAT(Pass):
 
     name: ClassVar[str] = "prepare-qat"
 
-    backend: str | None = None
+    # None: the backend the pipeline targets (compile/lower's ``backend``), x86 when none is named
+    backend: Any = None
     weight_bits: int = 8
     activation_bits: int = 8
     per_channel: bool = True
@@ -105,10 +108,20 @@ class PrepareQAT(Pass):
             if n is not None and (not isinstance(n, int) or n < 0):
                 raise ValueError(f"{what} must be None or an int >= 0, got {n!r}")
 
+    def with_context(self, context: PassContext) -> "PrepareQAT":
+        if self.backend is None:
+            return replace(self, backend=context.target_backend)
+        if context.backend is not None and not registry.same(self.backend, context.backend):
+            raise ValueError(
+                f"pass {self.name!r} prepares the graph for backend {self.backend!r} but compile was asked for "
+                f"backend={registry.get(context.backend).name!r}; name the backend once, in compile (recipes.qat() "
+                "follows it), or use the same one in both")
+        return self
+
     @property
-    def target(self) -> str:
-        """The backend prepared for: ``backend``, else x86 (until compile hands passes its target)."""
-        return self.backend or "x86"
+    def target(self) -> Any:
+        """The backend prepared for: ``backend``, else the default (x86) when no pipeline named one."""
+        return self.backend if self.backend is not None else PassContext.DEFAULT_BACKEND
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         from fxopt.quant.fake_quant import FakeQuantize  # noqa: PLC0415
@@ -129,22 +142,19 @@ class PrepareQAT(Pass):
             )
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxopt import backends  # noqa: PLC0415 - passes may read a backend's spec
+        from fxopt.backends.lowering import int8_spec  # noqa: PLC0415 - passes may read a backend's spec
 
-        spec = getattr(backends.get(self.target), "spec", None)
-        if spec is None:
-            raise UnsupportedError(f"backend {self.target!r} has no int8 support table; QAT needs one of the "
-                                   "PyTorch int8 backends ('x86', 'qnnpack')")
+        spec = int8_spec(self.target)
         notes: list[str] = []
         stats = {"conv_bn": 0, "conv": 0, "linear": 0}
         qat_nodes = self._swap_layers(gm, stats, notes)
         FuseActivations()(gm)  # add + relu -> FusedAdd, as static int8 lowering expects
-        stubs = InsertQuantStubs(backend=spec.name)(gm)
+        stubs = InsertQuantStubs(backend=self.target)(gm)
         notes += stubs.notes
         if not stubs.modified:
             notes.append(f"no op runs in int8 on {spec.name}: nothing to fake-quantize")
             return PassResult(gm, bool(qat_nodes), {**stats, "fake_quant": 0}, notes)
-        PlaceObservers(activation=self.activation, per_channel=self.per_channel)(gm)
+        PlaceObservers(activation=self.activation, per_channel=self.per_channel, backend=self.target)(gm)
 
         act_spec = _narrowed(spec.activation, self.activation_bits)
         n_act = self._observers_to_fake_quant(gm, act_spec)
@@ -163,7 +173,7 @@ class PrepareQAT(Pass):
 
     # ---- 1. conv(+bn)(+act) / linear(+act) -> QAT modules -------------------------------------
     def _swap_layers(self, gm, stats, notes) -> list[torch.fx.Node]:
-        from fxopt.quant.qat import QATConv, QATLinear  # noqa: PLC0415
+        from fxopt.quant.nn.qat import QATConv, QATLinear  # noqa: PLC0415
 
         swapped = []
         dropped: list[str] = []
@@ -223,7 +233,7 @@ class PrepareQAT(Pass):
     # ---- 2. activation observers -> fake quantizers --------------------------------------------
     def _fake_quant(self, spec, kind: str, name: str, *, averaging: float | None = None):
         from fxopt.quant.observers import make_observer  # noqa: PLC0415
-        from fxopt.quant.qat import QATFakeQuantize, QATLearnableFakeQuantize  # noqa: PLC0415
+        from fxopt.quant.nn.qat import QATFakeQuantize, QATLearnableFakeQuantize  # noqa: PLC0415
 
         options = {} if averaging is None else {"averaging_constant": averaging}
         observer = make_observer(kind, spec, name=name, **options)
@@ -246,7 +256,7 @@ class PrepareQAT(Pass):
         and fixed-range ops (sigmoid, tanh...: onto their fixed grid)."""
         from fxopt.backends.spec import op_key  # noqa: PLC0415
         from fxopt.quant.fake_quant import FakeQuantize  # noqa: PLC0415
-        from fxopt.quant.qat import FixedFakeQuantize, SharedFakeQuantize  # noqa: PLC0415
+        from fxopt.quant.nn.qat import FixedFakeQuantize, SharedFakeQuantize  # noqa: PLC0415
 
         count = 0
         for node in list(gm.graph.nodes):
@@ -287,7 +297,7 @@ class PrepareQAT(Pass):
             if meta.quant_region(node) is None:
                 notes.append(f"{node.name}: stays float on {spec.name}, weights not fake-quantized")
                 continue
-            rule = spec.rule(qat.fxopt_op_key)
+            rule = spec.rule(qat.op_key)
             per_channel = self.per_channel and bool(rule and rule.per_channel)
             wspec = _narrowed(spec.weight if per_channel else spec.weight_per_tensor, self.weight_bits)
             # the observer sees the current weights on every training step (averaging 1.0 = no history)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import fxopt
 from fxopt import recipes
 from fxopt.demo import accuracy, load_digits_tensors, train
-from fxopt.quant.qat import freeze_bn
+from fxopt.quant.nn.qat import freeze_bn
 
 
 def _cbr(cin, cout, groups=1, k=3):

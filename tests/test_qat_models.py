@@ -16,7 +16,7 @@ import torchvision
 import fxopt
 from fxopt import recipes
 from fxopt.compare import sqnr_db
-from fxopt.quant.qat import QATConv
+from fxopt.quant.nn.qat import QATConv
 
 PX = 64
 

@@ -15,7 +15,7 @@ from fxopt import recipes
 from fxopt.compare import sqnr_db
 from fxopt.quant.fake_quant import FakeQuantize, set_fake_quant
 from fxopt.quant.observers import Observer
-from fxopt.quant.qat import QATConv, QATFakeQuantize, QATLearnableFakeQuantize, QATLinear, freeze_bn
+from fxopt.quant.nn.qat import QATConv, QATFakeQuantize, QATLearnableFakeQuantize, QATLinear, freeze_bn
 
 
 class Net(nn.Module):

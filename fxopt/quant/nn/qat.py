@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fake_quant import FakeQuantize, LearnableFakeQuantize, fake_quantize
-from .spec import QSpec
+from ..fake_quant import FakeQuantize, LearnableFakeQuantize, fake_quantize
+from ..spec import QSpec
+from .base import FusedModule
 
 __all__ = ["QATFakeQuantize", "QATLearnableFakeQuantize", "SharedFakeQuantize", "FixedFakeQuantize", "QATConv",
            "QATLinear", "freeze_bn", "is_qat_module", "is_distributed"]
@@ -152,10 +153,19 @@ def _grid_bits(fq: FakeQuantize) -> int:
     return max(1, math.ceil(math.log2(fq.spec.qmax - fq.spec.qmin + 1)))
 
 
-class _QATWeighted(nn.Module):
-    """Shared parts of QATConv / QATLinear: the weight fake quantizer and the lowering hand-off."""
+class _QATWeighted(FusedModule):
+    """Shared parts of QATConv / QATLinear: the weight fake quantizer and the lowering hand-off.
+
+    A :class:`FusedModule` to backends: ``op_key`` is the conv / linear, ``inner`` that layer and
+    ``activation_kind`` the fused ReLU / ReLU6 (``None`` without one).
+    """
 
     weight_fake_quant: FakeQuantize | None
+    activation: nn.Module | None
+
+    @property
+    def activation_kind(self) -> str | None:
+        return None if self.activation is None else super().activation_kind
 
     def _fq(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.weight_fake_quant is None else self.weight_fake_quant(w)
@@ -197,8 +207,12 @@ class QATConv(_QATWeighted):
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
 
     @property
-    def fxopt_op_key(self) -> str:
+    def op_key(self) -> str:
         return f"conv{self.conv.weight.dim() - 2}d"
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.conv
 
     def _bn_factor(self) -> torch.Tensor:
         bn = self.bn
@@ -254,7 +268,13 @@ class QATConv(_QATWeighted):
 class QATLinear(_QATWeighted):
     """``activation(linear(x))`` with fake-quantized weights (``activation`` optional)."""
 
-    fxopt_op_key = "linear"
+    @property
+    def op_key(self) -> str:
+        return "linear"
+
+    @property
+    def inner(self) -> nn.Module:
+        return self.linear
 
     def __init__(self, linear: nn.Linear, activation: nn.Module | None = None,
                  weight_fake_quant: FakeQuantize | None = None) -> None:
