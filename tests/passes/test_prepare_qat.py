@@ -261,3 +261,15 @@ def test_recipe_is_a_plain_list_with_the_options():
     passes = recipes.qat(weight_bits=4, learnable=True, freeze_bn_after=3, freeze_observers_after=5)
     assert passes == [fp.PrepareQAT(weight_bits=4, learnable=True, freeze_bn_after=3, freeze_observers_after=5)]
     assert passes[0].target == "x86" and fp.PrepareQAT(backend="qnnpack").target == "qnnpack"
+
+
+def test_follows_the_pipeline_backend_unless_pinned(net):
+    from fxopt import meta
+    from fxopt.pass_base import PassContext
+
+    gm = fxopt.trace(net, (torch.randn(1, 3, 12, 12),))
+    fp.PrepareQAT()(gm, PassContext("qnnpack"))
+    assert meta.backend_of(gm) == "qnnpack"
+    assert int(gm.get_submodule("stem.0").weight_fake_quant.spec.qmin) == -127  # qnnpack's weight range
+    with pytest.raises(ValueError, match="prepares the graph for backend 'x86' but compile was asked"):
+        fp.PrepareQAT(backend="x86").with_context(PassContext("qnnpack"))
