@@ -8,7 +8,11 @@ import torch
 
 from fxopt import passes as fp
 
+<<<<<<< HEAD
 __all__ = ["fuse", "static_int8", "dynamic_int8", "fp16", "prune", "cluster", "low_rank"]
+=======
+__all__ = ["fuse", "static_int8", "dynamic_int8", "fp16", "qat"]
+>>>>>>> main
 
 
 def fuse() -> list:
@@ -46,6 +50,7 @@ def fp16() -> list:
     return [fp.RemoveIdentities(), fp.FoldBatchNorm(), fp.ConvertFP16()]
 
 
+<<<<<<< HEAD
 def prune(sparsity: float, *, structured: bool = False, scope: str = "global", schedule=None) -> list:
     """Pruning. Unstructured (default): magnitude masks kept as parametrizations, ready for fine-tuning
     (``fp.ApplyMasks()`` bakes them; add it before ``static_int8``). ``structured=True``: remove
@@ -64,3 +69,26 @@ def cluster(n_clusters: int, *, per_channel: bool = False, preserve_sparsity: bo
 def low_rank(*, rank_ratio: float | None = None, energy: float | None = None) -> list:
     """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given)."""
     return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy)]
+=======
+def qat(
+    *,
+    backend: str | None = None,
+    weight_bits: int = 8,
+    activation_bits: int = 8,
+    per_channel: bool = True,
+    learnable: bool = False,
+    freeze_bn_after: int | None = None,
+    freeze_observers_after: int | None = None,
+) -> list:
+    """Quantization-aware training: a trainable fake-quant graph (Conv+BN trained folded, STE, optional LSQ).
+
+    Train the compiled module (an ordinary loop or ``fxopt.finetune(qat_model, data, teacher=float_model)``),
+    then ``fxopt.lower(qat_model.eval(), backend)``. The recipe follows compile's ``backend`` (x86 when none is
+    named); ``backend=`` pins one.
+    """
+    return [
+        fp.PrepareQAT(backend=backend, weight_bits=weight_bits, activation_bits=activation_bits,
+                      per_channel=per_channel, learnable=learnable, freeze_bn_after=freeze_bn_after,
+                      freeze_observers_after=freeze_observers_after),
+    ]
+>>>>>>> main

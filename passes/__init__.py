@@ -19,6 +19,7 @@ _PASSES: dict[str, str] = {
     "Calibrate": "calibrate",
     "QuantizeDynamic": "quantize_dynamic",
     "ConvertFP16": "convert_fp16",
+    "PrepareQAT": "prepare_qat",
     "PruneMagnitude": "prune_magnitude",
     "ApplyMasks": "apply_masks",
     "PruneChannels": "prune_channels",
