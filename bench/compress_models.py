@@ -1,7 +1,7 @@
 """Models and references shared by bench/compress_digits.py, bench/prune_vs_torch_pruning.py and their tests
 (tests/test_compress_digits.py, tests/passes/test_prune_vs_torch_pruning.py).
 
-Fine-tuning uses ``fxopt.demo.train`` (Adam on cross-entropy) until ``fxopt.finetune`` lands from the QAT work.
+Fine-tuning is ``fxopt.finetune`` (Adam on cross-entropy) on shuffled batches of the training set.
 Torch-Pruning is the reference for structured pruning (benchmarks and tests only).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import fxopt
 from fxopt import passes as fp, recipes
@@ -58,19 +57,21 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
     example = (xte[:1],)
     calib = [xtr[i : i + 32] for i in range(0, 256, 32)]
 
+    gen = torch.Generator().manual_seed(1)
+    batches = [(xtr[idx], ytr[idx]) for _ in range(finetune_epochs)
+               for idx in torch.randperm(len(xtr), generator=gen).split(64)]
+
     def tuned(passes):
         gm = fxopt.compile(model, passes, example_inputs=example)
-        return train(gm, xtr, ytr, epochs=finetune_epochs, lr=1e-3, seed=0)
+        return fxopt.finetune(gm, batches, lr=1e-3)
 
     pruned = tuned(recipes.prune(0.5))
     # gradual pruning to 80%: TF-MOT's polynomial schedule, advanced after every optimizer step
     gradual = fxopt.compile(model, recipes.prune(0.8, schedule=PolynomialDecay(initial_sparsity=0.3, end_step=30,
                                                                                frequency=5)), example_inputs=example)
-    hook = register_optimizer_step_post_hook(pruning_hook(gradual))
-    try:
-        train(gradual, xtr, ytr, epochs=finetune_epochs, lr=1e-3, seed=0)
-    finally:
-        hook.remove()
+    opt = torch.optim.Adam([p for p in gradual.parameters() if p.requires_grad], lr=1e-3)
+    opt.register_step_post_hook(pruning_hook(gradual))
+    fxopt.finetune(gradual, batches, optimizer=opt)
     channels = tuned(recipes.prune(0.3, structured=True))
     clustered = tuned(recipes.cluster(16))
     # the 1-channel first conv and the 10-way classifier hold 1% of the weights: factorizing them only hurts

@@ -8,11 +8,7 @@ import torch
 
 from fxopt import passes as fp
 
-<<<<<<< HEAD
-__all__ = ["fuse", "static_int8", "dynamic_int8", "fp16", "prune", "cluster", "low_rank"]
-=======
-__all__ = ["fuse", "static_int8", "dynamic_int8", "fp16", "qat"]
->>>>>>> main
+__all__ = ["fuse", "static_int8", "dynamic_int8", "fp16", "qat", "prune", "cluster", "low_rank"]
 
 
 def fuse() -> list:
@@ -50,26 +46,6 @@ def fp16() -> list:
     return [fp.RemoveIdentities(), fp.FoldBatchNorm(), fp.ConvertFP16()]
 
 
-<<<<<<< HEAD
-def prune(sparsity: float, *, structured: bool = False, scope: str = "global", schedule=None) -> list:
-    """Pruning. Unstructured (default): magnitude masks kept as parametrizations, ready for fine-tuning
-    (``fp.ApplyMasks()`` bakes them; add it before ``static_int8``). ``structured=True``: remove
-    ``sparsity`` of the channels of every prunable dependency group (needs ``example_inputs``)."""
-    if structured:
-        return [fp.PruneChannels(sparsity)]
-    return [fp.PruneMagnitude(sparsity, scope=scope, schedule=schedule)]
-
-
-def cluster(n_clusters: int, *, per_channel: bool = False, preserve_sparsity: bool = True) -> list:
-    """Weight sharing: every layer's weights take one of ``n_clusters`` trainable centroid values
-    (``fp.ApplyMasks()`` bakes them)."""
-    return [fp.ClusterWeights(n_clusters, per_channel=per_channel, preserve_sparsity=preserve_sparsity)]
-
-
-def low_rank(*, rank_ratio: float | None = None, energy: float | None = None) -> list:
-    """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given)."""
-    return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy)]
-=======
 def qat(
     *,
     backend: str | None = None,
@@ -91,4 +67,23 @@ def qat(
                       per_channel=per_channel, learnable=learnable, freeze_bn_after=freeze_bn_after,
                       freeze_observers_after=freeze_observers_after),
     ]
->>>>>>> main
+
+
+def prune(sparsity: float, *, structured: bool = False, scope: str = "global", schedule=None) -> list:
+    """Pruning. Unstructured (default): magnitude masks kept as parametrizations, ready for fine-tuning
+    (``fp.ApplyMasks()`` bakes them; add it before ``static_int8``). ``structured=True``: remove
+    ``sparsity`` of the channels of every prunable dependency group (needs ``example_inputs``)."""
+    if structured:
+        return [fp.PruneChannels(sparsity)]
+    return [fp.PruneMagnitude(sparsity, scope=scope, schedule=schedule)]
+
+
+def cluster(n_clusters: int, *, per_channel: bool = False, preserve_sparsity: bool = True) -> list:
+    """Weight sharing: every layer's weights take one of ``n_clusters`` trainable centroid values
+    (``fp.ApplyMasks()`` bakes them)."""
+    return [fp.ClusterWeights(n_clusters, per_channel=per_channel, preserve_sparsity=preserve_sparsity)]
+
+
+def low_rank(*, rank_ratio: float | None = None, energy: float | None = None) -> list:
+    """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given)."""
+    return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy)]
