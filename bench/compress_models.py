@@ -58,12 +58,13 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
     calib = [xtr[i : i + 32] for i in range(0, 256, 32)]
 
     gen = torch.Generator().manual_seed(1)
-    batches = [(xtr[idx], ytr[idx]) for _ in range(finetune_epochs)
+    batches = [(xtr[idx], ytr[idx]) for _ in range(finetune_epochs + 1)
                for idx in torch.randperm(len(xtr), generator=gen).split(64)]
+    steps = finetune_epochs * len(batches) // (finetune_epochs + 1)
 
-    def tuned(passes):
+    def tuned(passes, lr=1e-3):
         gm = fxopt.compile(model, passes, example_inputs=example)
-        return fxopt.finetune(gm, batches, lr=1e-3)
+        return fxopt.finetune(gm, batches[:steps], lr=lr)
 
     pruned = tuned(recipes.prune(0.5))
     # gradual pruning to 80%: TF-MOT's polynomial schedule, advanced after every optimizer step
@@ -71,9 +72,9 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
                                                                                frequency=5)), example_inputs=example)
     opt = torch.optim.Adam([p for p in gradual.parameters() if p.requires_grad], lr=1e-3)
     opt.register_step_post_hook(pruning_hook(gradual))
-    fxopt.finetune(gradual, batches, optimizer=opt)
+    fxopt.finetune(gradual, batches, optimizer=opt)  # one epoch more: the masks keep growing until step 30
     channels = tuned(recipes.prune(0.3, structured=True))
-    clustered = tuned(recipes.cluster(16))
+    clustered = tuned(recipes.cluster(16), lr=1e-4)  # centroids need a small step (TF-MOT advises the same)
     # the 1-channel first conv and the 10-way classifier hold 1% of the weights: factorizing them only hurts
     low = tuned([fp.LowRankFactorize(rank_ratio=0.5, exclude=("features.0", "classifier"))])
     variants = [

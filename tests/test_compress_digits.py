@@ -11,7 +11,7 @@ from fxopt.demo import accuracy
 
 from bench.compress_models import digits_variants
 
-# trains the float model and fine-tunes 4 compressed copies (~25 s of CPU): run with -m slow
+# trains the float model and fine-tunes 6 compressed copies (~30 s of CPU): run with -m slow
 pytestmark = pytest.mark.slow
 
 
