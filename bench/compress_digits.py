@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.compress_digits
 
 Trains the demo's DigitsCNN (seconds), applies each compression with a short fine-tune (2 epochs of
-``fxopt.demo.train``; the variants come from bench/compress_models.py), and prints one table.
+``fxopt.finetune``; the variants come from bench/compress_models.py), and prints one table.
 Single-threaded, so numbers are comparable on a busy machine.
 """
 
