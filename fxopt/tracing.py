@@ -34,7 +34,7 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import meta
+from . import export_frontend, meta
 from .errors import TraceError
 from .tracers import LeafTracer, ValueTracer, user_location
 
@@ -66,6 +66,8 @@ def trace(
         raise ValueError(f"unknown trace mode {mode!r}; choose one of {', '.join(MODES)}")
     args = as_args(example_inputs)
     requested = _requested_leaves(model, leaf_modules)
+    if isinstance(model, torch.fx.GraphModule) and mode != "export" and not requested:
+        return _already_traced(model, args)
     if mode == "export":
         if requested:
             raise TraceError('leaf_modules needs mode="auto" or mode="symbolic"; torch.export has no leaves')
@@ -79,6 +81,15 @@ def trace(
         _propagate_shapes(gm, args)
     log.info("traced %s (%s): %d nodes, %d leaves", type(model).__name__, mode, len(gm.graph.nodes), len(leaves))
     return gm
+
+
+def _already_traced(gm: torch.fx.GraphModule, args: tuple) -> torch.fx.GraphModule:
+    """A GraphModule (``fxopt.trace``'s, torch.export's) is a graph already: tracing it again would lose
+    what its own code generator does (torch.export's output pytree: the output's type). A copy of it."""
+    copied = copy.deepcopy(gm)
+    if args:
+        _propagate_shapes(copied, args)
+    return copied
 
 
 def untraced(gm: torch.nn.Module) -> list[str]:
@@ -141,8 +152,18 @@ def _untouched(module: torch.nn.Module) -> Iterator[None]:
         finally:
             with torch.no_grad():
                 for name, buf in module.named_buffers():
-                    if name in saved and buf.shape == saved[name].shape:
-                        buf.copy_(saved[name])
+                    if name in saved and buf.shape == saved[name].shape and not torch.equal(buf, saved[name]):
+                        _restore_buffer(module, name, buf, saved[name])
+
+
+def _restore_buffer(module: torch.nn.Module, name: str, buf: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write ``saved`` back into ``buf``; a buffer whose elements share memory (an expanded tensor, such
+    as transformers' ``position_ids``) cannot be written in place and is replaced instead."""
+    if torch._debug_has_internal_overlap(buf) == 0:  # 0: no overlap
+        buf.copy_(saved)
+        return
+    owner_path, _, attr = name.rpartition(".")
+    module.get_submodule(owner_path)._buffers[attr] = saved
 
 
 def _clone_inputs(args: tuple) -> tuple:
@@ -184,7 +205,7 @@ def _export(model: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     work = copy.deepcopy(model)
     try:
         with _untouched(work):
-            gm = torch.export.export(work, _clone_inputs(args)).module()
+            gm = export_frontend.export(work, _clone_inputs(args))
     except Exception as exc:
         raise TraceError(
             f"torch.export could not trace {type(work).__name__}: {type(exc).__name__}: {exc}. "
@@ -292,8 +313,27 @@ def _trace_with_leaves(
     try:
         gm = _trace_until_done(job, value_tracer, leaves)
     except _Failure as failure:
-        raise _trace_error(model, failure, auto=True, has_args=True) from failure.exc
+        if failure.module != "" or requested:  # torch.export has no leaves to give the user
+            raise _trace_error(model, failure, auto=True, has_args=True) from failure.exc
+        return _export_instead(job, failure), [], job.notes
     return gm, list(leaves.values()), list(dict.fromkeys(job.notes))
+
+
+def _export_instead(job: _Job, failure: _Failure) -> torch.fx.GraphModule:
+    """Auto mode's last resort when the root's own code defeats torch.fx: the torch.export frontend."""
+    why = f"{type(failure.exc).__name__}: {str(failure.exc).splitlines()[0] if str(failure.exc) else ''}"
+    log.info("the forward of %s does not trace with torch.fx (%s); trying torch.export", type(job.model).__name__, why)
+    try:
+        gm = _export(job.model, job.args)
+    except TraceError as exc:
+        error = _trace_error(job.model, failure, auto=True, has_args=True)
+        raise TraceError(f"{error} ({exc})", module="", location=failure.location) from failure.exc
+    job.notes[:] = [
+        f"the forward of {type(job.model).__name__} does not trace with torch.fx ({why} at {failure.location}); "
+        "traced with torch.export: an aten-level graph whose Linear/Conv/Embedding calls are module calls"
+    ]
+    _check_on_examples(gm, LeafTracer(set()), {}, job)  # fills shape metadata; notes a divergence
+    return gm
 
 
 def _trace_until_done(
