@@ -11,7 +11,8 @@ import torch.fx
 
 from . import meta
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
-from .tracing import as_args, trace
+from .tracing import RootTraceError, as_args, trace
+from .untraced_root import keep_untraced
 
 __all__ = ["compile", "lower", "as_args"]
 
@@ -55,7 +56,12 @@ def compile(
         raise ValueError("compile(check=...) needs example_inputs to compare outputs with the original model")
 
     work = copy.deepcopy(model)
-    gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    try:
+        gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    except RootTraceError as exc:
+        if trace_mode != "auto" or not any(getattr(p, "module_level", False) for p in passes):
+            raise
+        gm = keep_untraced(work, str(exc).split(". To fix:")[0])
 
     all_instruments: list[Instrument] = [TimingInstrument()]
     if dump_dir is not None:

@@ -19,6 +19,7 @@ __all__ = [
     "dtype_of",
     "leaves",
     "set_leaves",
+    "untraced_root",
     "trace_notes",
     "set_trace_notes",
     "records",
@@ -82,6 +83,12 @@ def leaves(gm: torch.nn.Module) -> list[LeafInfo]:
 
 def set_leaves(gm: torch.fx.GraphModule, infos: list[LeafInfo]) -> None:
     gm.meta[_LEAVES] = list(infos)
+
+
+def untraced_root(gm: torch.nn.Module) -> LeafInfo | None:
+    """The leaf record of the root when no frontend could trace its ``forward`` (``fxopt.untraced(gm) == [""]``:
+    the graph is one opaque call of the model), else None."""
+    return next((info for info in leaves(gm) if info.qualname == ""), None)
 
 
 def trace_notes(gm: torch.nn.Module) -> list[str]:

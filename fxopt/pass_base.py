@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar
 
 import torch.fx
 
+from . import meta
 from .errors import PassContractError
 
 __all__ = ["Pass", "PassResult", "FunctionPass", "function_pass", "pass_label"]
@@ -40,6 +41,11 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
+    #: ``True`` for a pass that works on the module tree (replaces or edits submodules by qualified name)
+    #: and needs no graph: it also runs on a model whose root could not be traced, which ``compile``
+    #: then keeps as an untraced root (``fxopt.untraced(gm) == [""]``). A graph pass (``False``)
+    #: given such a module does nothing and says so: ``modified=False`` and a note.
+    module_level: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -63,6 +69,10 @@ class Pass:
                 f"pass {self.label()!r} expects a torch.fx.GraphModule, got {type(gm).__name__}; "
                 "use fxopt.trace(model) or fxopt.compile(model, passes=[...])"
             )
+        root = meta.untraced_root(gm)
+        if root is not None and not self.module_level:
+            return PassResult(gm, False, notes=[
+                f"no graph: {self.label()} works on the graph and did nothing; the model is an {root.reason}"])
         self.requires(gm)
         result = self.call(gm)
         result = check_result(self.label(), result, gm)

@@ -38,7 +38,7 @@ from . import export_frontend, meta
 from .errors import TraceError
 from .tracers import LeafTracer, ValueTracer, user_location
 
-__all__ = ["MODES", "trace", "untraced"]
+__all__ = ["MODES", "RootTraceError", "trace", "untraced"]
 
 log = logging.getLogger(__name__)
 
@@ -326,8 +326,14 @@ def _export_instead(job: _Job, failure: _Failure) -> torch.fx.GraphModule:
     try:
         gm = _export(job.model, job.args)
     except TraceError as exc:
-        error = _trace_error(job.model, failure, auto=True, has_args=True)
-        raise TraceError(f"{error} ({exc})", module="", location=failure.location) from failure.exc
+        at = f" at {failure.location}" if failure.location else ""
+        raise RootTraceError(
+            f"cannot trace the forward of {type(job.model).__name__}{at}: {why}; torch.export failed too: "
+            f"{str(exc.__cause__ or exc).splitlines()[0]}. To fix: move that code into a submodule (it will "
+            "become a leaf). fxopt.compile still runs module-level passes (QuantizeDynamic, ConvertFP16...) "
+            "on such a model, kept as an untraced root",
+            module="", location=failure.location,
+        ) from failure.exc
     job.notes[:] = [
         f"the forward of {type(job.model).__name__} does not trace with torch.fx ({why} at {failure.location}); "
         "traced with torch.export: an aten-level graph whose Linear/Conv/Embedding calls are module calls"
@@ -440,4 +446,10 @@ def _trace_error(model: torch.nn.Module, failure: _Failure, auto: bool, has_args
         hint = "move that code into a submodule (it will become a leaf), or try mode=\"export\""
     at = f" at {failure.location}" if failure.location else ""
     msg = f"cannot trace {where}{at}: {type(failure.exc).__name__}: {failure.exc}. To fix: {hint}"
-    return TraceError(msg, module=failure.module, location=failure.location)
+    kind = RootTraceError if failure.module == "" else TraceError
+    return kind(msg, module=failure.module, location=failure.location)
+
+
+class RootTraceError(TraceError):
+    """The root's own ``forward`` cannot be traced. ``fxopt.compile`` then keeps the model as an untraced
+    root when the pipeline has module-level passes (see :mod:`fxopt.untraced_root`)."""

@@ -96,6 +96,7 @@ class QuantizeDynamic(Pass):
     """
 
     name = "quantize-dynamic"
+    module_level = True  # walks the module tree; runs on an untraced root too
 
     dtype: torch.dtype = torch.qint8
     types: tuple = (nn.Linear, nn.LSTM, nn.GRU, nn.Embedding, nn.EmbeddingBag)
