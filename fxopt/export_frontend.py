@@ -15,6 +15,9 @@ Every tensor dimension of the example inputs is exported as ``Dim.AUTO``: torch.
 dimension dynamic unless the model's code fixes it, so a graph exported with a batch of 2 sequences of
 16 tokens runs on other batch sizes and sequence lengths. The output keeps its type
 (``BaseModelOutputWithPoolingAndCrossAttentions``...) through torch's pytree registry.
+
+Limit: train/eval behaviour is fixed in the graph at export time (``aten.dropout(x, p, False)`` in eval
+mode); ``gm.train()`` flips the modules' flags (lifted modules follow them) but not those aten calls.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def export(model: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     )
     exported = torch.export.export(model, args, dynamic_shapes=dims)
     gm = exported.module()
+    for refused in ("train", "eval"):  # torch.export's module refuses both; passes and users call them
+        gm.__dict__.pop(refused, None)
     lifted = lift_module_calls(gm, model)
     log.info("torch.export of %s: %d module calls lifted", type(model).__name__, lifted)
     return gm

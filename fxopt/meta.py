@@ -45,10 +45,11 @@ _TAG_PREFIX = "fxopt."
 class LeafInfo:
     """A submodule the tracer kept as an opaque call (a float island), and why."""
 
-    qualname: str
+    qualname: str  # the model's own name: a module path, ``module.method`` for a method island, "" for the root
     type_name: str
     reason: str
     requested: bool = False  # True when the user asked for it via ``leaf_modules``
+    attribute: str | None = None  # where the graph calls it, when that is not ``qualname`` (method islands)
 
     def __str__(self) -> str:
         why = "requested by the user" if self.requested else self.reason

@@ -93,7 +93,9 @@ def _already_traced(gm: torch.fx.GraphModule, args: tuple) -> torch.fx.GraphModu
 
 
 def untraced(gm: torch.nn.Module) -> list[str]:
-    """Qualified names of the submodules the tracer kept as leaves (see ``fxopt.meta.leaves`` for why)."""
+    """The model's own qualified names of what the tracer kept untraced: module paths, ``module.method``
+    for a method island (``"transform.postprocess"``), ``""`` for an untraced root. Why, and where the
+    graph calls each one, is in ``fxopt.meta.leaves(gm)``."""
     return [info.qualname for info in meta.leaves(gm)]
 
 
@@ -353,7 +355,7 @@ def _trace_until_done(
     for _ in range(len(list(job.model.modules())) + 1):
         work = copy.deepcopy(job.model)
         modules = dict(work.named_modules())
-        tracer = make_tracer(set(leaves))
+        tracer = make_tracer({info.attribute or name for name, info in leaves.items()})
         try:
             with _untouched(work):
                 graph = tracer.trace(work, concrete_args=dict(job.concrete) or None)
