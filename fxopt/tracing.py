@@ -340,7 +340,13 @@ def _export_instead(job: _Job, failure: _Failure) -> torch.fx.GraphModule:
         f"the forward of {type(job.model).__name__} does not trace with torch.fx ({why} at {failure.location}); "
         "traced with torch.export: an aten-level graph whose Linear/Conv/Embedding calls are module calls"
     ]
-    _check_on_examples(gm, LeafTracer(set()), {}, job)  # fills shape metadata; notes a divergence
+    with _untouched(gm):  # fills shape metadata; a failure or a divergence is noted, as for torch.fx graphs
+        torch.manual_seed(0)
+        out, node, exc = _run_recording(gm, job.args)
+    if exc is not None:
+        job.notes.append(f"the exported graph fails on example_inputs at node {getattr(node, 'name', '?')}: {exc}")
+    elif not _same(out, job.expected):
+        job.notes.append("the exported graph's outputs differ from the model's on example_inputs")
     return gm
 
 
