@@ -1,6 +1,6 @@
 """Hugging Face BERT (all-MiniLM-L6-v2 size, random init, config in code): float vs fxopt int8.
 
-    python bench/bench_transformers.py [iters]      # one process: sizes, cosines, interleaved latency
+    python bench/bench_transformers.py [iters] [threads]   # one process: sizes, cosines, interleaved latency
 
 The model: ``transformers.BertModel``, 6 layers, 384 wide, 12 heads, ff 1536, 30522 tokens (the size of
 all-MiniLM-L6-v2; random weights, so no download). Its root forward does not trace with torch.fx; fxopt's
@@ -13,8 +13,9 @@ auto mode exports it with torch.export. Variants:
 * ``torch.ao dynamic``: ``torch.ao.quantization.quantize_dynamic`` on the Linear layers (the reference).
 
 Cosine: mean-pooled sentence embeddings (attention-mask weighted) vs float, 32 sentences of 8-64 tokens,
-worst and mean. Latency: batch 1 x 128 tokens and batch 8 x 64, 2 threads, candidates interleaved
-(``fxopt.benchmark_many``), median of rounds.
+worst and mean. Latency: batch 1 x 128 tokens and batch 8 x 64, ``threads`` intra-op threads (default 2),
+candidates interleaved (``fxopt.benchmark_many``), median of rounds. On a machine shared with other jobs
+use 1 thread: OpenMP's spinning threads slow down by far more than the load when cores are oversubscribed.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def float_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def main(iters: int = 10) -> None:
-    torch.set_num_threads(2)
+def main(iters: int = 10, threads: int = 2) -> None:
+    torch.set_num_threads(threads)
     model = bert()
     example = batch(2, 16, seed=0, ragged=False)
     calibration = [batch(8, 64, seed=s) for s in range(1, 9)]
@@ -91,11 +92,11 @@ def main(iters: int = 10) -> None:
               f"{compile_s.get(name, float('nan')):9.1f}")
     for size, length in ((1, 128), (8, 64)):
         inputs = batch(size, length, seed=7, ragged=False)
-        comparison = fxopt.benchmark_many(variants, inputs, rounds=5, iters=iters, warmup=3, threads=2)
-        print(f"\nbatch {size} x {length} tokens, 2 threads, interleaved:")
+        comparison = fxopt.benchmark_many(variants, inputs, rounds=5, iters=iters, warmup=3, threads=threads)
+        print(f"\nbatch {size} x {length} tokens, {threads} thread(s), interleaved:")
         for name, timing in comparison.timings.items():
             print(f"  {name:26s} {timing.median_ms:8.2f} ms  x{comparison.speedup[name]:.2f} vs float")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 10)
+    main(*(int(a) for a in sys.argv[1:3]))

@@ -5,7 +5,8 @@ transformers' output and keyword handling, for one). Its graph is aten-level: a 
 ``aten.linear`` call on two ``get_attr`` weights, not a module call. fxopt *lifts* the calls of
 Linear, Conv1d/Conv2d and Embedding modules back to ``call_module`` nodes (the module keeps its
 qualified name in the model, e.g. ``encoder.layer.0.attention.self.query``), so module-level passes
-(dynamic quantization, fp16) and the static int8 passes find them as in a symbolic graph.
+(dynamic quantization, fp16) and the static int8 passes find them as in a symbolic graph. transformers'
+``Conv1D`` (GPT-2's Linear with a transposed weight: ``view → addmm → view``) is lifted the same way.
 
 A call is lifted only when it is exactly what the module's ``forward`` computes (same stride,
 padding, groups, bias...) and the module's weights are read by nothing else (a tied weight stays
@@ -31,7 +32,7 @@ import torch
 import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
-__all__ = ["export", "lift_module_calls"]
+__all__ = ["export", "is_conv1d", "lift_module_calls"]
 
 log = logging.getLogger(__name__)
 
@@ -135,22 +136,69 @@ def _candidate(node: torch.fx.Node, model: torch.nn.Module) -> tuple[str, torch.
     return (path, source) if isinstance(source, torch.fx.Node) else None
 
 
+def is_conv1d(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): a Linear with its weight stored transposed, ``(nx, nf)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+        and getattr(module, "bias", None) is not None
+    )
+
+
+def _innermost_module(node: torch.fx.Node) -> str | None:
+    stack = node.meta.get("nn_module_stack")
+    return list(stack.values())[-1][0] if stack else None
+
+
+def _conv1d_candidate(node: torch.fx.Node, model: torch.nn.Module) -> tuple[str, torch.fx.Node, list] | None:
+    """``view(addmm(bias, view(x, [-1, nx]), weight), size)`` from a ``Conv1D.forward``: (path, x, its nodes)."""
+    if node.op != "call_function" or node.target is not aten.addmm.default or len(node.args) != 3 or node.kwargs:
+        return None
+    bias, flat, weight = node.args
+    if not all(isinstance(a, torch.fx.Node) for a in (bias, flat, weight)):
+        return None
+    if weight.op != "get_attr" or not weight.target.endswith(".weight"):
+        return None
+    path = weight.target[: -len(".weight")]
+    if bias.op != "get_attr" or bias.target != f"{path}.bias":
+        return None
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    if not is_conv1d(module) or flat.target is not aten.view.default or len(flat.users) != 1 or len(node.users) != 1:
+        return None
+    out = next(iter(node.users))
+    if out.op != "call_function" or out.target is not aten.view.default:
+        return None
+    if any(_innermost_module(n) != path for n in (flat, node, out)):  # all three from that module's forward
+        return None
+    return path, flat.args[0], [out, node, flat]
+
+
 def lift_module_calls(gm: torch.fx.GraphModule, model: torch.nn.Module) -> int:
-    """Turn the aten calls that are exactly a Linear/Conv/Embedding of ``model`` into ``call_module``.
+    """Turn the aten calls that are exactly a Linear/Conv/Embedding (or transformers' Conv1D) of ``model``
+    into ``call_module``.
 
     The module installed at the path is a copy of ``model``'s module sharing the parameters ``gm``
-    already holds. Returns the number of nodes lifted.
+    already holds. Returns the number of module calls lifted.
     """
-    found: dict[str, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
+    found: dict[str, list[tuple[torch.fx.Node, torch.fx.Node, list[torch.fx.Node]]]] = {}
     for node in gm.graph.nodes:
         hit = _candidate(node, model)
         if hit is not None:
-            found.setdefault(hit[0], []).append((node, hit[1]))
+            found.setdefault(hit[0], []).append((node, hit[1], [node]))
+            continue
+        chain = _conv1d_candidate(node, model)
+        if chain is not None:
+            found.setdefault(chain[0], []).append((chain[2][0], chain[1], chain[2]))
     lifted = 0
     for path, calls in found.items():
-        calls_set = {node for node, _ in calls}
+        absorbed = {n for _, _, nodes in calls for n in nodes}
         params = [n for n in gm.graph.find_nodes(op="get_attr") if n.target.startswith(path + ".")]
-        if any(user not in calls_set for p in params for user in p.users):
+        if any(user not in absorbed for p in params for user in p.users):
             log.debug("not lifting %s: its weights are also read elsewhere", path)
             continue
         container = gm.get_submodule(path)
@@ -160,12 +208,15 @@ def lift_module_calls(gm: torch.fx.GraphModule, model: torch.nn.Module) -> int:
             continue
         memo = {id(p): own[name] for name, p in original.named_parameters()}
         _set_submodule(gm, path, copy.deepcopy(original, memo))
-        for node, source in calls:
-            with gm.graph.inserting_before(node):
+        for output, source, nodes in calls:
+            with gm.graph.inserting_before(output):
                 call = gm.graph.call_module(path, (source,))
-            call.meta.update(node.meta)
-            node.replace_all_uses_with(call)
-            gm.graph.erase_node(node)
+            call.meta.update(output.meta)
+            output.replace_all_uses_with(call)
+            for node in nodes:  # the output first: each one's users are gone before it
+                inputs = node.all_input_nodes
+                gm.graph.erase_node(node)
+                _erase_unused_sizes(gm.graph, inputs)
             lifted += 1
         for p in params:
             gm.graph.erase_node(p)
@@ -173,6 +224,13 @@ def lift_module_calls(gm: torch.fx.GraphModule, model: torch.nn.Module) -> int:
         gm.graph.lint()
         gm.recompile()
     return lifted
+
+
+def _erase_unused_sizes(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> None:
+    """Drop the ``sym_size`` reads that only the erased nodes used."""
+    for node in nodes:
+        if not node.users and node.op == "call_function" and node.target is aten.sym_size.int:
+            graph.erase_node(node)
 
 
 def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:

@@ -4,7 +4,8 @@ The pass walks the **module tree** of the GraphModule, not only its ``call_modul
 inside leaves the tracer kept opaque (float islands) are quantized too. Each module is replaced by
 qualified name (every alias of a shared module gets the same replacement):
 
-* ``nn.Linear`` → :class:`~fxopt.quant.dynamic.DynamicLinear` (per-channel int8, ``linear_dynamic``);
+* ``nn.Linear`` → :class:`~fxopt.quant.dynamic.DynamicLinear` (per-channel int8, ``linear_dynamic``), and so
+  does transformers' ``Conv1D`` (GPT-2's Linear with a transposed weight) when ``nn.Linear`` is in ``types``;
 * ``nn.LSTM`` / ``nn.GRU`` → :class:`~fxopt.quant.dynamic_rnn.DynamicLSTM` / ``DynamicGRU`` (per gate row
   int8; the first layer's input projection in fp16 unless ``rnn_first_input_fp16=False``);
 * ``nn.Embedding`` / ``nn.EmbeddingBag`` → 8-bit weight-only rows (per-row scale and offset);
@@ -39,6 +40,7 @@ import torch.nn as nn
 
 from fxopt import Pass, PassResult
 from fxopt.errors import CalibrationError, UnsupportedError
+from fxopt.export_frontend import is_conv1d
 from fxopt.quant.dynamic import (BAG_MODES, DYNAMIC_DTYPES, DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear,
                                   fp16_linear_available)
 from fxopt.quant.dynamic_attention import DynamicMultiheadAttention, DynamicTransformerEncoderLayer
@@ -66,6 +68,14 @@ _CONTAINERS: dict[type, type] = {
 }
 DYNAMIC_TYPES = tuple(_REPLACEMENTS)
 _LAYER_PARTS = ("self_attn", "linear1", "linear2")  # what DynamicTransformerEncoderLayer can keep float
+
+
+def _conv1d_as_linear(module: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what transformers' ``Conv1D`` does (its weight is ``(in, out)``)."""
+    linear = nn.Linear(module.nx, module.nf, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
 
 
 def _skip_reason(module: nn.Module) -> str | None:
@@ -141,6 +151,8 @@ class QuantizeDynamic(Pass):
             return lambda: DynamicTransformerEncoderLayer.from_float(module, self.dtype, self.reduce_range, keep)
         if kind in _CONTAINERS and nn.Linear in self.types:
             return lambda: _CONTAINERS[kind].from_float(module, self.dtype, self.reduce_range)
+        if is_conv1d(module) and nn.Linear in self.types:  # transformers' Conv1D: a Linear, weight transposed
+            return lambda: DynamicLinear.from_float(_conv1d_as_linear(module), self.dtype, self.reduce_range)
         if kind in _REPLACEMENTS and kind in self.types:
             if kind in (nn.LSTM, nn.GRU):
                 return lambda: _REPLACEMENTS[kind].from_float(
@@ -216,6 +228,7 @@ class QuantizeDynamic(Pass):
         replaced: dict[int, nn.Module] = {}  # id(float module) → its replacement (shared modules)
         plan: list[tuple[str, nn.Module, nn.Module]] = []
         skipped_prefixes: list[str] = []
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.target, str)}
         for qualname, module in gm.named_modules(remove_duplicate=False):
             if not qualname or any(qualname.startswith(p + ".") for p in skipped_prefixes):
                 continue
@@ -227,6 +240,8 @@ class QuantizeDynamic(Pass):
                 reason = "kept float by skip=" + repr(self.skip)
             elif qualname in keep:
                 reason = f"kept float by min_cosine={self.min_cosine}"
+            elif any(t.startswith(qualname + ".") for t in read):  # e.g. a Conv1D torch.fx traced through
+                reason = "the graph reads its weights directly (its code was traced, not called as a module)"
             if reason is not None:
                 notes.append(f"{qualname} ({type(module).__name__}) left float: {reason}")
                 skipped_prefixes.append(qualname)  # with everything inside it
