@@ -17,6 +17,10 @@ dimension dynamic unless the model's code fixes it, so a graph exported with a b
 16 tokens runs on other batch sizes and sequence lengths. The output keeps its type
 (``BaseModelOutputWithPoolingAndCrossAttentions``...) through torch's pytree registry.
 
+torch.export's ``_guards_fn`` submodule (input-shape assertions) is left out: the graph stays plain
+(savable, no opaque module in reports) and inputs outside what the model accepts fail in the op that
+cannot take them, as in the model.
+
 Limit: train/eval behaviour is fixed in the graph at export time (``aten.dropout(x, p, False)`` in eval
 mode); ``gm.train()`` flips the modules' flags (lifted modules follow them) but not those aten calls.
 """
@@ -49,7 +53,7 @@ def export(model: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
         lambda a: {i: torch.export.Dim.AUTO for i in range(a.dim())} if isinstance(a, torch.Tensor) else None, args
     )
     exported = torch.export.export(model, args, dynamic_shapes=dims)
-    gm = exported.module()
+    gm = exported.module(check_guards=False)  # no _guards_fn submodule (see above)
     for refused in ("train", "eval"):  # torch.export's module refuses both; passes and users call them
         gm.__dict__.pop(refused, None)
     lifted = lift_module_calls(gm, model)
