@@ -5,7 +5,11 @@ raised, makes that module a leaf and tries again, each time on a fresh deep copy
 the failing code is the root's own ``forward`` and ``example_inputs`` are given, it traces again
 with proxies that also carry their value on the examples, and module methods that cannot run on
 proxies become "method islands" (see :mod:`fxopt.tracers`). With example inputs, auto mode runs the
-traced graph on them and compares its outputs with the model's.
+traced graph on them and compares its outputs with the model's. When even that fails at the root
+(transformers' keyword and output handling), auto mode exports the model with torch.export instead
+(:mod:`fxopt.export_frontend`: dynamic dims, module calls lifted back); when that fails too, the
+error is a :class:`RootTraceError`, and ``fxopt.compile`` keeps the model as an untraced root for its
+module-level passes (:mod:`fxopt.untraced_root`).
 
 Limits, stated plainly:
 
@@ -324,11 +328,11 @@ def _trace_with_leaves(
 def _export_instead(job: _Job, failure: _Failure) -> torch.fx.GraphModule:
     """Auto mode's last resort when the root's own code defeats torch.fx: the torch.export frontend."""
     why = f"{type(failure.exc).__name__}: {str(failure.exc).splitlines()[0] if str(failure.exc) else ''}"
+    at = f" at {failure.location}" if failure.location else ""
     log.info("the forward of %s does not trace with torch.fx (%s); trying torch.export", type(job.model).__name__, why)
     try:
         gm = _export(job.model, job.args)
     except TraceError as exc:
-        at = f" at {failure.location}" if failure.location else ""
         raise RootTraceError(
             f"cannot trace the forward of {type(job.model).__name__}{at}: {why}; torch.export failed too: "
             f"{str(exc.__cause__ or exc).splitlines()[0]}. To fix: move that code into a submodule (it will "
@@ -337,7 +341,7 @@ def _export_instead(job: _Job, failure: _Failure) -> torch.fx.GraphModule:
             module="", location=failure.location,
         ) from failure.exc
     job.notes[:] = [
-        f"the forward of {type(job.model).__name__} does not trace with torch.fx ({why} at {failure.location}); "
+        f"the forward of {type(job.model).__name__} does not trace with torch.fx ({why}{at}); "
         "traced with torch.export: an aten-level graph whose Linear/Conv/Embedding calls are module calls"
     ]
     with _untouched(gm):  # fills shape metadata; a failure or a divergence is noted, as for torch.fx graphs
