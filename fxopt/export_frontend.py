@@ -36,6 +36,8 @@ import torch
 import torch.fx
 from torch.fx.operator_schemas import normalize_function
 
+from .graph_utils import set_attr_path
+
 __all__ = ["export", "is_conv1d", "lift_module_calls"]
 
 log = logging.getLogger(__name__)
@@ -211,7 +213,7 @@ def lift_module_calls(gm: torch.fx.GraphModule, model: torch.nn.Module) -> int:
         if set(own) != {n for n, _ in original.named_parameters()} or list(container.buffers()):
             continue
         memo = {id(p): own[name] for name, p in original.named_parameters()}
-        _set_submodule(gm, path, copy.deepcopy(original, memo))
+        set_attr_path(gm, path, copy.deepcopy(original, memo))
         for output, source, nodes in calls:
             with gm.graph.inserting_before(output):
                 call = gm.graph.call_module(path, (source,))
@@ -235,9 +237,3 @@ def _erase_unused_sizes(graph: torch.fx.Graph, nodes: list[torch.fx.Node]) -> No
     for node in nodes:
         if not node.users and node.op == "call_function" and node.target is aten.sym_size.int:
             graph.erase_node(node)
-
-
-def _set_submodule(root: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)

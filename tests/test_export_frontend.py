@@ -9,7 +9,7 @@ from torch import nn
 
 import fxopt
 from fxopt import meta, recipes
-from fxopt.quant.dynamic import DynamicLinear
+from fxopt.quant.nn import DynamicLinear
 
 aten = torch.ops.aten
 

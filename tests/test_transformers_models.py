@@ -11,7 +11,7 @@ import torch
 
 import fxopt
 from fxopt import meta, recipes
-from fxopt.quant.dynamic import DynamicLinear
+from fxopt.quant.nn import DynamicLinear
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_outputs import BaseModelOutput, BaseModelOutputWithPoolingAndCrossAttentions  # noqa: E402

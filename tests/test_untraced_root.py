@@ -12,7 +12,7 @@ from torch import nn
 import fxopt
 from fxopt import meta, recipes
 from fxopt import passes as fp
-from fxopt.quant.dynamic import DynamicLinear
+from fxopt.quant.nn import DynamicLinear
 
 
 class NumpyRoot(nn.Module):
