@@ -1,6 +1,6 @@
 """Hugging Face BERT (all-MiniLM-L6-v2 size, random init, config in code): float vs fxopt int8.
 
-    python bench/bench_transformers.py [iters] [threads]   # one process: sizes, cosines, interleaved latency
+    python -m bench.bench_transformers [iters] [threads]   # one process: sizes, cosines, interleaved latency
 
 The model: ``transformers.BertModel``, 6 layers, 384 wide, 12 heads, ff 1536, 30522 tokens (the size of
 all-MiniLM-L6-v2; random weights, so no download). Its root forward does not trace with torch.fx; fxopt's
