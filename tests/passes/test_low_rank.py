@@ -123,3 +123,16 @@ def test_bert_linears_factorize_and_prune_as_module_level_passes():
     assert torch.isfinite(model(input_ids=ids).last_hidden_state).all()
     fp.ApplyMasks().apply(model)
     assert fxopt.report(model).sparsity > 0.3
+
+
+def test_bert_through_compile():
+    model = _tiny_bert()
+    ids = torch.randint(0, 100, (2, 12))
+    gm = fxopt.compile(model, fxopt.recipes.low_rank(rank_ratio=0.5) + fxopt.recipes.prune(0.5) + [fp.ApplyMasks()],
+                       example_inputs=(ids,))
+    low, pruned, baked = fxopt.records(gm)
+    assert low.modified and low.stats["layers"] == 13
+    assert pruned.stats["layers"] == 26 and pruned.stats["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert baked.stats["baked"] == 26
+    out = gm(ids)
+    assert out.last_hidden_state.shape == (2, 12, 32) and torch.isfinite(out.last_hidden_state).all()
