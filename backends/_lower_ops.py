@@ -306,6 +306,9 @@ class OpLowering:
             pads[dim - 1 - i] = (lo + flat[2 * i], hi + flat[2 * i + 1])
         if any(lo < 0 or hi < 0 for lo, hi in pads):
             return x, pads
+        dead = self.env.get(x)
+        if isinstance(dead, torch.fx.Node) and not dead.users:  # the copied pad now feeds nothing
+            self.graph.erase_node(dead)
         self._count("pad_folded")
         return args["input"], pads
 

@@ -157,7 +157,8 @@ def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
         lowering = OpLowering(gm, spec)
         graph, root = lowering.run()
     lowered = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule")
-    lowered.graph.eliminate_dead_code()  # e.g. a pad folded into its conv
+    # No dead-code elimination here: an unused in-place op (``buffer[...].copy_(image)`` in torchvision's
+    # detection transform) is what fills a value read later; lowering itself erases what it orphans.
     lowered.delete_all_unused_submodules()
     lowered.graph.lint()
     lowered.recompile()

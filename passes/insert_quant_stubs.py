@@ -12,6 +12,7 @@ so a lone ``add`` between float islands is not wrapped in a pointless quant/dequ
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -94,7 +95,8 @@ class InsertQuantStubs(Pass):
 
         counter = {"quant": 0, "dequant": 0}
 
-        def add_stub(kind: str, after: torch.fx.Node) -> torch.fx.Node:
+        def add_stub(kind: str, value: torch.fx.Node, where: torch.fx.Node | None = None) -> torch.fx.Node:
+            """A stub reading ``value``, right after it (dequant) or right before ``where`` (quant)."""
             cls = QuantStub if kind == "quant" else DeQuantStub
             target = f"fxopt_{kind}_{counter[kind]}"
             while hasattr(gm, target):
@@ -102,20 +104,28 @@ class InsertQuantStubs(Pass):
                 target = f"fxopt_{kind}_{counter[kind]}"
             counter[kind] += 1
             gm.add_submodule(target, cls())
-            with gm.graph.inserting_after(after):
-                return gm.graph.call_module(target, (after,))
+            with gm.graph.inserting_before(where) if where is not None else gm.graph.inserting_after(value):
+                return gm.graph.call_module(target, (value,))
 
-        # Quantize float values that feed int8 ops (one stub per value, shared by its consumers).
+        # Quantize float values that feed int8 ops: the stub (and so its observer) sits right before the
+        # first int8 reader, after any in-place writes that fill the value (``buffer.new_full(...)`` then
+        # ``buffer[...].copy_(image)`` in torchvision's detection transform), and is shared by later int8
+        # readers unless the value is written in place again in between.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         quant_of: dict[torch.fx.Node, torch.fx.Node] = {}
+        stubs: list[torch.fx.Node] = []
         for node in list(gm.graph.nodes):
             if node not in int8:
                 continue
             for src in data_inputs(node, op_key(node, gm)):
                 if src in int8:
                     continue
-                if src not in quant_of:
-                    quant_of[src] = add_stub("quant", src)
-                node.replace_input_with(src, quant_of[src])
+                stub = quant_of.get(src)
+                if stub is None or written_between(src, order[stub], order[node], order):
+                    stub = quant_of[src] = add_stub("quant", src, node)
+                    order[stub] = order[node] - 0.5
+                    stubs.append(stub)
+                node.replace_input_with(src, stub)
         # Dequantize int8 values read by float consumers (one stub per value).
         for node in list(int8):
             float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in _SHAPE_READERS]
@@ -126,14 +136,14 @@ class InsertQuantStubs(Pass):
                 user.replace_input_with(node, deq)
         for node in int8:
             meta.set_quant_region(node, spec.name)
-        for stub in quant_of.values():
+        for stub in stubs:
             meta.set_quant_region(stub, spec.name)
 
         meta.set_float_islands(gm, islands)
         meta.set_backend(gm, spec.name)
         gm.graph.lint()
         gm.recompile()
-        stats = {"int8_ops": len(int8), "quant_stubs": len(quant_of), "dequant_stubs": counter["dequant"],
+        stats = {"int8_ops": len(int8), "quant_stubs": len(stubs), "dequant_stubs": counter["dequant"],
                  "float_ops": len(islands)}
         notes = [f"float: {island}" for island in islands]
         return PassResult(gm, True, stats, notes)
@@ -173,6 +183,34 @@ class InsertQuantStubs(Pass):
                 return ""
             return None
         return ""
+
+
+# Ops that return a view of their first argument (an in-place write to the view writes the value).
+_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "narrow", "select", "transpose", "permute", "expand",
+                           "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "as_strided", "t",
+                           "diagonal", "unfold", "__getitem__"})
+_VIEW_FUNCTIONS = frozenset({operator.getitem, torch.narrow, torch.select, torch.transpose, torch.permute,
+                             torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze})
+_INPLACE_FUNCTIONS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv})
+
+
+def written_between(value: torch.fx.Node, start: float, end: float, order: dict) -> bool:
+    """Whether an in-place op on ``value`` (or a view of it) runs between graph positions ``start`` and ``end``."""
+    views, todo = {value}, [value]
+    while todo:
+        for user in todo.pop().users:
+            is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
+                user.op == "call_function" and user.target in _VIEW_FUNCTIONS)
+            if is_view and user.args and user.args[0] in views and user not in views:
+                views.add(user)
+                todo.append(user)
+    for view in views:
+        for user in view.users:
+            inplace = (user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__")) \
+                or (user.op == "call_function" and user.target in _INPLACE_FUNCTIONS)
+            if inplace and user.args and user.args[0] is view and start < order.get(user, -1) < end:
+                return True
+    return False
 
 
 def _target_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
