@@ -139,6 +139,15 @@ class OpLowering:
             self._visit(node)
         return self.graph, self.root
 
+    def sources(self) -> dict[str, str]:
+        """Old node name -> the new node holding its value as int8 readers see it (``fxopt.meta.lowered_from``)."""
+        found = {}
+        for old, value in self.env.items():
+            value = self._qcache.get(old, value)
+            if isinstance(value, torch.fx.Node) and value.graph is self.graph:
+                found[old.name] = value.name
+        return found
+
     def _visit(self, node: torch.fx.Node) -> None:
         if node.op == "output":
             self.graph.output(torch.fx.map_arg(node.args[0], self.fvalue))

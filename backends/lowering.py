@@ -166,6 +166,7 @@ def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
     islands = meta.float_islands(gm) + lowering.islands
     meta.set_float_islands(lowered, islands)
     meta.set_backend(lowered, spec.name)
+    meta.set_lowered_from(lowered, lowering.sources())
     logger.info("lowered to %s: %s", spec.name, lowering.stats)
     model = QuantizedModel(lowered, spec.engine)
     model.eval()
