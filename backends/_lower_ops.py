@@ -297,7 +297,7 @@ class OpLowering:
         extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, sym)]
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
-        wq = self._weight_qparams(conv.weight, key)
+        wq = self._weight_qparams(conv.weight, key, conv.groups)
         qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self.spec.engine)
         return self._emit_module(_base(node), qmod, (qx,))
 
@@ -322,12 +322,12 @@ class OpLowering:
         return args["input"], pads
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _weight_qparams(self, weight: torch.Tensor, key: str):
-        from .lowering import weight_qparams  # noqa: PLC0415 - avoid an import cycle
+    def _weight_qparams(self, weight: torch.Tensor, key: str, groups: int = 1):
+        from .lowering import is_depthwise, weight_qparams  # noqa: PLC0415 - avoid an import cycle
 
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
-        return weight_qparams(weight, per_channel, self.spec, self.config)
+        return weight_qparams(weight, per_channel, self.spec, self.config, is_depthwise(weight, groups))
 
     def _observer_of(self, node: torch.fx.Node) -> torch.fx.Node:
         for user in node.users:

@@ -35,7 +35,7 @@ from ._lower_ops import OpLowering
 from .qmodules import engine_scope
 from .spec import BackendSpec, op_key
 
-__all__ = ["lower_int8", "QuantizedModel", "Int8Backend", "is_observer", "weight_qparams"]
+__all__ = ["lower_int8", "QuantizedModel", "Int8Backend", "is_observer", "weight_qparams", "weight_spec", "is_depthwise"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,14 +45,26 @@ def is_observer(module: nn.Module) -> bool:
     return callable(getattr(module, "calculate_qparams", None)) and hasattr(module, "calibrated")
 
 
-def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of ``weight`` (per output channel when ``per_channel``)."""
+def weight_spec(spec: BackendSpec, config: Any, per_channel: bool, depthwise: bool = False) -> tuple[QSpec, str]:
+    """The weight qspec (and weight observer kind) lowering uses: the backend's, or what PlaceObservers chose."""
     wspec: QSpec = spec.weight
     kind = "minmax"
     if config is not None and getattr(config, "backend", spec.name) == spec.name:
         wspec, kind = config.weight_spec, config.weight
-    wspec = wspec.with_axis(0 if per_channel else None)
+    if depthwise and spec.depthwise_weight is not None:
+        wspec = spec.depthwise_weight
+    return wspec.with_axis(0 if per_channel else None), kind
+
+
+def is_depthwise(weight: torch.Tensor, groups: int) -> bool:
+    """A conv with one input channel per group (and more than one group)."""
+    return weight.dim() > 2 and weight.shape[1] == 1 and int(groups) > 1
+
+
+def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any, depthwise: bool = False,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ``weight`` (per output channel when ``per_channel``)."""
+    wspec, kind = weight_spec(spec, config, per_channel, depthwise)
     weight = weight.detach().float()
     try:
         from fxopt.quant.observers import make_observer  # noqa: PLC0415 - written alongside lowering

@@ -34,7 +34,7 @@ from fxopt.quant.spec import qparams_from_range
 from fxopt.quant.stubs import QuantStub
 
 from .base import Backend, Support
-from .lowering import _check_prepared, is_observer, weight_qparams
+from .lowering import _check_prepared, is_depthwise, is_observer, weight_qparams, weight_spec
 from .spec import BackendSpec, op_key
 
 __all__ = ["ReferenceBackend", "simulate"]
@@ -190,14 +190,12 @@ class _Simulation:
         s, z = qparams_from_range(self.act, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
         return float(s), int(z)
 
-    def _weight_grid(self, weight: torch.Tensor, key: str) -> torch.Tensor:
+    def _weight_grid(self, weight: torch.Tensor, key: str, groups: int = 1) -> torch.Tensor:
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
-        scale, zero_point = weight_qparams(weight, per_channel, self.spec, self.config)
-        wspec = self.spec.weight
-        if self.config is not None and self.config.backend == self.spec.name:
-            wspec = self.config.weight_spec
-        wspec = wspec.with_axis(0 if per_channel else None)
+        depthwise = is_depthwise(weight, groups)
+        scale, zero_point = weight_qparams(weight, per_channel, self.spec, self.config, depthwise)
+        wspec, _ = weight_spec(self.spec, self.config, per_channel, depthwise)
         if not per_channel:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
         return fake_quantize(weight.detach().float(), scale, zero_point, wspec)
@@ -207,7 +205,8 @@ class _Simulation:
             inner_name = "linear" if key == "linear" else "conv"
             sim = copy.deepcopy(module)
             inner = getattr(sim, inner_name, sim)
-            inner.weight = nn.Parameter(self._weight_grid(inner.weight, key), requires_grad=False)
+            inner.weight = nn.Parameter(self._weight_grid(inner.weight, key, getattr(inner, "groups", 1)),
+                                        requires_grad=False)
             self._swap(node, sim)
             return
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
@@ -217,7 +216,8 @@ class _Simulation:
             _fetch(self.gm, weight.target)
         name = self._add_module(weight.target, nn.Module())
         delattr(self.gm, name)
-        self.gm.register_buffer(name, self._weight_grid(value, key))
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        self.gm.register_buffer(name, self._weight_grid(value, key, groups if isinstance(groups, int) else 1))
         with self.gm.graph.inserting_before(node):
             new = self.gm.graph.get_attr(name)
         node.replace_input_with(weight, new)
