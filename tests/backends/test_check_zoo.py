@@ -36,7 +36,7 @@ def _check_classifier(name: str, backend: str, size: int = 64) -> None:
     calib = [torch.randn(2, 3, size, size) for _ in range(2)]
     prepared = fxopt.compile(model, recipes.static_int8(calib, backend=backend, observer="minmax"),
                              example_inputs=(calib[0][:1],))
-    # raises NumericsError naming the layer if any lowered layer leaves the simulation by > 2 steps
+    # raises NumericsError naming the layer if any lowered layer leaves the simulation by > 3 steps
     q = fxopt.lower(prepared, backend, check=True, example_inputs=(torch.randn(2, 3, size, size),))
     assert q(calib[0][:1]).shape == (1, 1000)
 
