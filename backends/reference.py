@@ -33,8 +33,11 @@ from fxopt.quant.simulate import QuantDequant
 from fxopt.quant.spec import qparams_from_range
 from fxopt.quant.stubs import QuantStub
 
-from .base import Backend, Support
-from .lowering import _check_prepared, is_depthwise, is_observer, weight_qparams, weight_spec
+from fxopt.graph_utils import is_observer
+from fxopt.registry import Backend, Support
+
+from ._lower_ops import is_depthwise, weight_qparams, weight_spec
+from .lowering import _check_prepared
 from .spec import BackendSpec, op_key
 
 __all__ = ["ReferenceBackend", "simulate"]
@@ -61,9 +64,9 @@ class ReferenceBackend(Backend):
 def _spec_for(gm: torch.fx.GraphModule, spec: BackendSpec | None) -> BackendSpec:
     if spec is not None:
         return spec
-    from . import get  # noqa: PLC0415 - the backend the graph was prepared for
+    from fxopt import registry  # noqa: PLC0415 - the backend the graph was prepared for
 
-    found = getattr(get(meta.backend_of(gm) or "x86"), "spec", None)
+    found = getattr(registry.get(meta.backend_of(gm) or "x86"), "spec", None)
     if found is None:
         raise TypeError(f"backend {meta.backend_of(gm)!r} has no int8 spec to simulate")
     return found

@@ -9,7 +9,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.fx
 
-from . import meta
+from . import meta, registry
+from .pass_base import PassContext
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
 from .tracing import as_args, trace
 
@@ -43,12 +44,9 @@ def compile(
     if isinstance(passes, (str, bytes)) or not isinstance(passes, Iterable):
         raise TypeError("passes must be a list of fxopt.Pass objects (e.g. fxopt.recipes.fuse())")
     passes = list(passes)
-    backend_obj = None
-    if backend is not None:
-        from fxopt import backends  # facade-level import: the core never imports backends
-
-        backend_obj = backends.get(backend)  # ValueError for unknown names, before any work
-        _check_recipe_backend(passes, backend_obj)
+    backend_obj = registry.get(backend) if backend is not None else None  # ValueError for unknown names
+    context = PassContext(backend_obj)
+    PassManager(passes, context=context).bind()  # a pass contradicting the backend: ValueError before any work
 
     args = as_args(example_inputs)
     if check is not False and not args:
@@ -68,7 +66,7 @@ def compile(
         all_instruments.append(NumericsCheck(reference, args, tolerance))
     all_instruments.extend(instruments)
 
-    gm, recs = PassManager(passes, instruments=all_instruments, verify=verify)(gm)
+    gm, recs = PassManager(passes, instruments=all_instruments, verify=verify, context=context)(gm)
     meta.set_records(gm, recs)
     if backend_obj is None:
         return gm
@@ -102,22 +100,6 @@ def _check_lowered(simulation: torch.fx.GraphModule, lowered: torch.nn.Module, a
     raise_on_divergence(result, backend)
 
 
-def _check_recipe_backend(passes: list, backend_obj: Any) -> None:
-    """A recipe prepared for one backend cannot be lowered to another: say so before any work."""
-    from fxopt import backends
-
-    for p in passes:
-        wanted = getattr(p, "backend", None)
-        if not isinstance(wanted, str):
-            continue
-        if backends.get(wanted) is not backend_obj:
-            raise ValueError(
-                f"pass {getattr(p, 'name', p)!r} prepares the graph for backend {wanted!r} but compile was asked "
-                f"for backend={backend_obj.name!r}; use the same backend in both (e.g. "
-                f"fxopt.recipes.static_int8(data, backend={backend_obj.name!r}))"
-            )
-
-
 def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
           example_inputs: Any = None) -> torch.nn.Module:
     """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
@@ -127,16 +109,14 @@ def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
     (default: the inputs ``compile`` traced with) and raises :class:`fxopt.NumericsError` naming the first
     layer that diverges: its op, its qparams and the error in quantization steps.
     """
-    from fxopt import backends
-
-    backend_obj = backends.get(backend)
+    backend_obj = registry.get(backend)
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(
             f"fxopt.lower expects the GraphModule returned by fxopt.compile(..., backend=None), "
             f"got {type(module).__name__}"
         )
     prepared_for = meta.backend_of(module)
-    if prepared_for is not None and backends.get(prepared_for) is not backend_obj and backend_obj.name != "reference":
+    if prepared_for is not None and not registry.same(prepared_for, backend_obj) and backend_obj.name != "reference":
         raise ValueError(
             f"this module was prepared for backend {prepared_for!r}; lower it with fxopt.lower(module, "
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"

@@ -21,12 +21,13 @@ def static_int8(
     *,
     observer: str = "histogram",
     per_channel: bool = True,
-    backend: str = "x86",
+    backend: str | None = None,
     num_batches: int | None = None,
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
-    Compile with the same ``backend`` to lower: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="x86")``.
+    The recipe does not fix the backend: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="qnnpack")``
+    prepares for qnnpack (x86 when compile names none). ``backend=`` pins one; compile must then agree.
     """
     return fuse() + [
         fp.InsertQuantStubs(backend=backend),

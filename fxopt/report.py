@@ -31,6 +31,7 @@ from tabulate import tabulate
 from . import meta
 from .tracing import as_args
 from .errors import FxoptError
+from .quant.nn.base import DescribesWeights
 
 __all__ = ["Report", "report", "tensor_bytes", "unpack_packed_params"]
 
@@ -104,9 +105,9 @@ def _key(t: torch.Tensor) -> Any:
 
 def _own_entries(module: torch.nn.Module, is_root: bool) -> tuple[list[_Entry], bool]:
     """Tensors held by ``module`` itself, and whether its submodules are covered already."""
-    describe = getattr(module, "fxopt_weights", None)
-    if callable(describe):
-        return [_Entry(n, t, True, _key(t)) for n, t in describe().items() if isinstance(t, torch.Tensor)], True
+    if isinstance(module, DescribesWeights):
+        return [_Entry(n, t, True, _key(t)) for n, t in module.fxopt_weights().items()
+                if isinstance(t, torch.Tensor)], True
     weight = getattr(type(module), "weight", None)
     if callable(weight) and type(module).__module__.startswith("torch.ao.nn."):
         found = {"weight": module.weight()}

@@ -12,24 +12,24 @@ so a lone ``add`` between float islands is not wrapped in a pointless quant/dequ
 
 from __future__ import annotations
 
-import operator
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
 
-from fxopt import meta
+from fxopt import meta, registry
+from fxopt.backends.lowering import int8_spec
+from fxopt.backends.spec import SHAPE_READERS, op_key
 from fxopt.errors import UnsupportedError
-from fxopt.pass_base import Pass, PassResult
+from fxopt.graph_utils import mutating_users, unique_name
+from fxopt.pass_base import Pass, PassContext, PassResult
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 __all__ = ["InsertQuantStubs", "data_inputs"]
 
 # Ops that start a region even when their input is float.
 _REGION_STARTERS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
-# Ops that consume an int8 tensor without needing a dequantize (their result is not a tensor).
-_SHAPE_READERS = frozenset({"size"})
 _FLOAT_DTYPES = (torch.float32,)
 
 
@@ -53,19 +53,21 @@ def _is_float_tensor(node: torch.fx.Node) -> bool:
 class InsertQuantStubs(Pass):
     name: ClassVar[str] = "insert-quant-stubs"
 
-    backend: str = "x86"
+    # None: the backend the pipeline targets (compile/lower's ``backend``), x86 when none is named
+    backend: Any = None
+
+    def with_context(self, context: PassContext) -> "InsertQuantStubs":
+        if self.backend is None:
+            return replace(self, backend=context.target_backend)
+        if context.backend is not None and not registry.same(self.backend, context.backend):
+            raise ValueError(
+                f"pass {self.name!r} prepares the graph for backend {self.backend!r} but compile was asked for "
+                f"backend={registry.get(context.backend).name!r}; name the backend once, in compile (recipes and "
+                f"InsertQuantStubs(backend=None) follow it), or use the same one in both")
+        return self
 
     def _spec(self):
-        from fxopt import backends  # noqa: PLC0415 - passes may read a backend's spec
-
-        backend = backends.get(self.backend)
-        spec = getattr(backend, "spec", None)
-        if spec is None:
-            raise UnsupportedError(
-                f"backend {self.backend!r} has no int8 support table; static int8 needs one of the "
-                "PyTorch int8 backends ('x86', 'qnnpack')"
-            )
-        return spec
+        return int8_spec(self.backend)
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         for node in gm.graph.nodes:
@@ -75,8 +77,6 @@ class InsertQuantStubs(Pass):
                 )
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxopt.backends.spec import op_key  # noqa: PLC0415
-
         spec = self._spec()
         int8: set[torch.fx.Node] = set()
         islands: list[meta.FloatIsland] = []
@@ -98,11 +98,8 @@ class InsertQuantStubs(Pass):
         def add_stub(kind: str, value: torch.fx.Node, where: torch.fx.Node | None = None) -> torch.fx.Node:
             """A stub reading ``value``, right after it (dequant) or right before ``where`` (quant)."""
             cls = QuantStub if kind == "quant" else DeQuantStub
-            target = f"fxopt_{kind}_{counter[kind]}"
-            while hasattr(gm, target):
-                counter[kind] += 1
-                target = f"fxopt_{kind}_{counter[kind]}"
-            counter[kind] += 1
+            target = unique_name(f"fxopt_{kind}", lambda n: hasattr(gm, n), start=counter[kind])
+            counter[kind] = int(target.rsplit("_", 1)[1]) + 1
             gm.add_submodule(target, cls())
             with gm.graph.inserting_before(where) if where is not None else gm.graph.inserting_after(value):
                 return gm.graph.call_module(target, (value,))
@@ -128,7 +125,7 @@ class InsertQuantStubs(Pass):
                 node.replace_input_with(src, stub)
         # Dequantize int8 values read by float consumers (one stub per value).
         for node in list(int8):
-            float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in _SHAPE_READERS]
+            float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in SHAPE_READERS]
             if not float_users:
                 continue
             deq = add_stub("dequant", node)
@@ -156,7 +153,7 @@ class InsertQuantStubs(Pass):
                 leaf = {info.qualname: info for info in meta.leaves(gm)}.get(node.target)
                 if leaf is not None:
                     return f"untraced submodule kept in float ({leaf.reason})"
-            if key in _SHAPE_READERS or (node.op == "call_function" and node.target is getattr):
+            if key in SHAPE_READERS or (node.op == "call_function" and node.target is getattr):
                 return ""
             return f"no int8 kernel on {spec.name} for {_target_name(node, gm)}"
         if rule.kind == "weight_only":
@@ -185,32 +182,9 @@ class InsertQuantStubs(Pass):
         return ""
 
 
-# Ops that return a view of their first argument (an in-place write to the view writes the value).
-_VIEW_METHODS = frozenset({"view", "view_as", "reshape", "narrow", "select", "transpose", "permute", "expand",
-                           "expand_as", "squeeze", "unsqueeze", "flatten", "unflatten", "as_strided", "t",
-                           "diagonal", "unfold", "__getitem__"})
-_VIEW_FUNCTIONS = frozenset({operator.getitem, torch.narrow, torch.select, torch.transpose, torch.permute,
-                             torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze})
-_INPLACE_FUNCTIONS = frozenset({operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv})
-
-
 def written_between(value: torch.fx.Node, start: float, end: float, order: dict) -> bool:
     """Whether an in-place op on ``value`` (or a view of it) runs between graph positions ``start`` and ``end``."""
-    views, todo = {value}, [value]
-    while todo:
-        for user in todo.pop().users:
-            is_view = (user.op == "call_method" and user.target in _VIEW_METHODS) or (
-                user.op == "call_function" and user.target in _VIEW_FUNCTIONS)
-            if is_view and user.args and user.args[0] in views and user not in views:
-                views.add(user)
-                todo.append(user)
-    for view in views:
-        for user in view.users:
-            inplace = (user.op == "call_method" and user.target.endswith("_") and not user.target.endswith("__")) \
-                or (user.op == "call_function" and user.target in _INPLACE_FUNCTIONS)
-            if inplace and user.args and user.args[0] is view and start < order.get(user, -1) < end:
-                return True
-    return False
+    return any(start < order.get(user, -1) < end for user in mutating_users(value))
 
 
 def _target_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:

@@ -3,9 +3,7 @@ detectors, on x86 and qnnpack; and (slow) the detector retention figure against 
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ import fxopt
 from fxopt import recipes
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
-BENCH = str(Path(__file__).resolve().parents[2] / "bench")
 README_ZOO = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0",
               "densenet121", "googlenet", "regnet_x_400mf", "squeezenet1_1"]
 
@@ -54,9 +51,7 @@ def test_check_readme_classifiers(name, backend):
 
 
 def _detectors():
-    if BENCH not in sys.path:
-        sys.path.insert(0, BENCH)
-    import detectors  # bench/detectors.py: the detector harness shared with the bench script
+    from bench import detectors  # the detector harness shared with the bench script
 
     return detectors
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt import backends, meta, recipes
-from fxopt.backends import qmodules as qm
+from fxopt.quant.nn import int8 as qm
 from fxopt.backends.lowering import is_depthwise, weight_qparams
 from fxopt.lower_check import check_lowering
 from fxopt.quant.observers import Observer
 from fxopt.quant.simulate import QuantDequant
-from int8_testutil import sqnr
+from tests.helpers import sqnr
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 BACKENDS = ["x86", "qnnpack"]
