@@ -4,7 +4,7 @@ top-10 detections the int8 model keeps (IoU >= 0.5, same label).
 
 Used by tests/backends/test_detectors.py (slow) and runnable as a script::
 
-    python bench/detectors.py [--backend x86|qnnpack] [--images 4]
+    python -m bench.detectors [--backend x86|qnnpack] [--images 8]
 
 Random weights give near-uniform class scores (every box ties at 1/91), so the models are made
 "confident" the way training would: the last classification layers are scaled up until the top class

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fxopt
 from fxopt import backends, meta, recipes
 from fxopt.quant.nn import int8 as qm
-from fxopt.backends.lowering import is_depthwise, weight_qparams
+from fxopt.backends._lower_ops import is_depthwise, weight_qparams
 from fxopt.lower_check import check_lowering
 from fxopt.quant.observers import Observer
 from fxopt.quant.simulate import QuantDequant
