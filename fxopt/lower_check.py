@@ -15,7 +15,7 @@ an accumulation differently); a lowering bug gives tens or hundreds.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,11 +50,13 @@ class LayerCheck:
 
 @dataclass
 class LoweringCheck:
-    """What :func:`check_lowering` found: every compared checkpoint (in graph order) and the unmatched ones."""
+    """What :func:`check_lowering` found: every compared checkpoint (in graph order), the ones with no lowered
+    value, and those of ops the lowering kept float on purpose (``fxopt.meta.float_islands``)."""
 
     layers: list[LayerCheck]
     unmatched: list[str]
     tolerance: float
+    kept_float: list[str] = field(default_factory=list)  # checkpoints of ops lowering kept float (not compared)
 
     @property
     def worst(self) -> LayerCheck | None:
@@ -99,11 +101,13 @@ def _describe(node: torch.fx.Node, sim: torch.fx.GraphModule) -> str:
 class _Forced(torch.fx.Interpreter):
     """Runs the simulation; at each checkpoint compares with the lowered value and continues from it."""
 
-    def __init__(self, sim: torch.fx.GraphModule, lowered: dict[str, Any], mapping: dict[str, str]) -> None:
+    def __init__(self, sim: torch.fx.GraphModule, lowered: dict[str, Any], mapping: dict[str, str],
+                 islands: set[str]) -> None:
         super().__init__(sim)
-        self.lowered, self.mapping = lowered, mapping
+        self.lowered, self.mapping, self.islands = lowered, mapping, islands
         self.rows: list[LayerCheck] = []
         self.unmatched: list[str] = []
+        self.kept_float: list[str] = []
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
@@ -115,6 +119,12 @@ class _Forced(torch.fx.Interpreter):
             self.unmatched.append(name)
             return out
         module = self.module.get_submodule(n.target)
+        op = n.args[0].name if n.args and isinstance(n.args[0], torch.fx.Node) else name
+        if name in self.islands or op in self.islands:
+            # lowering kept this op float (e.g. a cat of very different ranges): it reads its inputs unrounded,
+            # the simulation rounded; nothing to compare, continue from what the lowered graph computed
+            self.kept_float.append(name)
+            return module(low)
         ref_leaves, low_leaves = pytree.tree_leaves(out), pytree.tree_leaves(low)
         pairs = [(r, l) for r, l in zip(ref_leaves, low_leaves)
                  if isinstance(r, torch.Tensor) and r.is_floating_point()]
@@ -156,9 +166,10 @@ def check_lowering(sim: torch.fx.GraphModule, lowered: torch.nn.Module, args: tu
             _run(recorder, gm, args, kwargs)
         finally:
             torch.backends.quantized.engine = previous
-        forced = _Forced(sim, recorder.values, mapping)
+        islands = {island.node for island in meta.float_islands(gm)}
+        forced = _Forced(sim, recorder.values, mapping, islands)
         _run(forced, sim, args, kwargs)
-    return LoweringCheck(forced.rows, forced.unmatched, float(tolerance))
+    return LoweringCheck(forced.rows, forced.unmatched, float(tolerance), forced.kept_float)
 
 
 def _run(interp: torch.fx.Interpreter, gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> Any:
