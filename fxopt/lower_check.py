@@ -56,7 +56,7 @@ class LoweringCheck:
     layers: list[LayerCheck]
     unmatched: list[str]
     tolerance: float
-    kept_float: list[str] = field(default_factory=list)  # checkpoints of ops lowering kept float (not compared)
+    kept_float: list[str] = field(default_factory=list)  # checkpoints the lowered graph never rounds (not compared)
 
     @property
     def worst(self) -> LayerCheck | None:
@@ -78,10 +78,13 @@ class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, wanted: set[str]) -> None:
         super().__init__(gm)
         self.wanted, self.values = wanted, {}
+        self.quantized: dict[str, bool] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
         out = super().run_node(n)
         if n.name in self.wanted:
+            leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.quantized[n.name] = any(t.is_quantized for t in leaves)
             self.values[n.name] = pytree.tree_map(
                 lambda t: t.dequantize() if isinstance(t, torch.Tensor) and t.is_quantized else t, out)
         return out
@@ -101,10 +104,10 @@ def _describe(node: torch.fx.Node, sim: torch.fx.GraphModule) -> str:
 class _Forced(torch.fx.Interpreter):
     """Runs the simulation; at each checkpoint compares with the lowered value and continues from it."""
 
-    def __init__(self, sim: torch.fx.GraphModule, lowered: dict[str, Any], mapping: dict[str, str],
-                 islands: set[str]) -> None:
+    def __init__(self, sim: torch.fx.GraphModule, lowered: dict[str, Any], was_quantized: dict[str, bool],
+                 mapping: dict[str, str], islands: set[str]) -> None:
         super().__init__(sim)
-        self.lowered, self.mapping, self.islands = lowered, mapping, islands
+        self.lowered, self.was_quantized, self.mapping, self.islands = lowered, was_quantized, mapping, islands
         self.rows: list[LayerCheck] = []
         self.unmatched: list[str] = []
         self.kept_float: list[str] = []
@@ -120,9 +123,9 @@ class _Forced(torch.fx.Interpreter):
             return out
         module = self.module.get_submodule(n.target)
         op = n.args[0].name if n.args and isinstance(n.args[0], torch.fx.Node) else name
-        if name in self.islands or op in self.islands:
-            # lowering kept this op float (e.g. a cat of very different ranges): it reads its inputs unrounded,
-            # the simulation rounded; nothing to compare, continue from what the lowered graph computed
+        if name in self.islands or op in self.islands or not self.was_quantized.get(self.mapping[name], True):
+            # the lowered graph never rounds this value: the op stays float on purpose (e.g. a cat of very
+            # different ranges) or only float ops read it; nothing to compare, continue from the lowered value
             self.kept_float.append(name)
             return module(low)
         ref_leaves, low_leaves = pytree.tree_leaves(out), pytree.tree_leaves(low)
@@ -167,7 +170,7 @@ def check_lowering(sim: torch.fx.GraphModule, lowered: torch.nn.Module, args: tu
         finally:
             torch.backends.quantized.engine = previous
         islands = {island.node for island in meta.float_islands(gm)}
-        forced = _Forced(sim, recorder.values, mapping, islands)
+        forced = _Forced(sim, recorder.values, recorder.quantized, mapping, islands)
         _run(forced, sim, args, kwargs)
     return LoweringCheck(forced.rows, forced.unmatched, float(tolerance), forced.kept_float)
 
