@@ -203,6 +203,45 @@ def set_fusion_group(node: torch.fx.Node, group: str | None) -> None:
     _set_node_meta(node, _FUSION_GROUP, None if group is None else str(group))
 
 
+# Lowering provenance (written by int8 lowering, read by ``fxopt.lower(..., check=True)``).
+_LOWERED_FROM = "fxopt.lowered_from"
+_CHECKPOINT = "fxopt.checkpoint"
+
+
+def lowered_from(module: torch.nn.Module) -> dict[str, str]:
+    """For a lowered graph: prepared node name -> the lowered node holding that value (as int8 readers see it)."""
+    return dict(_gm_meta(module).get(_LOWERED_FROM, {}))
+
+
+def set_lowered_from(module: torch.nn.Module, mapping: dict[str, str]) -> None:
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        meta[_LOWERED_FROM] = dict(mapping)
+
+
+def checkpoint(node: torch.fx.Node) -> str | None:
+    """In a reference simulation: the prepared node whose int8 value this quantize-dequantize node models."""
+    return node.meta.get(_CHECKPOINT)
+
+
+def set_checkpoint(node: torch.fx.Node, name: str) -> None:
+    node.meta[_CHECKPOINT] = name
+
+
+_EXAMPLE_INPUTS = "fxopt.example_inputs"
+
+
+def example_inputs(module: torch.nn.Module) -> tuple:
+    """The positional inputs ``fxopt.compile`` traced with (``()`` when none were given)."""
+    return tuple(_gm_meta(module).get(_EXAMPLE_INPUTS, ()))
+
+
+def set_example_inputs(module: torch.nn.Module, args: tuple) -> None:
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        meta[_EXAMPLE_INPUTS] = tuple(args)
+
+
 # Per-layer notes written by passes (e.g. prune-channels: why a layer kept its channels); the report shows them.
 _MODULE_NOTES = "fxopt.module_notes"
 

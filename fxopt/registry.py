@@ -65,6 +65,7 @@ _BUILTIN: dict[str, str] = {
     "qnnpack": "fxopt.backends.qnnpack:QnnpackBackend",
     "onnx": "fxopt.backends.onnx:OnnxBackend",
     "openvino": "fxopt.backends.openvino:OpenVinoBackend",
+    "reference": "fxopt.backends.reference:ReferenceBackend",
 }
 _ALIASES: dict[str, str] = {"fbgemm": "x86"}
 _REGISTERED: dict[str, str | type] = {}
