@@ -289,7 +289,7 @@ class OpLowering:
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
         wq = self._weight_qparams(conv.weight, key)
-        qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self.spec.engine)
+        qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self._conv_engine(conv, dim))
         return self._emit_module(_base(node), qmod, (qx,))
 
     def _fold_pad(self, x: torch.fx.Node, pads: list[tuple[int, int]], dim: int):
@@ -316,6 +316,10 @@ class OpLowering:
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
         return weight_qparams(weight, per_channel, self.spec, self.config)
+
+    def _conv_engine(self, conv: nn.Module, dim: int) -> str:
+        """The engine to pack ``conv``'s weights under (a backend may pick a faster library per conv)."""
+        return self.spec.engine
 
     def _observer_of(self, node: torch.fx.Node) -> torch.fx.Node:
         for user in node.users:

@@ -33,10 +33,12 @@ _TORCH_PREFIX = "torch.nn."
 def fxopt_classes() -> dict[str, type]:
     """fxopt's storable int8/dynamic module classes by stored name (imported lazily: backends are optional)."""
     from fxopt.backends import qmodules as qm
+    from fxopt.backends.qconv_onednn import QConvPointwise
     from fxopt.quant import dynamic
 
     classes = [qm.QuantizeInput, qm.QConv, qm.QLinear, qm.QAdd, qm.QMul, qm.QCat, qm.QHardswish, qm.QLayerNorm,
-               qm.QBatchNorm, dynamic.DynamicLinear, dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag]
+               qm.QBatchNorm, dynamic.DynamicLinear, dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag,
+               QConvPointwise]
     return {_FXOPT_PREFIX + cls.__name__: cls for cls in classes}
 
 
