@@ -156,7 +156,10 @@ class OpLowering:
             return
         if module is not None and _is_observer(module):
             src = node.args[0]
-            self._set(node, self.env[src], src in self.quantized, self.qparams.get(src))
+            qparams = self.qparams.get(src)
+            if qparams is None and src not in self.quantized and module.calibrated:
+                qparams = self._observer_qparams(node)  # a compute op kept float: int8 readers quantize lazily
+            self._set(node, self.env[src], src in self.quantized, qparams)
             return
         key = op_key(node, self.gm)
         rule = self.spec.rule(key)

@@ -19,6 +19,9 @@ _PASSES: dict[str, str] = {
     "Calibrate": "calibrate",
     "QuantizeDynamic": "quantize_dynamic",
     "ConvertFP16": "convert_fp16",
+    "EqualizeCrossLayer": "equalize_cross_layer",
+    "CorrectBias": "correct_bias",
+    "FloatFallback": "float_fallback",
 }
 
 __all__ = sorted(_PASSES)
