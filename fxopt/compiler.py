@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -14,6 +15,8 @@ from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManag
 from .tracing import as_args, trace
 
 __all__ = ["compile", "lower", "as_args"]
+
+logger = logging.getLogger(__name__)
 
 
 def compile(
@@ -28,6 +31,7 @@ def compile(
     leaf_modules: Sequence[Any] = (),
     trace_mode: str = "auto",
     verify: bool = True,
+    tune: bool = False,
 ) -> torch.nn.Module:
     """Trace ``model``, run ``passes`` in order, then lower to ``backend`` (if given).
 
@@ -71,8 +75,24 @@ def compile(
     meta.set_records(gm, recs)
     if backend_obj is None:
         return gm
-    lowered = backend_obj.lower(gm)
+    lowered = _lower(backend_obj, gm, args if tune else None)
     meta.set_records(lowered, recs)
+    return lowered
+
+
+def _lower(backend_obj: Any, gm: torch.fx.GraphModule, tune_args: tuple | None) -> torch.nn.Module:
+    """Lower; with ``tune_args``, time int8 vs float per int8 region and keep float where int8 loses."""
+    if tune_args is None:
+        return backend_obj.lower(gm)
+    if not tune_args:
+        raise ValueError("tune=True times the model on example inputs: pass example_inputs=")
+    if getattr(backend_obj, "spec", None) is None:
+        raise ValueError(f"tune=True applies to the int8 backends ('x86', 'qnnpack'), not {backend_obj.name!r}")
+    from fxopt.backends.tune import tune_lowering
+
+    lowered, notes = tune_lowering(backend_obj, gm, tune_args)
+    for note in notes:
+        logger.info("lower(tune=True): %s", note)
     return lowered
 
 
@@ -92,10 +112,12 @@ def _check_recipe_backend(passes: list, backend_obj: Any) -> None:
             )
 
 
-def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
+def lower(module: torch.nn.Module, backend: Any, *, tune: bool = False, example_inputs: Any = None,
+          ) -> torch.nn.Module:
     """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
 
-    The input is not mutated.
+    The input is not mutated. ``tune=True`` (int8 backends) times each int8 region against float on
+    ``example_inputs`` and keeps float the regions that run faster in float (``fxopt.backends.tune``).
     """
     from fxopt import backends
 
@@ -112,6 +134,6 @@ def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
         )
     work = copy.deepcopy(module)
-    lowered = backend_obj.lower(work)
+    lowered = _lower(backend_obj, work, as_args(example_inputs) if tune else None)
     meta.set_records(lowered, meta.records(module))
     return lowered
