@@ -1,7 +1,7 @@
 """``float-fallback``: keep the int8 ops that hurt the output most in float, until a target SQNR holds.
 
 Runs on a calibrated static-int8 graph (after ``Calibrate``). With the float simulation of
-:mod:`fxopt.quant.simulation` on the calibration data it
+:mod:`fxopt.quant.simulation` on the first ``num_batches`` (default 2) calibration batches it
 
 1. measures the output SQNR with everything int8; at or above ``min_sqnr`` dB nothing changes;
 2. measures each compute op (conv, linear, add, mul, cat…) quantized **alone**, every other op float:
@@ -51,7 +51,7 @@ class FloatFallback(Pass):
     max_float_fraction: float = 0.1
     metric: Callable[[list, list], float] | None = field(default=None, compare=False)
     min_metric: float | None = None
-    num_batches: int | None = 4
+    num_batches: int | None = 2
 
     def __post_init__(self) -> None:
         if (self.min_sqnr is None) == (self.min_metric is None):
