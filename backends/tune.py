@@ -74,7 +74,7 @@ def tune_lowering(backend: Any, gm: torch.fx.GraphModule, args: tuple, rounds: i
             if node.name in names:
                 meta.set_quant_region(node, None)
         island = meta.FloatIsland(region[0].name, "int8 region", f"{label} kept float by lower(tune=True)")
-        meta.add_float_island(trial, island)  # carried into every later lowering of this plan
+        meta.set_float_islands(trial, [i for i in meta.float_islands(trial) if i.node != island.node] + [island])  # carried into every later lowering of this plan
         candidate = backend.lower(copy.deepcopy(trial))
         ms = _median_ms({"int8": current, "float": candidate}, args, rounds)
         if ms["float"] < ms["int8"] * (1.0 - margin):

@@ -15,9 +15,8 @@ import torch
 from fxopt.quant.spec import QSpec
 
 from .lowering import Int8Backend
-from .qconv_onednn import onednn_fusion_available
-from .spec import common_int8_ops
-from .spec import BackendSpec, OpRule
+from .spec import BackendSpec, OpRule, common_int8_ops, weighted_compute_ops
+from fxopt.quant.nn.onednn import onednn_fusion_available
 from .x86_lowering import X86Lowering
 
 __all__ = ["X86Backend", "x86_spec", "x86_engine"]
@@ -29,16 +28,9 @@ def x86_engine() -> str:
 
 
 def x86_spec(reduce_range: bool = False) -> BackendSpec:
-    relu = frozenset({"relu"})
     ops = common_int8_ops()
-    ops.update({
-        # compute ops: per-channel weights, fused ReLU kernels
-        "conv1d": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::conv1d"),
-        "conv2d": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::conv2d"),
-        "conv3d": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::conv3d"),
-        "linear": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::linear"),
-        "max_pool3d": OpRule("share", reason="max_pool3d on quantized tensors"),
-    })
+    ops.update(weighted_compute_ops(per_channel=True))  # per-channel weights, fused ReLU kernels
+    ops["max_pool3d"] = OpRule("share", reason="max_pool3d on quantized tensors")
     if onednn_fusion_available():  # SiLU after a conv is a oneDNN post-op (x86_lowering); alone it stays float
         ops["silu"] = OpRule("compute", reason="fused into the conv before it (oneDNN swish post-op)")
     return BackendSpec(

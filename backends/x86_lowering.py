@@ -36,7 +36,7 @@ import torch.nn as nn
 from fxopt import meta
 
 from ._lower_ops import OpLowering, _base, _binary_inputs, _explicit_padding, _fused_activation, _KeepFloat
-from .qconv_onednn import QConvPointwise, onednn_fusion_available
+from fxopt.quant.nn.onednn import QConvPointwise, onednn_fusion_available
 from .spec import BackendSpec, OpRule, op_key
 
 __all__ = ["X86Lowering", "onednn_packs_faster"]
@@ -212,7 +212,7 @@ class X86Lowering(OpLowering):
             self._set(conv_obs, self.env[conv_node], True, self.qparams[conv_node])
             super()._compute(add, key, rule, module)
             return
-        activation = _fused_activation(module)
+        activation = _fused_activation(add, module)
         follower = self._absorbable_activation(obs) if activation is None else None
         act = activation or follower
         qparams = self._clamp(out_qparams, act)

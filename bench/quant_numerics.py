@@ -1,7 +1,7 @@
 """Static int8 SQNR vs float: fxopt against torch.ao FX on the torchvision zoo, both engines.
 
-    python bench/quant_numerics.py [--size 96] [--models resnet18,mobilenet_v2]
-    python bench/quant_numerics.py --natural [--min-sqnr 30] [--models ...]
+    python -m bench.quant_numerics [--size 96] [--models resnet18,mobilenet_v2]
+    python -m bench.quant_numerics --natural [--min-sqnr 30] [--models ...]
 
 Prints one table; the same comparison runs as a (slow) test in tests/quant/test_zoo_numerics.py.
 
@@ -15,18 +15,15 @@ static recipe and of torch.ao FX (histogram observers for both), then fxopt with
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quant_reference import (ZOO, data, fxopt_int8, natural_data, natural_zoo_model, sqnr,  # noqa: E402
+from bench.quant_reference import (ZOO, data, fxopt_int8, natural_data, natural_zoo_model, sqnr,
                              torchao_int8, zoo_model)
 
-import fxopt  # noqa: E402
+import fxopt
 
 
 def _agreement(model, candidate, test) -> float:

@@ -28,7 +28,7 @@ from fxopt import Pass, PassResult, meta
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.quant.weight_sim import fake_quantize_weight
 
-from ._util import call_sites, set_attr_path
+from fxopt.graph_utils import call_sites, set_attr_path
 from .calibrate import as_call
 
 __all__ = ["CorrectBias"]

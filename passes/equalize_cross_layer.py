@@ -10,7 +10,7 @@ magnitude apart end up alike, which is what a per-tensor int8 scale needs. Depth
 on either side (their channel ``i`` is both input and output ``i``); chains of three or more convs
 (conv → depthwise → conv) are equalized pair by pair, repeated until the scales settle.
 
-Matched: ``nn.Conv2d`` (or a :class:`~fxopt.passes.fuse_activations.FusedConv` with a ReLU) whose only
+Matched: ``nn.Conv2d`` (or a :class:`~fxopt.quant.nn.FusedConv` with a ReLU) whose only
 user is an optional ReLU (``nn.ReLU``, ``F.relu``, ``torch.relu``, ``.relu()``) whose only user is an
 ``nn.Conv2d`` / ``FusedConv`` reading it as input, with ``groups == 1`` or depthwise (one input channel
 per group, as many outputs). Not matched (notes say so): ReLU6 / Hardtanh / SiLU between the convs
@@ -35,7 +35,7 @@ from torch import nn
 
 from fxopt import Pass, PassResult
 
-from ._util import call_sites, module_of, set_attr_path
+from fxopt.graph_utils import call_sites, module_of, set_attr_path
 
 __all__ = ["EqualizeCrossLayer"]
 

@@ -124,7 +124,8 @@ class FloatFallback(Pass):
             node = nodes[unit]
             meta.set_quant_region(node, None)
             reason = f"kept float by float-fallback: quantized alone, output {what} {-damage[unit]:.2f}"
-            meta.add_float_island(gm, meta.FloatIsland(node.name, op_key(node, gm) or "op", reason))
+            island = meta.FloatIsland(node.name, op_key(node, gm) or "op", reason)
+            meta.set_float_islands(gm, [i for i in meta.float_islands(gm) if i.node != node.name] + [island])
             notes.append(f"{node.name}: {reason}")
         extra_bytes, float_macs, total_macs = _costs(gm, nodes, units, set(kept))
         stats.update(kept_float=kept, score=round(after, 3), float_fraction=round(len(kept) / len(units), 4),

@@ -11,8 +11,8 @@ import torchvision
 
 import fxopt
 from fxopt import recipes
-from fxopt.backends.qconv_onednn import QConvPointwise, onednn_fusion_available
-from fxopt.backends.qmodules import QConv
+from fxopt.quant.nn.onednn import QConvPointwise, onednn_fusion_available
+from fxopt.quant.nn import QConv
 from fxopt.backends.x86 import X86Backend
 
 pytestmark = pytest.mark.skipif(not onednn_fusion_available(), reason="needs oneDNN int8 kernels and a VNNI CPU")

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from fxopt.quant.qstate import qtensor_from_state, qtensor_state
 
-from .qmodules import _QOutput, quantize_weight
+from .int8 import _QOutput, quantize_weight
 
 __all__ = ["QConvPointwise", "as_uint8", "as_quint8", "onednn_fusion_available", "UNARY_POST_OPS"]
 
