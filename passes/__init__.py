@@ -20,6 +20,9 @@ _PASSES: dict[str, str] = {
     "QuantizeDynamic": "quantize_dynamic",
     "ConvertFP16": "convert_fp16",
     "PrepareQAT": "prepare_qat",
+    "EqualizeCrossLayer": "equalize_cross_layer",
+    "CorrectBias": "correct_bias",
+    "FloatFallback": "float_fallback",
 }
 
 __all__ = sorted(_PASSES)
