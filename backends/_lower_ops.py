@@ -148,7 +148,10 @@ class OpLowering:
             return
         if module is not None and (is_observer(module) or getattr(module, "fxopt_lowered_as_identity", False)):
             src = node.args[0]
-            self._set(node, self.env[src], src in self.quantized, self.qparams.get(src))
+            qparams = self.qparams.get(src)
+            if qparams is None and src not in self.quantized and module.calibrated:
+                qparams = self._observer_qparams(node)  # a compute op kept float: int8 readers quantize lazily
+            self._set(node, self.env[src], src in self.quantized, qparams)
             return
         key = op_key(node, self.gm)
         rule = self.spec.rule(key)
@@ -286,7 +289,7 @@ class OpLowering:
         extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, sym)]
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
-        qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self.spec.engine)
+        qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self._conv_engine(conv, dim))
         return self._emit_module(_base(node), qmod, (qx,))
 
     def _fold_pad(self, x: torch.fx.Node, pads: list[tuple[int, int]], dim: int):
@@ -328,6 +331,10 @@ class OpLowering:
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
         return weight_qparams(weight, per_channel, self.spec, self.config, is_depthwise(weight, groups))
+
+    def _conv_engine(self, conv: nn.Module, dim: int) -> str:
+        """The engine to pack ``conv``'s weights under (a backend may pick a faster library per conv)."""
+        return self.spec.engine
 
     def _observer_of(self, node: torch.fx.Node) -> torch.fx.Node:
         for user in node.users:

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 class Int8Backend(Backend):
     """A backend running int8 graphs on PyTorch's quantized kernels, described by a :class:`BackendSpec`."""
 
+    lowering_cls: type = OpLowering  # the node-by-node walk (a backend may add its own kernel choices)
+
     def __init__(self, spec: BackendSpec) -> None:
         self.spec = spec
 
@@ -56,7 +58,7 @@ class Int8Backend(Backend):
         return Support(True, f"{key}: {rule.kind} ({rule.reason})" if rule.reason else f"{key}: {rule.kind}")
 
     def lower(self, gm: torch.fx.GraphModule) -> nn.Module:
-        return lower_int8(gm, self.spec)
+        return lower_int8(gm, self.spec, self.lowering_cls)
 
 
 def int8_spec(backend: str | Backend) -> BackendSpec:
@@ -99,8 +101,10 @@ def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
                        prepared_for, spec.name, spec.name)
 
 
-def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
+def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec, lowering_cls: type = OpLowering) -> QuantizedModel:
     """Lower a prepared + calibrated graph to int8 modules for ``spec``'s engine.
+
+    ``lowering_cls`` is the walk (:class:`~fxopt.backends._lower_ops.OpLowering` or a backend's subclass).
 
     ``gm`` itself is not changed, but the lowered graph reuses its float submodules (float islands).
     """
@@ -108,7 +112,7 @@ def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
         raise TypeError(f"lower_int8 expects a torch.fx.GraphModule, got {type(gm).__name__}")
     _check_prepared(gm, spec)
     with engine_scope(spec.engine), torch.no_grad():
-        lowering = OpLowering(gm, spec)
+        lowering = lowering_cls(gm, spec)
         graph, root = lowering.run()
     lowered = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule")
     # No dead-code elimination here: an unused in-place op (``buffer[...].copy_(image)`` in torchvision's

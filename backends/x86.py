@@ -8,12 +8,16 @@ overflow; pass ``X86Backend(reduce_range=True)`` for those.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fxopt.quant.spec import QSpec
 
 from .lowering import Int8Backend
 from .spec import BackendSpec, OpRule, common_int8_ops, weighted_compute_ops
+from fxopt.quant.nn.onednn import onednn_fusion_available
+from .x86_lowering import X86Lowering
 
 __all__ = ["X86Backend", "x86_spec", "x86_engine"]
 
@@ -27,6 +31,8 @@ def x86_spec(reduce_range: bool = False) -> BackendSpec:
     ops = common_int8_ops()
     ops.update(weighted_compute_ops(per_channel=True))  # per-channel weights, fused ReLU kernels
     ops["max_pool3d"] = OpRule("share", reason="max_pool3d on quantized tensors")
+    if onednn_fusion_available():  # SiLU after a conv is a oneDNN post-op (x86_lowering); alone it stays float
+        ops["silu"] = OpRule("compute", reason="fused into the conv before it (oneDNN swish post-op)")
     return BackendSpec(
         name="x86",
         engine=x86_engine(),
@@ -42,9 +48,16 @@ def x86_spec(reduce_range: bool = False) -> BackendSpec:
 
 
 class X86Backend(Int8Backend):
-    """Lower calibrated graphs to PyTorch int8 kernels under the x86 (or fbgemm) engine."""
+    """Lower calibrated graphs to PyTorch int8 kernels under the x86 (or fbgemm) engine.
+
+    ``onednn=False`` turns off the x86 kernel choices of :mod:`fxopt.backends.x86_lowering` (oneDNN packing
+    of >100-group convs, conv+SiLU fusion); ``fuse_add=True`` adds conv+add(+ReLU) fusion (off: measured
+    slower end to end on this project's reference CPU); ``fuse_unary=False`` keeps SiLU a float island.
+    """
 
     name = "x86"
 
-    def __init__(self, reduce_range: bool = False) -> None:
+    def __init__(self, reduce_range: bool = False, onednn: bool = True, fuse_add: bool = False,
+                 fuse_unary: bool = True) -> None:
         super().__init__(x86_spec(reduce_range))
+        self.lowering_cls = functools.partial(X86Lowering, onednn=onednn, fuse_add=fuse_add, fuse_unary=fuse_unary)

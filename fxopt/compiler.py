@@ -34,6 +34,7 @@ def compile(
     leaf_modules: Sequence[Any] = (),
     trace_mode: str = "auto",
     verify: bool = True,
+    tune: bool = False,
 ) -> torch.nn.Module:
     """Trace ``model``, run ``passes`` in order, then lower to ``backend`` (if given).
 
@@ -82,10 +83,26 @@ def compile(
     if backend_obj is None:
         return gm
     simulation = _simulation(gm, backend_obj) if check is not False else None
-    lowered = backend_obj.lower(gm)
+    lowered = _lower(backend_obj, gm, args if tune else None)
     if simulation is not None:
         _check_lowered(simulation, lowered, args, backend_obj.name)
     meta.set_records(lowered, recs)
+    return lowered
+
+
+def _lower(backend_obj: Any, gm: torch.fx.GraphModule, tune_args: tuple | None) -> torch.nn.Module:
+    """Lower; with ``tune_args``, time int8 vs float per int8 region and keep float where int8 loses."""
+    if tune_args is None:
+        return backend_obj.lower(gm)
+    if not tune_args:
+        raise ValueError("tune=True times the model on example inputs: pass example_inputs=")
+    if getattr(backend_obj, "spec", None) is None:
+        raise ValueError(f"tune=True applies to the int8 backends ('x86', 'qnnpack'), not {backend_obj.name!r}")
+    from fxopt.backends.tune import tune_lowering
+
+    lowered, notes = tune_lowering(backend_obj, gm, tune_args)
+    for note in notes:
+        logger.info("lower(tune=True): %s", note)
     return lowered
 
 
@@ -111,7 +128,7 @@ def _check_lowered(simulation: torch.fx.GraphModule, lowered: torch.nn.Module, a
     raise_on_divergence(result, backend)
 
 
-def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
+def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False, tune: bool = False,
           example_inputs: Any = None) -> torch.nn.Module:
     """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
 
@@ -119,6 +136,8 @@ def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
     beside the float simulation of the same quantization (backend ``"reference"``) on ``example_inputs``
     (default: the inputs ``compile`` traced with) and raises :class:`fxopt.NumericsError` naming the first
     layer that diverges: its op, its qparams and the error in quantization steps.
+    ``tune=True`` (int8 backends) times each int8 region against float on the same example inputs and keeps
+    float the regions that run faster in float (``fxopt.backends.tune``).
     """
     backend_obj = registry.get(backend)
     if not isinstance(module, torch.fx.GraphModule):
@@ -139,7 +158,7 @@ def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
     work = copy.deepcopy(module)
     _eval_for_lowering(work)
     simulation = _simulation(work, backend_obj) if check is not False else None
-    lowered = backend_obj.lower(work)
+    lowered = _lower(backend_obj, work, args if tune else None)
     if simulation is not None:
         _check_lowered(simulation, lowered, args, backend_obj.name, None if check is True else float(check))
     meta.set_records(lowered, meta.records(module))

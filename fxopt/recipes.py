@@ -23,17 +23,38 @@ def static_int8(
     per_channel: bool = True,
     backend: str | None = None,
     num_batches: int | None = None,
+    equalize: bool = False,
+    bias_correction: bool = False,
+    min_sqnr: float | None = None,
+    max_float_fraction: float = 0.1,
+    metric: Any = None,
+    min_metric: float | None = None,
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
     The recipe does not fix the backend: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="qnnpack")``
     prepares for qnnpack (x86 when compile names none). ``backend=`` pins one; compile must then agree.
+
+    Accuracy-aware options: ``equalize=True`` adds cross-layer equalization (``EqualizeCrossLayer``, after
+    BatchNorm folding), ``bias_correction=True`` adds empirical bias correction (``CorrectBias``);
+    ``min_sqnr=dB`` (or ``metric=fn(outputs, reference)`` with ``min_metric=``) adds ``FloatFallback``, which
+    keeps the most damaging ops float (at most ``max_float_fraction`` of them) until the target holds.
     """
-    return fuse() + [
-        fp.InsertQuantStubs(backend=backend),
-        fp.PlaceObservers(activation=observer, per_channel=per_channel),
-        fp.Calibrate(calibration, num_batches=num_batches),
-    ]
+    calibration = list(calibration) if (bias_correction or min_sqnr is not None or min_metric is not None) \
+        else calibration
+    steps = [fp.RemoveIdentities(), fp.FoldBatchNorm()]
+    if equalize:
+        steps.append(fp.EqualizeCrossLayer())
+    steps += [fp.FuseActivations(), fp.EliminateDeadCode(),
+              fp.InsertQuantStubs(backend=backend),
+              fp.PlaceObservers(activation=observer, per_channel=per_channel)]
+    if bias_correction:
+        steps.append(fp.CorrectBias(calibration, num_batches=num_batches))
+    steps.append(fp.Calibrate(calibration, num_batches=num_batches))
+    if min_sqnr is not None or min_metric is not None:
+        steps.append(fp.FloatFallback(calibration, min_sqnr=min_sqnr, max_float_fraction=max_float_fraction,
+                                      metric=metric, min_metric=min_metric))
+    return steps
 
 
 def dynamic_int8(dtype: torch.dtype = torch.qint8) -> list:

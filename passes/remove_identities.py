@@ -5,7 +5,8 @@ Removed (every use of the op is rewired to its input):
 * ``nn.Identity``;
 * dropout modules (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``) whose
   ``training`` flag is False, and ``F.dropout*``/``torch.dropout`` called with ``training=False``. A dropout
-  in training mode is *not* a no-op: it is kept and a note says so;
+  in training mode is *not* a no-op: it is kept and a note says so; likewise torchvision's
+  ``stochastic_depth(x, p, mode, training=False)`` (EfficientNet's residual blocks);
 * ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``, ``x - 0``, ``x / 1`` (operators, ``torch.mul/add/sub/div``
   and the tensor methods) when the constant is a Python scalar and the result has ``x``'s dtype: a float
   ``x`` with any 0/1 literal, an integer ``x`` with an ``int`` literal except for ``/`` (``int_tensor * 1.0``
@@ -155,6 +156,11 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
                          f"training={training!r}")
             return None
         return args.get("input")
+    if node.op == "call_function" and _is_stochastic_depth(node.target):
+        args = _bind(node.target, node)
+        if args is None or args.get("training", True) is not False:
+            return None
+        return args.get("input")
     key = node.target if node.op in ("call_function", "call_method") else None
     if key in _ARITH and (node.op == "call_method") == isinstance(key, str):
         return _arith_identity(gm, node, *_ARITH[key])
@@ -175,6 +181,12 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
         if tm is not None and getattr(tm, "memory_format", None) == torch.contiguous_format:
             return node.args[0]
     return None
+
+
+def _is_stochastic_depth(fn: Any) -> bool:
+    """torchvision's ``stochastic_depth(input, p, mode, training)`` (EfficientNet, ConvNeXt): eval-mode no-op."""
+    return getattr(fn, "__name__", None) == "stochastic_depth" and \
+        getattr(fn, "__module__", "").startswith("torchvision.ops")
 
 
 def _arith_identity(gm, node, neutral, commutes) -> torch.fx.Node | None:

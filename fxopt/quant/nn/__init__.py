@@ -14,6 +14,7 @@ from .fp16 import FP16Module
 from .fused import FusedAdd, FusedConv, FusedLinear
 from .int8 import QAdd, QBatchNorm, QCat, QConv, QHardswish, QLayerNorm, QLinear, QMul, QuantizeInput
 from .model import QuantizedModel
+from .onednn import QConvPointwise
 
 __all__ = [
     "DescribesWeights", "DynamicEmbedding", "DynamicEmbeddingBag", "DynamicGRU", "DynamicLSTM", "DynamicLinear",
@@ -21,11 +22,12 @@ __all__ = [
     "FusedConv", "FusedLinear", "FusedModule", "QAdd", "QBatchNorm", "QCat", "QConv", "QHardswish", "QLayerNorm",
     "QLinear", "QMul", "QuantizeInput", "QuantizedModel", "QuantizedModule", "engine_scope", "local_engine",
     "STORABLE",
+    "QConvPointwise",
 ]
 
 
 # the allowlist of classes fxopt.save writes as plain data and fxopt.load rebuilds (explicit on purpose)
 STORABLE: tuple[type[QuantizedModule], ...] = (
     QuantizeInput, QConv, QLinear, QAdd, QMul, QCat, QHardswish, QLayerNorm, QBatchNorm,
-    DynamicLinear, DynamicEmbedding, DynamicEmbeddingBag,
+    DynamicLinear, DynamicEmbedding, DynamicEmbeddingBag, QConvPointwise,
 )

@@ -1,0 +1,171 @@
+"""x86 kernel choices: oneDNN packing of wide grouped convs, conv+SiLU and conv+add(+ReLU) fusion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import fxopt
+from fxopt import recipes
+from fxopt.quant.nn.onednn import QConvPointwise, onednn_fusion_available
+from fxopt.quant.nn import QConv
+from fxopt.backends.x86 import X86Backend
+
+pytestmark = pytest.mark.skipif(not onednn_fusion_available(), reason="needs oneDNN int8 kernels and a VNNI CPU")
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-20)))
+
+
+def _prepared(model: nn.Module, size: int = 16, channels: int = 8, n: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    calib = [torch.randn(2, channels, size, size, generator=gen) for _ in range(n)]
+    prepared = fxopt.compile(model.eval(), recipes.static_int8(calib), example_inputs=(calib[0],))
+    return prepared, calib
+
+
+def _modules(model: nn.Module, cls: type) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, cls)]
+
+
+class Depthwise(nn.Module):
+    def __init__(self, channels: int = 116) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(8, channels, 1)
+        self.dw = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bn(self.dw(torch.relu(self.expand(x))))
+
+
+def test_wide_depthwise_conv_is_packed_with_onednn_and_matches_fbgemm():
+    torch.manual_seed(0)
+    prepared, calib = _prepared(Depthwise(116))
+    fast = fxopt.lower(prepared, "x86")
+    dw = [m for m in _modules(fast, QConv) if m.groups == 116]
+    assert len(dw) == 1 and dw[0].engine == "onednn"
+    assert all(m.engine != "onednn" for m in _modules(fast, QConv) if m.groups == 1)
+    plain = X86Backend(onednn=False).lower(copy.deepcopy(prepared))
+    assert [m.engine for m in _modules(plain, QConv) if m.groups == 116] != ["onednn"]
+    with torch.no_grad():
+        a, b = fast(calib[0]), plain(calib[0])
+    # same int8 arithmetic, two libraries: equal up to a rounding step or two
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    assert _sqnr(b, a) > 35.0
+
+
+class ConvSiLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.act1 = nn.SiLU()
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.conv3 = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        return self.conv3(torch.nn.functional.silu(self.conv2(self.act1(self.conv1(x)))))
+
+
+def test_conv_silu_becomes_one_int8_kernel_without_float_islands():
+    torch.manual_seed(0)
+    model = ConvSiLU().eval()
+    prepared, calib = _prepared(model)
+    lowered = fxopt.lower(prepared, "x86")
+    fused = _modules(lowered, QConvPointwise)
+    assert [m.post_op for m in fused] == ["swish", "swish"]
+    code = lowered.graph_module.code
+    assert "silu" not in code and code.count(".dequantize()") == 1  # only the output leaves int8
+    unfused = X86Backend(fuse_unary=False).lower(copy.deepcopy(prepared))
+    assert "silu" in unfused.graph_module.code
+    with torch.no_grad():
+        ref, a, b = model(calib[1]), lowered(calib[1]), unfused(calib[1])
+    assert _sqnr(ref, a) > 25.0
+    assert abs(_sqnr(ref, a) - _sqnr(ref, b)) < 3.0
+
+
+class Block(nn.Module):
+    """A ResNet basic block; ``reuse`` also reads the identity after the add."""
+
+    def __init__(self, reuse: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(16, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 16, 1)
+        self.reuse = reuse
+
+    def forward(self, x):
+        x = self.head(x)
+        y = torch.relu(self.conv2(torch.relu(self.conv1(x))) + x)
+        return y + x if self.reuse else y
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_conv_add_relu_fusion_in_place_only_when_the_identity_is_dead(reuse):
+    torch.manual_seed(0)
+    model = Block(reuse).eval()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(2, 16, 48, 48, generator=gen) for _ in range(4)]
+    prepared = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(calib[0],))
+    fused_model = X86Backend(fuse_add=True).lower(copy.deepcopy(prepared))
+    fused = [m for m in _modules(fused_model, QConvPointwise) if m.accum_qparams is not None]
+    assert len(fused) == 1 and fused[0].relu
+    assert fused[0].accum_inplace is (not reuse)
+    default = fxopt.lower(prepared, "x86")
+    assert not [m for m in _modules(default, QConvPointwise) if m.accum_qparams is not None]
+    with torch.no_grad():
+        ref, a, b = model(calib[2]), fused_model(calib[2]), default(calib[2])
+    assert _sqnr(ref, a) > 25.0
+    # one rounding instead of two: the fused kernel is at least as close to float as conv then add
+    assert _sqnr(ref, a) >= _sqnr(ref, b) - 0.5
+
+
+def test_fused_module_survives_deepcopy_state_dict_and_fxopt_save(tmp_path):
+    torch.manual_seed(0)
+    model = ConvSiLU().eval()
+    prepared, calib = _prepared(model)
+    lowered = fxopt.lower(prepared, "x86")
+    x = calib[0]
+    with torch.no_grad():
+        expected = lowered(x)
+        assert torch.equal(copy.deepcopy(lowered)(x), expected)
+        path = tmp_path / "silu.pt"
+        fxopt.save(lowered, path)
+        assert torch.equal(fxopt.load(path)(x), expected)
+        fresh = copy.deepcopy(lowered)
+        fresh.load_state_dict(lowered.state_dict())
+        assert torch.equal(fresh(x), expected)
+    size = fxopt.report(lowered).total_bytes
+    assert size < sum(p.numel() * 4 for p in model.parameters()) / 2  # int8 weights are counted as int8
+
+
+def test_packs_per_input_shape_and_runs_other_batch_sizes():
+    torch.manual_seed(0)
+    model = ConvSiLU().eval()
+    prepared, calib = _prepared(model)
+    lowered = fxopt.lower(prepared, "x86")
+    conv = _modules(lowered, QConvPointwise)[0]
+    assert list(conv._packs) == [(2, 8, 16, 16)]  # packed at lowering for the example input
+    with torch.no_grad():
+        out = lowered(torch.randn(5, 8, 16, 16))
+    assert out.shape == (5, 8, 16, 16) and (5, 8, 16, 16) in conv._packs
+
+
+def test_torchvision_efficientnet_and_shufflenet_have_no_float_islands():
+    torch.manual_seed(0)
+    for name in ("efficientnet_b0", "shufflenet_v2_x1_0"):
+        model = torchvision.models.get_model(name, weights=None).eval()
+        calib = [torch.randn(1, 3, 64, 64) for _ in range(2)]
+        lowered = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(calib[0],), backend="x86")
+        islands = fxopt.meta.float_islands(lowered.graph_module)
+        if name == "efficientnet_b0":
+            assert islands == [] and lowered.graph_module.code.count(".dequantize()") == 1
+            assert len([m for m in _modules(lowered, QConvPointwise) if m.post_op == "swish"]) == 49
+        else:  # only shape arithmetic (on ints) and the final mean stay float
+            assert {i.op for i in islands} <= {"floordiv", "mean"}
+            assert {m.engine for m in _modules(lowered, QConv) if m.groups > 100} == {"onednn"}
