@@ -24,6 +24,7 @@ from fxopt.quant.nn import int8 as qm
 from fxopt.quant.observers import make_observer
 from fxopt.quant.spec import QSpec, qparams_from_range
 from fxopt.quant.stubs import DeQuantStub, QuantStub
+from fxopt.quant.weight_sim import is_depthwise
 
 from .spec import SHAPE_READERS, BackendSpec, OpRule, op_key
 
@@ -401,10 +402,6 @@ def weight_spec(spec: BackendSpec, config: Any, per_channel: bool, depthwise: bo
         wspec = spec.depthwise_weight
     return wspec.with_axis(0 if per_channel else None), kind
 
-
-def is_depthwise(weight: torch.Tensor, groups: int) -> bool:
-    """A conv with one input channel per group (and more than one group)."""
-    return weight.dim() > 2 and weight.shape[1] == 1 and int(groups) > 1
 
 
 def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any, depthwise: bool = False,

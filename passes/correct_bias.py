@@ -26,7 +26,7 @@ from torch import nn
 
 from fxopt import Pass, PassResult, meta
 from fxopt.errors import CalibrationError, UnsupportedError
-from fxopt.quant.weight_sim import fake_quantize_weight
+from fxopt.quant.weight_sim import fake_quantize_weight, is_depthwise
 
 from fxopt.graph_utils import call_sites, set_attr_path
 from .calibrate import as_call
@@ -124,7 +124,8 @@ class CorrectBias(Pass):
             if target not in sums:
                 continue
             mean_in = sums[target] / counts[target]
-            delta = fake_quantize_weight(layer.weight, config, per_channel).double() - layer.weight.detach().double()
+            delta = fake_quantize_weight(layer.weight, config, per_channel,
+                                         is_depthwise(layer.weight, getattr(layer, "groups", 1))).double() - layer.weight.detach().double()
             shift = expected_shift(layer, delta, mean_in)
             if float(shift.abs().max()) == 0.0:
                 continue

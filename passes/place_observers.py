@@ -101,7 +101,7 @@ class PlaceObservers(Pass):
         meta.set_quant_config(
             gm,
             QuantConfig(spec.name, self.activation, self.weight, self.per_channel, self.symmetric_weights,
-                        spec.activation, weight_spec),
+                        spec.activation, weight_spec, spec.depthwise_weight),
         )
         gm.graph.lint()
         gm.recompile()

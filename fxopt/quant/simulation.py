@@ -32,7 +32,7 @@ from fxopt import meta
 from .fake_quant import fake_quantize
 from .observers import Observer
 from .stubs import QuantConfig
-from .weight_sim import fake_quantize_weight
+from .weight_sim import fake_quantize_weight, is_depthwise
 
 __all__ = ["ActivationSim", "Simulation", "sqnr_db"]
 
@@ -91,7 +91,8 @@ class Simulation:
             layer = _weighted(modules.get(node.target)) if node.op == "call_module" else None
             if layer is not None:
                 w = layer.weight
-                self.weights[name] = (w, w.detach().clone(), fake_quantize_weight(w, config, per_channel(node)))
+                self.weights[name] = (w, w.detach().clone(), fake_quantize_weight(
+                    w, config, per_channel(node), is_depthwise(w, getattr(layer, "groups", 1))))
         self._reads, self._writes = self._observer_links(nodes, is_compute)
 
     def _observer_links(self, nodes, is_compute) -> tuple[dict[str, set[str]], dict[str, str]]:

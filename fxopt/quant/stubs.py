@@ -42,3 +42,4 @@ class QuantConfig:
     symmetric_weights: bool
     activation_spec: QSpec
     weight_spec: QSpec  # per-channel (axis=0) when per_channel
+    depthwise_weight_spec: QSpec | None = None  # the backend's narrower depthwise grid (x86: [-63, 63])

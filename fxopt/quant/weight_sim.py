@@ -15,12 +15,20 @@ from .fake_quant import fake_quantize
 from .observers import make_observer
 from .stubs import QuantConfig
 
-__all__ = ["fake_quantize_weight"]
+__all__ = ["fake_quantize_weight", "is_depthwise"]
 
 
-def fake_quantize_weight(weight: torch.Tensor, config: QuantConfig, per_channel: bool) -> torch.Tensor:
-    """``weight`` quantized and dequantized with the qparams static int8 lowering gives it."""
-    wspec = config.weight_spec.with_axis(0 if per_channel else None)
+def is_depthwise(weight: torch.Tensor, groups: int) -> bool:
+    """A conv with one input channel per group (and more than one group)."""
+    return weight.dim() > 2 and weight.shape[1] == 1 and int(groups) > 1
+
+
+def fake_quantize_weight(weight: torch.Tensor, config: QuantConfig, per_channel: bool,
+                         depthwise: bool = False) -> torch.Tensor:
+    """``weight`` quantized and dequantized with the qparams static int8 lowering gives it (the backend's
+    depthwise grid for a depthwise conv's weight, when it has one)."""
+    base = config.depthwise_weight_spec if depthwise and config.depthwise_weight_spec is not None else config.weight_spec
+    wspec = base.with_axis(0 if per_channel else None)
     observer = make_observer(config.weight, wspec)
     w = weight.detach().float()
     observer(w)

@@ -59,6 +59,12 @@ def test_tune_keeps_float_exactly_where_float_is_faster(monkeypatch, float_wins)
 
 
 def test_tune_needs_example_inputs():
-    _, prepared, _ = _prepared()
+    model, prepared, calib = _prepared()
+    # compile recorded the inputs it traced with: tune times on those
+    tuned = fxopt.lower(prepared, "x86", tune=True)
+    with torch.no_grad():
+        ref, got = model(calib[1]), tuned(calib[1])
+    assert 10 * torch.log10(ref.pow(2).sum() / (got - ref).pow(2).sum()) > 20
+    fxopt.meta.set_example_inputs(prepared, ())
     with pytest.raises(ValueError, match="example_inputs"):
         fxopt.lower(prepared, "x86", tune=True)
