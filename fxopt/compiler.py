@@ -84,12 +84,21 @@ def _check_recipe_backend(passes: list, backend_obj: Any) -> None:
         wanted = getattr(p, "backend", None)
         if not isinstance(wanted, str):
             continue
-        if backends.get(wanted) is not backend_obj:
+        if not _same_backend(backends.get(wanted), backend_obj, wanted):
             raise ValueError(
                 f"pass {getattr(p, 'name', p)!r} prepares the graph for backend {wanted!r} but compile was asked "
                 f"for backend={backend_obj.name!r}; use the same backend in both (e.g. "
                 f"fxopt.recipes.static_int8(data, backend={backend_obj.name!r}))"
             )
+
+
+def _same_backend(prepared: Any, target: Any, prepared_name: str) -> bool:
+    """Whether a graph prepared for ``prepared`` can be lowered to ``target`` (a name or object given to
+    compile/lower: the same backend, another instance of it, or one that says it accepts the graph)."""
+    if prepared is target or prepared.name == target.name:
+        return True
+    accepts = getattr(target, "accepts_prepared_for", None)
+    return bool(callable(accepts) and accepts(prepared_name))
 
 
 def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
@@ -106,7 +115,7 @@ def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
             f"got {type(module).__name__}"
         )
     prepared_for = meta.backend_of(module)
-    if prepared_for is not None and backends.get(prepared_for) is not backend_obj:
+    if prepared_for is not None and not _same_backend(backends.get(prepared_for), backend_obj, prepared_for):
         raise ValueError(
             f"this module was prepared for backend {prepared_for!r}; lower it with fxopt.lower(module, "
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
