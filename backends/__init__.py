@@ -12,7 +12,16 @@ from importlib import metadata
 
 from .base import Backend, Support
 
-__all__ = ["Backend", "Support", "available", "get", "register"]
+__all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend"]
+
+# backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
+_LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_CLASSES:
+        return getattr(importlib.import_module(_LAZY_CLASSES[name]), name)
+    raise AttributeError(f"module 'fxopt.backends' has no attribute {name!r}")
 
 # name -> "module:attribute"; aliases map to another name.
 _BUILTIN: dict[str, str] = {
