@@ -12,10 +12,11 @@ from importlib import metadata
 
 from .base import Backend, Support
 
-__all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend"]
+__all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend", "EdgeTpuBackend"]
 
 # backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
-_LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino"}
+_LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino",
+                 "EdgeTpuBackend": "fxopt.backends.edgetpu"}
 
 
 def __getattr__(name: str):
@@ -29,6 +30,7 @@ _BUILTIN: dict[str, str] = {
     "qnnpack": "fxopt.backends.qnnpack:QnnpackBackend",
     "onnx": "fxopt.backends.onnx:OnnxBackend",
     "openvino": "fxopt.backends.openvino:OpenVinoBackend",
+    "edgetpu": "fxopt.backends.edgetpu:EdgeTpuBackend",
 }
 _ALIASES: dict[str, str] = {"fbgemm": "x86"}
 _REGISTERED: dict[str, str | type] = {}

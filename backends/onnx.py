@@ -690,7 +690,7 @@ class OnnxBackend(Int8Backend):
 
     def accepts_prepared_for(self, backend_name: str) -> bool:
         """QDQ carries any PyTorch int8 backend's qparams: an x86-prepared graph exports as it is."""
-        return backend_name in ("onnx", "x86", "qnnpack")
+        return backend_name in ("onnx", "x86", "qnnpack", "edgetpu", "openvino")
 
     def lower(self, gm: torch.fx.GraphModule) -> OnnxModule:
         require("onnxruntime", "onnx")
