@@ -655,6 +655,9 @@ class OnnxModule(nn.Module):
             options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             options.log_severity_level = 3
+            # idle intra-op threads sleep instead of spinning: they would otherwise steal the cores PyTorch
+            # code around the call (or another session) runs on
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
         return self._session
 
