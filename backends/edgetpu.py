@@ -143,7 +143,7 @@ class EdgeTpuBackend(Int8Backend):
                 f"full-integer export for the EdgeTPU needs every op in int8; {len(report.issues)} would not "
                 f"run there:\n" + "\n".join(f"  {i}" for i in report.issues))
         onnx = require("onnx", "onnx")
-        model, info = export_onnx(gm, self.spec, dynamic_batch=False)
+        model, info = export_onnx(gm, self.spec, dynamic_batch=False, float_outputs=False)
         info.update(_integer_io(model))
         info["kind"] = "full-integer"
         for entry in model.metadata_props:

@@ -143,9 +143,10 @@ def _is_prepared(gm: torch.fx.GraphModule) -> bool:
 class _QDQBuilder:
     """Rewrites a copy of a prepared, calibrated graph into its QDQ float simulation (see the module doc)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
+    def __init__(self, gm: torch.fx.GraphModule, spec: BackendSpec, float_outputs: bool = True) -> None:
         self.gm = gm
         self.spec = spec
+        self.float_outputs = float_outputs
         self.config = meta.quant_config(gm)
         self.act = self.config.activation_spec if self.config is not None else spec.activation
         self.modules = dict(gm.named_modules())
@@ -264,8 +265,12 @@ class _QDQBuilder:
         scale, zp = module.calculate_qparams()
         qparams = float(torch.as_tensor(scale).reshape(-1)[0]), int(torch.as_tensor(zp).reshape(-1)[0])
         src = node.args[0]
+        only_output = self.float_outputs and all(self._is_output_exit(u) for u in node.users)
         node.replace_all_uses_with(src)
         self.gm.graph.erase_node(node)
+        if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
+            self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
+            return
         producer = self.modules.get(src.target) if src.op == "call_module" else None
         fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
         if fused is not None:
@@ -277,6 +282,11 @@ class _QDQBuilder:
             self._insert_qdq(follower, self._clamp(qparams, act))
             return
         self._insert_qdq(src, qparams)
+
+    def _is_output_exit(self, user: torch.fx.Node) -> bool:
+        """A DeQuantStub whose value goes straight to the graph output."""
+        module = self.modules.get(user.target) if user.op == "call_module" else None
+        return isinstance(module, DeQuantStub) and all(u.op == "output" for u in user.users)
 
     def _absorbable_after(self, src: torch.fx.Node) -> str | None:
         user = next(iter(src.users))
@@ -363,7 +373,7 @@ class _FP16LinearExport(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _export_ready(gm: nn.Module, spec: BackendSpec) -> tuple[nn.Module, str]:
+def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) -> tuple[nn.Module, str]:
     """A copy of ``gm`` in the form that exports (QDQ simulation, dynamic-linear symbolics) and its kind."""
     from fxopt.quant import dynamic  # noqa: PLC0415
 
@@ -375,7 +385,7 @@ def _export_ready(gm: nn.Module, spec: BackendSpec) -> tuple[nn.Module, str]:
 
             raise CalibrationError(f"{len(blind)} observer(s) saw no data ({', '.join(blind[:5])}): run "
                                    "fxopt.passes.Calibrate(data) before lowering to ONNX")
-        return _QDQBuilder(work, spec).run(), "int8-qdq"
+        return _QDQBuilder(work, spec, float_outputs).run(), "int8-qdq"
     kind = "float"
     for name, module in list(work.named_modules()):
         if isinstance(module, dynamic.DynamicLinear):
@@ -416,8 +426,12 @@ class _Flat(nn.Module):
 # ---- export ------------------------------------------------------------------------------------
 
 def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_inputs: Any = None,
-                dynamic_batch: bool = True) -> tuple[Any, dict]:
-    """ONNX ``ModelProto`` of ``gm`` (see the module docstring) and its fxopt metadata (inputs, outputs)."""
+                dynamic_batch: bool = True, float_outputs: bool = True) -> tuple[Any, dict]:
+    """ONNX ``ModelProto`` of ``gm`` (see the module docstring) and its fxopt metadata (inputs, outputs).
+
+    ``float_outputs``: an int8 op whose value is a model output writes it in float (no QDQ after it: the
+    runtimes' int8 conv / Gemm / MatMul kernels can), instead of rounding the output to 8 bits.
+    """
     onnx = require("onnx", "onnx")
     spec = spec or onnx_spec()
     if example_inputs is None:
@@ -428,7 +442,7 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
         args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")] if isinstance(gm, torch.fx.GraphModule) \
             else [f"input_{i}" for i in range(len(args))]
-    work, kind = _export_ready(gm, spec)
+    work, kind = _export_ready(gm, spec, float_outputs)
     work.eval()
     with torch.no_grad():
         out = work(*args)

@@ -123,7 +123,7 @@ def test_static_int8_is_qdq_with_fxopt_scales(small):
 
 def test_static_int8_recipe_for_onnx_and_relu_qdq_after_activation():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU6()).eval()
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
     x = torch.randn(2, 3, 16, 16)
     out = fxopt.compile(model, recipes.static_int8([x], backend="onnx"), example_inputs=(x,), backend="onnx")
     proto = _model(out)
@@ -134,6 +134,8 @@ def test_static_int8_recipe_for_onnx_and_relu_qdq_after_activation():
             users = [n for n in proto.graph.node if node.output[0] in n.input]
             assert [u.op_type for u in users] == ["QuantizeLinear"]
     assert all(producers[n.input[1]].op_type == "DequantizeLinear" for n in proto.graph.node if n.op_type == "Conv")
+    # the model output is written in float by the last int8 conv: no 8-bit rounding of the result
+    assert producers[proto.graph.output[0].name].op_type == "Conv"
     assert sqnr(model(x), out(x)) >= 25
 
 
