@@ -37,7 +37,9 @@ from fxopt.errors import UnsupportedError
 from fxopt.quant.spec import QSpec
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
-from .lowering import Int8Backend, is_observer
+from fxopt.graph_utils import is_observer
+
+from .lowering import Int8Backend
 from .onnx import OnnxModule, export_onnx, require
 from .spec import BackendSpec, OpRule, op_key
 

@@ -45,11 +45,13 @@ from torch.utils import _pytree as pytree
 
 from fxopt import meta
 from fxopt.errors import UnsupportedError
-from fxopt.quant.fp16 import FP16Module
+from fxopt.graph_utils import is_observer
+from fxopt.quant.nn.fp16 import FP16Module
 from fxopt.quant.spec import qparams_from_range
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
-from .lowering import Int8Backend, is_observer, weight_qparams
+from ._lower_ops import weight_qparams
+from .lowering import Int8Backend
 from .spec import BackendSpec, op_key
 from .x86 import x86_spec
 
@@ -340,21 +342,21 @@ class _DynamicLinearFn(torch.autograd.Function):
 class _DynamicLinearExport(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        from fxopt.quant.dynamic import unpack_linear  # noqa: PLC0415
+        from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
 
         w, b = unpack_linear(module._packed, module.dtype)
         if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
             scale = w.q_per_channel_scales().float()
         else:
             scale = torch.full((w.shape[0],), float(w.q_scale()))
-        self.inner = module
+        self._inner = (module,)  # not a submodule: the export must not see its packed weights
         self.register_buffer("w_t", w.int_repr().t().contiguous())
         self.register_buffer("w_scale", scale)
         self.register_buffer("bias", None if b is None else b.detach().float())
 
     def forward(self, x):
         if not torch.jit.is_tracing():
-            return self.inner(x)
+            return self._inner[0](x)
         return _DynamicLinearFn.apply(x, self.w_t, self.w_scale, self.bias)
 
 
@@ -363,7 +365,7 @@ class _FP16LinearExport(nn.Module):
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
-        from fxopt.quant.dynamic import unpack_linear  # noqa: PLC0415
+        from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
 
         w, b = unpack_linear(module._packed, module.dtype)
         self.weight = nn.Parameter(w.detach().to(torch.float16).float(), requires_grad=False)
@@ -375,7 +377,7 @@ class _FP16LinearExport(nn.Module):
 
 def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) -> tuple[nn.Module, str]:
     """A copy of ``gm`` in the form that exports (QDQ simulation, dynamic-linear symbolics) and its kind."""
-    from fxopt.quant import dynamic  # noqa: PLC0415
+    from fxopt.quant.nn import dynamic  # noqa: PLC0415
 
     work = copy.deepcopy(gm)
     if isinstance(work, torch.fx.GraphModule) and _is_prepared(work):

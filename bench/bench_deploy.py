@@ -14,8 +14,8 @@ import functools
 import pytest
 import torch
 
-from deploy_speed import CANDIDATES, candidates_for, prepare, sqnr
-from quant_reference import engine
+from bench.deploy_speed import CANDIDATES, candidates_for, prepare, sqnr
+from bench.quant_reference import engine
 
 MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "efficientnet_b0", "transformer"]
 THREADS = 2

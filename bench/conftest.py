@@ -1,9 +1,6 @@
 """Benchmarks are not part of the default test run: ``python -m pytest bench/ --benchmark-only``.
 
-The shared helpers (bench/quant_reference.py) are importable by the suites.
+Shared helpers live in ``bench/quant_reference.py`` and ``bench/models.py`` (imported as ``bench.*``; the
+repository root is on pytest's ``pythonpath``; scripts run as ``python -m bench.<name>``). bench/ imports
+fxopt and its own modules only, never tests/.
 """
-
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))

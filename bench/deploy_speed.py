@@ -1,6 +1,6 @@
 """Deployment runtimes, int8: fxopt's scales in ONNX Runtime / OpenVINO vs the runtimes' own quantizers.
 
-    python bench/deploy_speed.py [--models resnet18,...] [--batches 1,8] [--threads 1,2] [--size 224]
+    python -m bench.deploy_speed [--models resnet18,...] [--batches 1,8] [--threads 1,2] [--size 224]
 
 For every model, one float ONNX export (fxopt, BatchNorm folded) and one calibration set feed all of:
 
@@ -34,8 +34,7 @@ import torch
 import torch.nn as nn
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quant_reference import data, engine, zoo_model  # noqa: E402
+from bench.quant_reference import data, engine, zoo_model  # noqa: E402
 
 import fxopt  # noqa: E402
 from fxopt import recipes  # noqa: E402

@@ -24,7 +24,6 @@ the copy would let the write reach them. Likewise when the input itself is writt
 
 from __future__ import annotations
 
-import inspect
 import logging
 import operator
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ import torch.nn.functional as F
 
 from fxopt import Pass, PassResult
 from fxopt import meta
-
-from ._util import bypass_node, delete_if_unreferenced, get_attr_path, has_mutating_user, module_of
+from fxopt.graph_utils import (bind_args, bypass_node, delete_if_unreferenced, get_attr_path, has_mutating_user,
+                               module_of)
 
 __all__ = ["RemoveIdentities"]
 
@@ -68,11 +67,9 @@ _FLOAT_PRESERVING_METHODS = {"relu", "sigmoid", "tanh", "view", "reshape", "flat
 
 def _bind(fn: Any, node: torch.fx.Node) -> dict | None:
     try:
-        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
+        return bind_args(fn, node)
+    except TypeError:
         return None
-    bound.apply_defaults()
-    return dict(bound.arguments)
 
 
 def _dtype(node: Any, depth: int = 0) -> torch.dtype | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -12,6 +15,7 @@ from fxopt import backends, recipes
 from fxopt.errors import UnsupportedError
 
 pytest.importorskip("onnxruntime")
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the shared models of test_onnx.py
 from test_onnx import sqnr, trained_looking  # noqa: E402
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pathlib
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -19,6 +20,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("onnx")
 
 from fxopt.backends.openvino import OpenVinoBackend, OpenVinoModule  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the shared models of test_onnx.py
 from test_onnx import Encoder, SmallNet, sqnr, trained_looking  # noqa: E402
 
 

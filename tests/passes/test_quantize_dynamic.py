@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt import passes as fp
-from fxopt.quant.dynamic import DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear
-from fxopt.quant.dynamic_attention import DynamicMultiheadAttention
-from fxopt.quant.dynamic_rnn import DynamicGRU, DynamicLSTM
+from fxopt.quant.nn.dynamic import DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear
+from fxopt.quant.nn.dynamic_attention import DynamicMultiheadAttention
+from fxopt.quant.nn.dynamic_rnn import DynamicGRU, DynamicLSTM
 from fxopt.report import report
 
 
