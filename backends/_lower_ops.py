@@ -54,6 +54,7 @@ class OpLowering:
             self.act_spec = self.config.activation_spec
         self.modules = dict(gm.named_modules())
         self.graph = torch.fx.Graph()
+        self.graph.set_codegen(gm.graph._codegen)  # torch.export's pytree codegen: the output keeps its type
         self.root: dict[str, Any] = {}
         self.env: dict[torch.fx.Node, Any] = {}
         self.quantized: set[torch.fx.Node] = set()
@@ -120,6 +121,15 @@ class OpLowering:
                 continue
             self._visit(node)
         return self.graph, self.root
+
+    def sources(self) -> dict[str, str]:
+        """Old node name -> the new node holding its value as int8 readers see it (``fxopt.meta.lowered_from``)."""
+        found = {}
+        for old, value in self.env.items():
+            value = self._qcache.get(old, value)
+            if isinstance(value, torch.fx.Node) and value.graph is self.graph:
+                found[old.name] = value.name
+        return found
 
     def _visit(self, node: torch.fx.Node) -> None:
         if node.op == "output":
@@ -261,7 +271,7 @@ class OpLowering:
             conv = _functional_params(self.gm, args["weight"], args["bias"], args["stride"], args["padding"],
                                       args["dilation"], args["groups"], dim)
             x, padding, mode = args["input"], conv.padding, "zeros"
-            wq = self._weight_qparams(conv.weight, key)
+            wq = self._weight_qparams(conv.weight, key, conv.groups)
         pads = _explicit_padding(padding, conv, dim)
         if mode != "zeros" and mode != "reflect":
             raise _KeepFloat(f"padding_mode={mode!r} has no int8 kernel")
@@ -293,6 +303,9 @@ class OpLowering:
             pads[dim - 1 - i] = (lo + flat[2 * i], hi + flat[2 * i + 1])
         if any(lo < 0 or hi < 0 for lo, hi in pads):
             return x, pads
+        dead = self.env.get(x)
+        if isinstance(dead, torch.fx.Node) and not dead.users:  # the copied pad now feeds nothing
+            self.graph.erase_node(dead)
         self._count("pad_folded")
         return args["input"], pads
 
@@ -309,12 +322,12 @@ class OpLowering:
             self._grid_bits = int(getattr(module, "grid_bits", 8))
             return layer, wq
         layer = module.inner if isinstance(module, FusedModule) else module
-        return layer, self._weight_qparams(layer.weight, key)
+        return layer, self._weight_qparams(layer.weight, key, getattr(layer, "groups", 1))
 
-    def _weight_qparams(self, weight: torch.Tensor, key: str):
+    def _weight_qparams(self, weight: torch.Tensor, key: str, groups: int = 1):
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
-        return weight_qparams(weight, per_channel, self.spec, self.config)
+        return weight_qparams(weight, per_channel, self.spec, self.config, is_depthwise(weight, groups))
 
     def _observer_of(self, node: torch.fx.Node) -> torch.fx.Node:
         for user in node.users:
@@ -370,15 +383,29 @@ class OpLowering:
         return act
 
 
-def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of ``weight`` (per output channel when ``per_channel``), from the weight observer
-    the graph was prepared with (``meta.quant_config``), else min/max of the spec's weight qspec."""
+def weight_spec(spec: BackendSpec, config: Any, per_channel: bool, depthwise: bool = False) -> tuple[QSpec, str]:
+    """The weight qspec (and weight observer kind): the backend's, what PlaceObservers chose, or the backend's
+    depthwise one (``BackendSpec.depthwise_weight``) for depthwise convs."""
     wspec: QSpec = spec.weight
     kind = "minmax"
     if config is not None and config.backend == spec.name:
         wspec, kind = config.weight_spec, config.weight
-    observer = make_observer(kind, wspec.with_axis(0 if per_channel else None))
+    if depthwise and spec.depthwise_weight is not None:
+        wspec = spec.depthwise_weight
+    return wspec.with_axis(0 if per_channel else None), kind
+
+
+def is_depthwise(weight: torch.Tensor, groups: int) -> bool:
+    """A conv with one input channel per group (and more than one group)."""
+    return weight.dim() > 2 and weight.shape[1] == 1 and int(groups) > 1
+
+
+def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any, depthwise: bool = False,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ``weight`` (per output channel when ``per_channel``), from the weight observer
+    the graph was prepared with (``meta.quant_config``), else min/max of the spec's weight qspec."""
+    wspec, kind = weight_spec(spec, config, per_channel, depthwise)
+    observer = make_observer(kind, wspec)
     observer(weight.detach().float())
     scale, zero_point = observer.calculate_qparams()
     return torch.as_tensor(scale).reshape(-1), torch.as_tensor(zero_point).reshape(-1)

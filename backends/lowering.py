@@ -111,7 +111,8 @@ def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
         lowering = OpLowering(gm, spec)
         graph, root = lowering.run()
     lowered = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule")
-    lowered.graph.eliminate_dead_code()  # e.g. a pad folded into its conv
+    # No dead-code elimination here: an unused in-place op (``buffer[...].copy_(image)`` in torchvision's
+    # detection transform) is what fills a value read later; lowering itself erases what it orphans.
     lowered.delete_all_unused_submodules()
     lowered.graph.lint()
     lowered.recompile()
@@ -119,6 +120,7 @@ def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec) -> QuantizedModel:
     islands = meta.float_islands(gm) + lowering.islands
     meta.set_float_islands(lowered, islands)
     meta.set_backend(lowered, spec.name)
+    meta.set_lowered_from(lowered, lowering.sources())
     logger.info("lowered to %s: %s", spec.name, lowering.stats)
     model = QuantizedModel(lowered, spec.engine)
     model.eval()

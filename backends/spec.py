@@ -65,6 +65,8 @@ class BackendSpec:
     # add/cat whose input ranges differ by more than this factor stay float (one scale would wipe out
     # the small input, e.g. box coordinates in pixels concatenated with scores in [0, 1])
     max_range_ratio: float = 100.0
+    # weights of depthwise convs (one input channel per group), where the kernels need a narrower range
+    depthwise_weight: QSpec | None = None
 
     def rule(self, key: str | None) -> OpRule | None:
         return self.ops.get(key) if key is not None else None

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
 from tabulate import tabulate
 
 from .errors import FxoptError
+from .layer_groups import run_recording_groups
 
 __all__ = ["Comparison", "compare", "sqnr_db"]
 
@@ -162,6 +164,38 @@ def _wrapper_prefix(model: torch.nn.Module) -> str:
     return ""
 
 
+def _graph_of(model: torch.nn.Module) -> torch.fx.GraphModule | None:
+    """The graph to read layer groups from: the model's own, a lowered model's, or a symbolic trace."""
+    inner = getattr(model, "graph_module", None)
+    if isinstance(inner, torch.fx.GraphModule) and _wrapper_prefix(model):
+        return inner
+    if isinstance(model, torch.fx.GraphModule):
+        return model
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception:  # untraceable models are compared layer by layer with hooks
+        return None
+
+
+def _run_layers(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, list[Any]]]:
+    """Output and per-layer values: at the end of each layer's fused group when the model has a graph
+    (:mod:`fxopt.layer_groups`), else each module's own output."""
+    gm = _graph_of(model)
+    if gm is not None:
+        try:
+            if gm is not model and getattr(model, "engine", None):  # a lowered int8 model runs under its engine
+                previous = torch.backends.quantized.engine
+                torch.backends.quantized.engine = model.engine
+                try:
+                    return run_recording_groups(gm, args, kwargs, _snapshot)
+                finally:
+                    torch.backends.quantized.engine = previous
+            return run_recording_groups(gm, args, kwargs, _snapshot)
+        except Exception:  # e.g. a trace that does not run on these inputs: fall back to hooks
+            pass
+    return _run_with_hooks(model, args, kwargs)
+
+
 def _run_with_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, dict[str, list[Any]]]:
     seen: dict[str, list[Any]] = {}
     handles = []
@@ -183,9 +217,9 @@ def _run_with_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
 def compare(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: Any) -> Comparison:
     """Compare ``candidate`` against ``reference`` on ``inputs``: per output and per matching layer.
 
-    Layers match by qualified name. Passes keep names but may change what a layer computes (a conv with
-    BatchNorm folded in and ReLU fused computes ``relu(bn(conv(x)))``), so for per-layer numbers compare
-    an int8 model with the float model after the same fusion (``fxopt.compile(model, recipes.fuse())``).
+    Layers match by qualified name, each read at the end of its fused group (:mod:`fxopt.layer_groups`):
+    a conv with BatchNorm folded in and ReLU fused (``relu(bn(conv(x)))`` under the conv's name) is compared
+    with the original's value after its BatchNorm and ReLU, so the original float model can be the reference.
     """
     for label, m in (("reference", reference), ("candidate", candidate)):
         if not callable(m):
@@ -194,8 +228,8 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: Any)
     layer_accs: dict[str, _Acc] = {}
     batches = _batches(inputs)
     for args, kwargs in batches:
-        ref_out, ref_layers = _run_with_hooks(reference, args, kwargs)
-        cand_out, cand_layers = _run_with_hooks(candidate, args, kwargs)
+        ref_out, ref_layers = _run_layers(reference, args, kwargs)
+        cand_out, cand_layers = _run_layers(candidate, args, kwargs)
         ref_leaves, cand_leaves = _tensor_leaves(ref_out), _tensor_leaves(cand_out)
         if len(ref_leaves) != len(cand_leaves):
             raise FxoptError(

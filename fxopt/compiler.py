@@ -14,7 +14,8 @@ import torch.fx
 from . import meta, registry
 from .pass_base import PassContext
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
-from .tracing import as_args, trace
+from .tracing import RootTraceError, as_args, trace
+from .untraced_root import keep_untraced
 
 __all__ = ["compile", "lower", "as_args"]
 
@@ -58,7 +59,13 @@ def compile(
 
     _refuse_quantization_state(model)
     work = copy.deepcopy(model)
-    gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    try:
+        gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    except RootTraceError as exc:
+        if trace_mode != "auto" or not any(getattr(p, "module_level", False) for p in passes):
+            raise
+        gm = keep_untraced(work, str(exc).split(". To fix:")[0])
+    meta.set_example_inputs(gm, args)
 
     all_instruments: list[Instrument] = [TimingInstrument()]
     if dump_dir is not None:
@@ -74,15 +81,44 @@ def compile(
     meta.set_records(gm, recs)
     if backend_obj is None:
         return gm
+    simulation = _simulation(gm, backend_obj) if check is not False else None
     lowered = backend_obj.lower(gm)
+    if simulation is not None:
+        _check_lowered(simulation, lowered, args, backend_obj.name)
     meta.set_records(lowered, recs)
     return lowered
 
 
-def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
+def _simulation(prepared: torch.fx.GraphModule, backend_obj: Any) -> torch.fx.GraphModule | None:
+    """The reference simulation of ``prepared`` for ``backend_obj`` (None when there is nothing to check:
+    no int8 quantization in the graph, or the target is the reference itself)."""
+    from fxopt.backends.reference import ReferenceBackend
+    from fxopt.quant.stubs import QuantStub
+
+    spec = getattr(backend_obj, "spec", None)
+    if backend_obj.name == "reference" or spec is None or meta.backend_of(prepared) is None:
+        return None
+    if not any(isinstance(m, QuantStub) for m in prepared.modules()):
+        return None
+    return ReferenceBackend(spec).lower(prepared)
+
+
+def _check_lowered(simulation: torch.fx.GraphModule, lowered: torch.nn.Module, args: tuple, backend: str,
+                   tolerance: float | None = None) -> None:
+    from .lower_check import DEFAULT_STEPS, check_lowering, raise_on_divergence
+
+    result = check_lowering(simulation, lowered, args, tolerance=DEFAULT_STEPS if tolerance is None else tolerance)
+    raise_on_divergence(result, backend)
+
+
+def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
+          example_inputs: Any = None) -> torch.nn.Module:
     """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
 
-    The input is not mutated.
+    The input is not mutated. ``check=True`` (or a tolerance in quantization steps) runs the lowered module
+    beside the float simulation of the same quantization (backend ``"reference"``) on ``example_inputs``
+    (default: the inputs ``compile`` traced with) and raises :class:`fxopt.NumericsError` naming the first
+    layer that diverges: its op, its qparams and the error in quantization steps.
     """
     backend_obj = registry.get(backend)
     if not isinstance(module, torch.fx.GraphModule):
@@ -91,14 +127,22 @@ def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
             f"got {type(module).__name__}"
         )
     prepared_for = meta.backend_of(module)
-    if prepared_for is not None and not registry.accepts(prepared_for, backend_obj):
+    if prepared_for is not None and not registry.accepts(prepared_for, backend_obj) \
+            and backend_obj.name != "reference":
         raise ValueError(
             f"this module was prepared for backend {prepared_for!r}; lower it with fxopt.lower(module, "
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
         )
+    args = as_args(example_inputs) if example_inputs is not None else meta.example_inputs(module)
+    if check is not False and not args:
+        raise ValueError("lower(check=...) needs example inputs: pass example_inputs=(x,) (compile records the "
+                         "ones it traced with)")
     work = copy.deepcopy(module)
     _eval_for_lowering(work)
+    simulation = _simulation(work, backend_obj) if check is not False else None
     lowered = backend_obj.lower(work)
+    if simulation is not None:
+        _check_lowered(simulation, lowered, args, backend_obj.name, None if check is True else float(check))
     meta.set_records(lowered, meta.records(module))
     return lowered
 

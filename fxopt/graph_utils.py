@@ -235,12 +235,18 @@ def _is_view_of(user: torch.fx.Node, node: torch.fx.Node) -> bool:
     return False
 
 
-def has_mutating_user(node: torch.fx.Node, depth: int = 0) -> bool:
-    """Whether a later op writes into ``node``'s value, directly or through a view of it
-    (e.g. ``y.relu_()``, ``nn.ReLU(inplace=True)(y)``, ``y.view(-1).add_(1)``)."""
+def mutating_users(node: torch.fx.Node, depth: int = 0) -> list[torch.fx.Node]:
+    """The later ops that write into ``node``'s value, directly or through a view of it
+    (e.g. ``y.relu_()``, ``nn.ReLU(inplace=True)(y)``, ``y.view(-1).add_(1)``, ``y[:, :3].copy_(x)``)."""
+    found = []
     for user in node.users:
         if is_mutating(user) and bool(user.args) and user.args[0] is node:
-            return True
-        if depth < 16 and _is_view_of(user, node) and has_mutating_user(user, depth + 1):
-            return True
-    return False
+            found.append(user)
+        elif depth < 16 and _is_view_of(user, node):
+            found.extend(mutating_users(user, depth + 1))
+    return found
+
+
+def has_mutating_user(node: torch.fx.Node, depth: int = 0) -> bool:
+    """Whether a later op writes into ``node``'s value, directly or through a view of it."""
+    return bool(mutating_users(node, depth))

@@ -19,6 +19,7 @@ __all__ = [
     "dtype_of",
     "leaves",
     "set_leaves",
+    "untraced_root",
     "trace_notes",
     "set_trace_notes",
     "records",
@@ -41,10 +42,11 @@ _TRACE_NOTES = "fxopt.trace_notes"
 class LeafInfo:
     """A submodule the tracer kept as an opaque call (a float island), and why."""
 
-    qualname: str
+    qualname: str  # the model's own name: a module path, ``module.method`` for a method island, "" for the root
     type_name: str
     reason: str
     requested: bool = False  # True when the user asked for it via ``leaf_modules``
+    attribute: str | None = None  # where the graph calls it, when that is not ``qualname`` (method islands)
 
     def __str__(self) -> str:
         why = "requested by the user" if self.requested else self.reason
@@ -79,6 +81,12 @@ def leaves(gm: torch.nn.Module) -> list[LeafInfo]:
 
 def set_leaves(gm: torch.fx.GraphModule, infos: list[LeafInfo]) -> None:
     gm.meta[_LEAVES] = list(infos)
+
+
+def untraced_root(gm: torch.nn.Module) -> LeafInfo | None:
+    """The leaf record of the root when no frontend could trace its ``forward`` (``fxopt.untraced(gm) == [""]``:
+    the graph is one opaque call of the model), else None."""
+    return next((info for info in leaves(gm) if info.qualname == ""), None)
 
 
 def trace_notes(gm: torch.nn.Module) -> list[str]:
@@ -191,3 +199,42 @@ def fusion_group(node: torch.fx.Node) -> str | None:
 
 def set_fusion_group(node: torch.fx.Node, group: str | None) -> None:
     _set_node_meta(node, _FUSION_GROUP, None if group is None else str(group))
+
+
+# Lowering provenance (written by int8 lowering, read by ``fxopt.lower(..., check=True)``).
+_LOWERED_FROM = "fxopt.lowered_from"
+_CHECKPOINT = "fxopt.checkpoint"
+
+
+def lowered_from(module: torch.nn.Module) -> dict[str, str]:
+    """For a lowered graph: prepared node name -> the lowered node holding that value (as int8 readers see it)."""
+    return dict(_gm_meta(module).get(_LOWERED_FROM, {}))
+
+
+def set_lowered_from(module: torch.nn.Module, mapping: dict[str, str]) -> None:
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        meta[_LOWERED_FROM] = dict(mapping)
+
+
+def checkpoint(node: torch.fx.Node) -> str | None:
+    """In a reference simulation: the prepared node whose int8 value this quantize-dequantize node models."""
+    return node.meta.get(_CHECKPOINT)
+
+
+def set_checkpoint(node: torch.fx.Node, name: str) -> None:
+    node.meta[_CHECKPOINT] = name
+
+
+_EXAMPLE_INPUTS = "fxopt.example_inputs"
+
+
+def example_inputs(module: torch.nn.Module) -> tuple:
+    """The positional inputs ``fxopt.compile`` traced with (``()`` when none were given)."""
+    return tuple(_gm_meta(module).get(_EXAMPLE_INPUTS, ()))
+
+
+def set_example_inputs(module: torch.nn.Module, args: tuple) -> None:
+    meta = getattr(module, "meta", None)
+    if isinstance(meta, dict):
+        meta[_EXAMPLE_INPUTS] = tuple(args)

@@ -22,7 +22,7 @@ from fxopt import meta, registry
 from fxopt.backends.lowering import int8_spec
 from fxopt.backends.spec import SHAPE_READERS, op_key
 from fxopt.errors import UnsupportedError
-from fxopt.graph_utils import unique_name
+from fxopt.graph_utils import mutating_users, unique_name
 from fxopt.pass_base import Pass, PassContext, PassResult
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
@@ -95,25 +95,34 @@ class InsertQuantStubs(Pass):
 
         counter = {"quant": 0, "dequant": 0}
 
-        def add_stub(kind: str, after: torch.fx.Node) -> torch.fx.Node:
+        def add_stub(kind: str, value: torch.fx.Node, where: torch.fx.Node | None = None) -> torch.fx.Node:
+            """A stub reading ``value``, right after it (dequant) or right before ``where`` (quant)."""
             cls = QuantStub if kind == "quant" else DeQuantStub
             target = unique_name(f"fxopt_{kind}", lambda n: hasattr(gm, n), start=counter[kind])
             counter[kind] = int(target.rsplit("_", 1)[1]) + 1
             gm.add_submodule(target, cls())
-            with gm.graph.inserting_after(after):
-                return gm.graph.call_module(target, (after,))
+            with gm.graph.inserting_before(where) if where is not None else gm.graph.inserting_after(value):
+                return gm.graph.call_module(target, (value,))
 
-        # Quantize float values that feed int8 ops (one stub per value, shared by its consumers).
+        # Quantize float values that feed int8 ops: the stub (and so its observer) sits right before the
+        # first int8 reader, after any in-place writes that fill the value (``buffer.new_full(...)`` then
+        # ``buffer[...].copy_(image)`` in torchvision's detection transform), and is shared by later int8
+        # readers unless the value is written in place again in between.
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
         quant_of: dict[torch.fx.Node, torch.fx.Node] = {}
+        stubs: list[torch.fx.Node] = []
         for node in list(gm.graph.nodes):
             if node not in int8:
                 continue
             for src in data_inputs(node, op_key(node, gm)):
                 if src in int8:
                     continue
-                if src not in quant_of:
-                    quant_of[src] = add_stub("quant", src)
-                node.replace_input_with(src, quant_of[src])
+                stub = quant_of.get(src)
+                if stub is None or written_between(src, order[stub], order[node], order):
+                    stub = quant_of[src] = add_stub("quant", src, node)
+                    order[stub] = order[node] - 0.5
+                    stubs.append(stub)
+                node.replace_input_with(src, stub)
         # Dequantize int8 values read by float consumers (one stub per value).
         for node in list(int8):
             float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in SHAPE_READERS]
@@ -124,14 +133,14 @@ class InsertQuantStubs(Pass):
                 user.replace_input_with(node, deq)
         for node in int8:
             meta.set_quant_region(node, spec.name)
-        for stub in quant_of.values():
+        for stub in stubs:
             meta.set_quant_region(stub, spec.name)
 
         meta.set_float_islands(gm, islands)
         meta.set_backend(gm, spec.name)
         gm.graph.lint()
         gm.recompile()
-        stats = {"int8_ops": len(int8), "quant_stubs": len(quant_of), "dequant_stubs": counter["dequant"],
+        stats = {"int8_ops": len(int8), "quant_stubs": len(stubs), "dequant_stubs": counter["dequant"],
                  "float_ops": len(islands)}
         notes = [f"float: {island}" for island in islands]
         return PassResult(gm, True, stats, notes)
@@ -171,6 +180,11 @@ class InsertQuantStubs(Pass):
                 return ""
             return None
         return ""
+
+
+def written_between(value: torch.fx.Node, start: float, end: float, order: dict) -> bool:
+    """Whether an in-place op on ``value`` (or a view of it) runs between graph positions ``start`` and ``end``."""
+    return any(start < order.get(user, -1) < end for user in mutating_users(value))
 
 
 def _target_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
