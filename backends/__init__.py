@@ -8,4 +8,16 @@ from __future__ import annotations
 
 from fxopt.registry import Backend, Support, available, get, register
 
-__all__ = ["Backend", "Support", "available", "get", "register"]
+__all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend", "EdgeTpuBackend"]
+
+# backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
+_LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino",
+                 "EdgeTpuBackend": "fxopt.backends.edgetpu"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_CLASSES:
+        import importlib  # noqa: PLC0415
+
+        return getattr(importlib.import_module(_LAZY_CLASSES[name]), name)
+    raise AttributeError(f"module 'fxopt.backends' has no attribute {name!r}")

@@ -146,7 +146,8 @@ def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
             f"got {type(module).__name__}"
         )
     prepared_for = meta.backend_of(module)
-    if prepared_for is not None and not registry.same(prepared_for, backend_obj) and backend_obj.name != "reference":
+    if prepared_for is not None and not registry.accepts(prepared_for, backend_obj) \
+            and backend_obj.name != "reference":
         raise ValueError(
             f"this module was prepared for backend {prepared_for!r}; lower it with fxopt.lower(module, "
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"

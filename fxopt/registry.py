@@ -21,7 +21,7 @@ import torch.fx
 
 from .errors import UnsupportedError
 
-__all__ = ["Backend", "Support", "available", "get", "register", "same"]
+__all__ = ["Backend", "Support", "available", "get", "register", "same", "accepts"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ _BUILTIN: dict[str, str] = {
     "qnnpack": "fxopt.backends.qnnpack:QnnpackBackend",
     "onnx": "fxopt.backends.onnx:OnnxBackend",
     "openvino": "fxopt.backends.openvino:OpenVinoBackend",
+    "edgetpu": "fxopt.backends.edgetpu:EdgeTpuBackend",
     "reference": "fxopt.backends.reference:ReferenceBackend",
 }
 _ALIASES: dict[str, str] = {"fbgemm": "x86"}
@@ -110,8 +111,19 @@ def available() -> list[str]:
 
 
 def same(a: str | Backend, b: str | Backend) -> bool:
-    """Whether two names / backend objects are the same backend (aliases included)."""
-    return get(a) is get(b)
+    """Whether two names / backend objects are the same backend (aliases included; two instances of one
+    backend class with different options, e.g. ``OnnxBackend(threads=2)`` and ``"onnx"``, are the same)."""
+    ga, gb = get(a), get(b)
+    return ga is gb or (ga.name == gb.name and type(ga) is type(gb))
+
+
+def accepts(prepared_for: str | Backend, target: str | Backend) -> bool:
+    """Whether a graph prepared for ``prepared_for`` can be lowered to ``target``: the same backend, or a
+    target that takes other backends' prepared graphs (``accepts_prepared_for``, e.g. onnx takes x86's)."""
+    if same(prepared_for, target):
+        return True
+    hook = getattr(get(target), "accepts_prepared_for", None)
+    return bool(callable(hook) and hook(get(prepared_for).name))
 
 
 def get(name: str | Backend) -> Backend:

@@ -1,0 +1,302 @@
+"""The ``edgetpu`` backend: will this graph run on a Coral EdgeTPU, and a full-integer export for it.
+
+The EdgeTPU runs only fully 8-bit quantized TFLite models compiled by ``edgetpu_compiler``; the compiler
+maps ops to the TPU up to the first op it cannot run and leaves *everything after it* on the host CPU.
+``check(module)`` walks a prepared (calibrated) fxopt graph and lists every op that would break that,
+each with its reason, following Coral's published model requirements:
+
+* **float islands**: ops outside the int8 regions (no int8 kernel, untraced submodules, ops the int8
+  lowering keeps float) and values that leave int8 in the middle of the graph;
+* **float inputs / outputs** (only with ``full_integer=False``: the full-integer export makes them int8);
+* **per-channel where per-tensor is required**: FullyConnected weights (the TFLite int8 spec the compiler
+  follows quantizes them per tensor); conv / depthwise conv may be per channel;
+* **dynamic shapes**: sizes read at run time (``x.size()`` feeding a reshape), and tensors with more than
+  three dimensions larger than 1 (a batch > 1 in the recorded example input);
+* **ops outside the EdgeTPU's supported set** (the support table below), and the listed limits of
+  supported ones (Mean / AvgPool only over the spatial dimensions, no hardswish / layer norm).
+
+``EdgeTpuBackend.lower(gm)`` is the full-integer export mode: it raises :class:`UnsupportedError` listing
+the islands if ``check`` finds any, else writes the graph as ONNX QDQ whose inputs and outputs are uint8
+(the first QuantizeLinear and the last DequantizeLinear are dropped, their qparams recorded in the
+module's ``info["input_qparams"]`` / ``["output_qparams"]``), checked with ``onnx.checker`` and run by
+ONNX Runtime. That ONNX is what the TFLite converters take; ``edgetpu_compiler`` then compiles the
+``.tflite`` (see the README).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from tabulate import tabulate
+
+from fxopt import meta
+from fxopt.errors import UnsupportedError
+from fxopt.quant.spec import QSpec
+from fxopt.quant.stubs import DeQuantStub, QuantStub
+
+from fxopt.graph_utils import is_observer
+
+from .lowering import Int8Backend
+from .onnx import OnnxModule, export_onnx, require
+from .spec import BackendSpec, OpRule, op_key
+
+__all__ = ["EdgeTpuBackend", "EdgeTpuIssue", "EdgeTpuReport", "edgetpu_spec"]
+
+_PER_TENSOR_ONLY = {"linear": "FullyConnected"}
+_SPATIAL_ONLY = {"adaptive_avg_pool2d", "avg_pool2d", "max_pool2d"}
+_NOT_ON_TPU = {  # ops in PyTorch's int8 tables that the EdgeTPU compiler does not map
+    "hardswish": "HardSwish is not in the EdgeTPU's supported op list",
+    "layer_norm": "LayerNorm has no EdgeTPU kernel (it decomposes into float mean/variance ops)",
+    "batch_norm2d": "a BatchNorm that was not folded into a conv has no EdgeTPU kernel",
+    "batch_norm3d": "3-D ops do not run on the EdgeTPU",
+    "conv3d": "3-D convolutions do not run on the EdgeTPU",
+    "hardsigmoid": "HardSigmoid is not in the EdgeTPU's supported op list",
+}
+
+
+def edgetpu_spec() -> BackendSpec:
+    """Coral's supported ops, as fxopt op keys: conv per channel, FullyConnected per tensor, uint8 I/O."""
+    relu = frozenset({"relu", "relu6"})
+    share = ("relu", "relu6", "hardtanh", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "flatten",
+             "reshape", "squeeze", "unsqueeze", "identity", "contiguous", "getitem", "split", "chunk", "pad",
+             "transpose", "permute")
+    ops = {k: OpRule("share", reason=f"{k} (EdgeTPU supported op)") for k in share}
+    ops.update({
+        "conv1d": OpRule("compute", per_channel=True, fused_activations=relu, reason="Conv2d"),
+        "conv2d": OpRule("compute", per_channel=True, fused_activations=relu, reason="Conv2d / DepthwiseConv2d"),
+        "linear": OpRule("compute", per_channel=False, fused_activations=relu, reason="FullyConnected (per-tensor)"),
+        "add": OpRule("compute", fused_activations=relu, reason="Add"),
+        "mul": OpRule("compute", reason="Mul"),
+        "cat": OpRule("compute", reason="Concatenation"),
+        "sigmoid": OpRule("fixed", fixed_qparams=(1.0 / 256.0, 0), reason="Logistic"),
+        "tanh": OpRule("fixed", fixed_qparams=(2.0 / 256.0, 128), reason="Tanh"),
+    })
+    return BackendSpec(
+        name="edgetpu", engine="qnnpack",
+        activation=QSpec(torch.quint8, symmetric=False),
+        weight=QSpec(torch.qint8, symmetric=True, axis=0),
+        weight_per_tensor=QSpec(torch.qint8, symmetric=True),
+        ops=ops, notes=("full-integer TFLite compiled by edgetpu_compiler",))
+
+
+@dataclass(frozen=True)
+class EdgeTpuIssue:
+    """One op that would not run on the EdgeTPU."""
+
+    node: str
+    op: str
+    kind: str  # float-island | float-io | per-channel | dynamic-shape | unsupported-op | not-prepared
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.node} ({self.op}) [{self.kind}]: {self.reason}"
+
+
+@dataclass
+class EdgeTpuReport:
+    """``check()``'s answer: ``ok`` when nothing would leave the TPU; ``issues`` otherwise."""
+
+    issues: list[EdgeTpuIssue] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.issues
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def kinds(self) -> set[str]:
+        return {i.kind for i in self.issues}
+
+    def __str__(self) -> str:
+        if self.ok:
+            return "EdgeTPU check: every op maps to the EdgeTPU"
+        rows = [[i.node, i.op, i.kind, i.reason] for i in self.issues]
+        return f"EdgeTPU check: {len(rows)} op(s) would not run on the EdgeTPU\n" + tabulate(
+            rows, headers=["node", "op", "kind", "reason"])
+
+
+class EdgeTpuBackend(Int8Backend):
+    """``backends.get("edgetpu")``: ``check(module)``; ``lower(gm)`` = full-integer ONNX QDQ (uint8 I/O)."""
+
+    name = "edgetpu"
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__(edgetpu_spec())
+        self.threads = threads
+
+    def accepts_prepared_for(self, backend_name: str) -> bool:
+        return backend_name in ("edgetpu", "x86", "qnnpack", "onnx")
+
+    def check(self, module: torch.nn.Module, *, full_integer: bool = True) -> EdgeTpuReport:
+        """Every op of ``module`` (a prepared, calibrated fxopt graph) that would not run on the EdgeTPU."""
+        if not isinstance(module, torch.fx.GraphModule):
+            raise TypeError(f"check() reads an fxopt graph (fxopt.compile(..., backend=None)), got "
+                            f"{type(module).__name__}")
+        return _Checker(module, self.spec, full_integer).run()
+
+    def lower(self, gm: torch.fx.GraphModule) -> OnnxModule:
+        report = self.check(gm)
+        if not report.ok:
+            raise UnsupportedError(
+                f"full-integer export for the EdgeTPU needs every op in int8; {len(report.issues)} would not "
+                f"run there:\n" + "\n".join(f"  {i}" for i in report.issues))
+        onnx = require("onnx", "onnx")
+        model, info = export_onnx(gm, self.spec, dynamic_batch=False, float_outputs=False)
+        info.update(_integer_io(model))
+        info["kind"] = "full-integer"
+        for entry in model.metadata_props:
+            if entry.key == "fxopt":
+                entry.value = json.dumps(info)
+        onnx.checker.check_model(model, full_check=True)
+        module = OnnxModule(model.SerializeToString(), self.threads or torch.get_num_threads())
+        meta.set_backend(module, "onnx")
+        return module
+
+
+class _Checker:
+    def __init__(self, gm: torch.fx.GraphModule, spec: BackendSpec, full_integer: bool) -> None:
+        self.gm, self.spec, self.full_integer = gm, spec, full_integer
+        self.modules = dict(gm.named_modules())
+        self.issues: list[EdgeTpuIssue] = []
+        self.config = meta.quant_config(gm)
+
+    def add(self, node: torch.fx.Node, op: str, kind: str, reason: str) -> None:
+        self.issues.append(EdgeTpuIssue(node.name, op, kind, reason))
+
+    def run(self) -> EdgeTpuReport:
+        gm = self.gm
+        if not any(isinstance(m, QuantStub) for m in gm.modules()):
+            self.issues.append(EdgeTpuIssue("<graph>", "-", "not-prepared",
+                                            "the graph is float: prepare it with fxopt.recipes.static_int8(data, "
+                                            "backend='edgetpu') so every op gets int8 qparams"))
+            return EdgeTpuReport(self.issues)
+        islands = {i.node: i for i in meta.float_islands(gm)}
+        placeholders = set(gm.graph.find_nodes(op="placeholder"))
+        output = next(iter(gm.graph.find_nodes(op="output")))
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                self._shape(node)
+                continue
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            if module is not None and is_observer(module):
+                continue
+            if isinstance(module, QuantStub):
+                if node.args[0] not in placeholders:
+                    self.add(node, "quantize", "float-island",
+                             f"{node.args[0].name} is computed in float and re-enters int8 here")
+                elif not self.full_integer:
+                    self.add(node, "quantize", "float-io", f"input {node.args[0].name} is float; the full-integer "
+                             "export takes it as uint8 (see the lowered module's input_qparams)")
+                continue
+            if isinstance(module, DeQuantStub):
+                if not all(u is output for u in node.users):
+                    self.add(node, "dequantize", "float-island",
+                             "an int8 value leaves int8 for float ops in the middle of the graph")
+                elif not self.full_integer:
+                    self.add(node, "dequantize", "float-io", "the output is float; the full-integer export returns "
+                             "uint8 (see output_qparams)")
+                continue
+            key = op_key(node, gm)
+            name = key or _target_name(node, gm)
+            if key == "size" or (node.op == "call_function" and node.target is getattr):
+                if any(op_key(u, gm) not in ("size",) for u in node.users):
+                    self.add(node, name, "dynamic-shape", "a size read at run time feeds the graph; the EdgeTPU "
+                             "needs every tensor size fixed at compile time (use constant shapes, e.g. flatten)")
+                continue
+            if meta.quant_region(node) is None:
+                why = islands[node.name].reason if node.name in islands else "not in an int8 region"
+                kind = "unsupported-op" if key is None or key in _NOT_ON_TPU or self.spec.rule(key) is None \
+                    else "float-island"
+                if key in _NOT_ON_TPU:
+                    why = _NOT_ON_TPU[key]
+                self.add(node, name, kind, f"runs in float: {why}")
+                continue
+            if key in _NOT_ON_TPU or self.spec.rule(key) is None:
+                self.add(node, name, "unsupported-op", _NOT_ON_TPU.get(key, f"{name} is not in the EdgeTPU's "
+                                                                       "supported op list"))
+            if node.name in islands:
+                self.add(node, name, "float-island", islands[node.name].reason)
+            if key in _PER_TENSOR_ONLY and self._per_channel(key):
+                self.add(node, name, "per-channel", f"{_PER_TENSOR_ONLY[key]} weights must be quantized per "
+                         "tensor: prepare with fxopt.recipes.static_int8(data, backend='edgetpu')")
+            if key in _SPATIAL_ONLY:
+                self._spatial(node, key)
+            self._shape(node)
+        return EdgeTpuReport(self.issues)
+
+    def _per_channel(self, key: str) -> bool:
+        """Whether ``key``'s weights are per channel in the graph as prepared (its backend's rule + config)."""
+        if self.config is None:
+            return False
+        from fxopt import backends  # noqa: PLC0415 - the backend the graph was prepared for
+
+        prepared = getattr(backends.get(self.config.backend), "spec", None)
+        rule = prepared.rule(key) if prepared is not None else None
+        return bool(self.config.per_channel and rule is not None and rule.per_channel)
+
+    def _shape(self, node: torch.fx.Node) -> None:
+        shape = meta.shape_of(node)
+        if shape is not None and sum(1 for d in shape if d > 1) > 3:
+            self.add(node, "tensor", "dynamic-shape",
+                     f"shape {tuple(shape)} has more than 3 dimensions larger than 1 (batch must be 1)")
+
+    def _spatial(self, node: torch.fx.Node, key: str) -> None:
+        if key != "adaptive_avg_pool2d":
+            return
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        size = getattr(module, "output_size", node.args[1] if len(node.args) > 1 else None)
+        if size not in (1, (1, 1), [1, 1]):
+            self.add(node, key, "unsupported-op", f"adaptive average pooling to {size} is not a Mean over x/y "
+                     "(only a global average pool maps to the EdgeTPU's Mean)")
+
+
+def _target_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _integer_io(model) -> dict:
+    """Make the graph's inputs and outputs uint8: drop the input QuantizeLinear and the output DequantizeLinear."""
+    from onnx import TensorProto, numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for n in graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    qparams_in, qparams_out = {}, {}
+    for value in graph.input:
+        readers = [n for n in graph.node if value.name in n.input]
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            raise UnsupportedError(f"input {value.name} is not read by one QuantizeLinear; cannot make it integer")
+        q = readers[0]
+        qparams_in[value.name] = (float(consts[q.input[1]]), int(consts[q.input[2]]))
+        for n in graph.node:
+            for i, name in enumerate(n.input):
+                if name == q.output[0]:
+                    n.input[i] = value.name
+        graph.node.remove(q)
+        value.type.tensor_type.elem_type = TensorProto.UINT8
+    for value in graph.output:
+        dq = next((n for n in graph.node if value.name in n.output), None)
+        if dq is None or dq.op_type != "DequantizeLinear":
+            raise UnsupportedError(f"output {value.name} is not produced by a DequantizeLinear; cannot make it integer")
+        qparams_out[value.name] = (float(consts[dq.input[1]]), int(consts[dq.input[2]]))
+        src = dq.input[0]
+        graph.node.remove(dq)
+        for n in graph.node:
+            for i, name in enumerate(n.output):
+                if name == src:
+                    n.output[i] = value.name
+            for i, name in enumerate(n.input):
+                if name == src:
+                    n.input[i] = value.name
+        value.type.tensor_type.elem_type = TensorProto.UINT8
+    return {"input_qparams": qparams_in, "output_qparams": qparams_out}

@@ -1,0 +1,734 @@
+"""The ``onnx`` backend: fxopt graphs as ONNX files, run in ONNX Runtime.
+
+What ``lower(gm)`` writes, by the kind of graph it is given:
+
+* a float graph: plain ONNX (opset 17);
+* a prepared + calibrated static int8 graph (QuantStub / observers / DeQuantStub, see
+  :mod:`fxopt.passes.insert_quant_stubs`): the **QDQ** format. Every observer becomes a
+  ``QuantizeLinear → DequantizeLinear`` pair with *fxopt's* calibrated scale and zero point (ONNX
+  Runtime does not calibrate again); conv / linear weights are per-channel int8 initializers behind a
+  ``DequantizeLinear`` and conv biases int32 (scale = input scale × weight scale), which is the pattern
+  ONNX Runtime's QDQ fusions turn into ``QLinearConv`` / ``QLinearMatMul``. A ReLU the x86 lowering would
+  absorb gets its QDQ after it (range clamped at 0), ops that keep their input's qparams (pooling,
+  reshape…) get a QDQ with those qparams after them, fixed-range ops (sigmoid…) their fixed qparams;
+* an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
+  through a ``Cast`` to float32;
+* dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
+  with the stored per-channel int8 weights, then the float rescale and bias.
+
+``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
+``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (``torch.get_num_threads()``
+read at lowering unless the backend was built with ``OnnxBackend(threads=n)``), takes the same arguments
+as the original model (any batch size: dimension 0 of every input and output is dynamic) and returns the
+same output structure. ``fxopt.save(module, "m.onnx")`` writes the exact bytes the session runs;
+``fxopt.load`` rebuilds the module from them.
+
+The export goes through ``torch.onnx.export(dynamo=False)``: ``torch.export`` cannot trace the
+fake-quantize ops that carry the QDQ pairs.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils import _pytree as pytree
+
+from fxopt import meta
+from fxopt.errors import UnsupportedError
+from fxopt.graph_utils import is_observer
+from fxopt.quant.nn.fp16 import FP16Module
+from fxopt.quant.spec import qparams_from_range
+from fxopt.quant.stubs import DeQuantStub, QuantStub
+
+from ._lower_ops import weight_qparams
+from .lowering import Int8Backend
+from .spec import BackendSpec, op_key
+from .x86 import x86_spec
+
+__all__ = ["OnnxBackend", "OnnxModule", "onnx_spec", "export_onnx", "example_inputs_of", "require"]
+
+logger = logging.getLogger(__name__)
+
+OPSET = 17
+_FORMAT_KEY = "fxopt.onnx.v1"
+_CONV_KEYS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d}
+_ABSORBED = {"relu": "relu", "relu6": "relu6", "hardtanh": "relu6"}
+_MULTI_OUTPUT = {"chunk", "split"}
+_NO_QDQ_AFTER = {"identity", "size", "contiguous"}
+
+
+def require(module: str, extra: str) -> Any:
+    """Import an optional runtime, or raise :class:`UnsupportedError` with the pip command."""
+    import importlib  # noqa: PLC0415
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise UnsupportedError(
+            f"the {extra!r} backend needs the {module!r} package, which is not installed: "
+            f"pip install 'fxopt[{extra}]'") from exc
+
+
+def onnx_spec() -> BackendSpec:
+    """What ONNX Runtime runs in int8 from a QDQ graph: the x86 table and its qspecs (u8 activations,
+    s8 symmetric per-channel weights, ORT's preferred U8S8 format), under the name ``onnx``."""
+    spec = x86_spec()
+    return BackendSpec(name="onnx", engine=spec.engine, activation=spec.activation, weight=spec.weight,
+                       weight_per_tensor=spec.weight_per_tensor, ops=dict(spec.ops),
+                       notes=("QDQ format; ONNX Runtime fuses DQ→op→Q into QLinear* kernels",),
+                       max_range_ratio=spec.max_range_ratio)
+
+
+# ---- example inputs ----------------------------------------------------------------------------
+
+def example_inputs_of(gm: torch.fx.GraphModule) -> tuple[list[str], tuple[torch.Tensor, ...]]:
+    """Placeholder names and example tensors rebuilt from the shapes ``compile(example_inputs=...)`` recorded."""
+    names, args = [], []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        tm = meta.tensor_meta(node) or node.meta.get("val")
+        shape, dtype = getattr(tm, "shape", None), getattr(tm, "dtype", None)
+        if shape is None or dtype is None:
+            raise UnsupportedError(
+                f"exporting to ONNX needs the input shapes, but input {node.name!r} has none recorded: compile "
+                f"the model with example_inputs, e.g. fxopt.compile(model, passes, example_inputs=(x,), backend=...)")
+        names.append(node.name)
+        shape = [int(d) for d in shape]
+        gen = torch.Generator().manual_seed(0)
+        args.append(torch.randn(shape, generator=gen).to(dtype) if dtype.is_floating_point
+                    else torch.zeros(shape, dtype=dtype))
+    return names, tuple(args)
+
+
+# ---- the graph to export -----------------------------------------------------------------------
+
+def _qdq(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize→dequantize in float; exported as QuantizeLinear→DequantizeLinear."""
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+
+torch.fx.wrap("_qdq")
+
+
+class _QDQWeight(nn.Module):
+    """A weight read through per-channel (or per-tensor) fake quantization: Q(W)→DQ in the export."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+        self.register_buffer("scale", scale.float().reshape(-1))
+        self.register_buffer("zero_point", zero_point.to(torch.int32).reshape(-1))
+        self.qmin, self.qmax = qmin, qmax
+
+    def forward(self) -> torch.Tensor:
+        if self.scale.numel() == 1:
+            return torch.fake_quantize_per_tensor_affine(self.weight, float(self.scale), int(self.zero_point),
+                                                         self.qmin, self.qmax)
+        return torch.fake_quantize_per_channel_affine(self.weight, self.scale, self.zero_point, 0,
+                                                      self.qmin, self.qmax)
+
+
+def _is_prepared(gm: torch.fx.GraphModule) -> bool:
+    return any(isinstance(m, QuantStub) for m in gm.modules())
+
+
+class _QDQBuilder:
+    """Rewrites a copy of a prepared, calibrated graph into its QDQ float simulation (see the module doc)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, spec: BackendSpec, float_outputs: bool = True) -> None:
+        self.gm = gm
+        self.spec = spec
+        self.float_outputs = float_outputs
+        self.config = meta.quant_config(gm)
+        self.act = self.config.activation_spec if self.config is not None else spec.activation
+        self.modules = dict(gm.named_modules())
+        self.qparams: dict[torch.fx.Node, tuple[float, int]] = {}
+        self.stats = {"qdq": 0, "int8_weights": 0}
+        self.fused: dict[torch.fx.Node, str] = {}  # conv/linear + activation rewritten as functional calls
+
+    def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int]) -> torch.fx.Node:
+        with self.gm.graph.inserting_after(node):
+            qdq = self.gm.graph.call_function(_qdq, (node, qparams[0], qparams[1], self.act.qmin, self.act.qmax))
+        node.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
+        self.qparams[qdq] = qparams
+        self.stats["qdq"] += 1
+        return qdq
+
+    def _clamp(self, qparams: tuple[float, int], act: str) -> tuple[float, int]:
+        scale, zp = qparams
+        lo, hi = (self.act.qmin - zp) * scale, (self.act.qmax - zp) * scale
+        hi = min(hi, 6.0) if act == "relu6" else hi
+        s, z = qparams_from_range(self.act, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
+        return float(s), int(z)
+
+    def _weight(self, weight: torch.Tensor, key: str) -> _QDQWeight:
+        rule = self.spec.rule(key)
+        per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
+        scale, zp = weight_qparams(weight, per_channel, self.spec, self.config)
+        wspec = self.config.weight_spec if self.config is not None else self.spec.weight
+        self.stats["int8_weights"] += 1
+        return _QDQWeight(weight, scale, zp, wspec.qmin, wspec.qmax)
+
+    def _add_module(self, base: str, module: nn.Module) -> str:
+        name, i = base.replace(".", "_"), 0
+        while hasattr(self.gm, name):
+            i += 1
+            name = f"{base.replace('.', '_')}_{i}"
+        self.gm.add_submodule(name, module)
+        return name
+
+    def _weighted(self, node: torch.fx.Node, key: str) -> None:
+        """Conv / linear: read the weight through a _QDQWeight, as a functional call."""
+        graph = self.gm.graph
+        if node.op == "call_module":
+            module = self.modules[node.target]
+            inner = getattr(module, "conv", None) or getattr(module, "linear", None) or module
+            activation = getattr(module, "activation", None) if inner is not module else None
+            if getattr(inner, "padding_mode", "zeros") != "zeros":
+                return  # kept float (its weight stays float too)
+            wname = self._add_module(f"{node.target}_qweight", self._weight(inner.weight, key))
+            with graph.inserting_before(node):
+                w = graph.call_module(wname, ())
+                b = graph.get_attr(self._add_bias(node.target, inner.bias)) if inner.bias is not None else None
+                if key == "linear":
+                    out = graph.call_function(F.linear, (node.args[0], w, b))
+                else:
+                    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[_CONV_KEYS[key]]
+                    out = graph.call_function(fn, (node.args[0], w, b, inner.stride, inner.padding,
+                                                   inner.dilation, inner.groups))
+                if activation is not None:
+                    relu6 = isinstance(activation, nn.ReLU6)
+                    out = graph.call_function(F.relu6 if relu6 else F.relu, (out,))
+                    self.fused[out] = "relu6" if relu6 else "relu"
+            node.replace_all_uses_with(out)
+            graph.erase_node(node)
+            return
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
+            return
+        tensor = self.gm.get_parameter(weight.target) if _has_param(self.gm, weight.target) \
+            else getattr(self.gm, weight.target)
+        wname = self._add_module(f"{weight.target}_qweight", self._weight(tensor, key))
+        with graph.inserting_before(node):
+            w = graph.call_module(wname, ())
+        node.replace_input_with(weight, w)
+
+    def _add_bias(self, target: str, bias: torch.Tensor) -> str:
+        name = f"{target.replace('.', '_')}_bias"
+        while hasattr(self.gm, name):
+            name += "_"
+        self.gm.register_buffer(name, bias.detach().float().clone())
+        return name
+
+    def run(self) -> torch.fx.GraphModule:
+        graph = self.gm.graph
+        for node in list(graph.nodes):
+            if node.op == "call_module":
+                module = self.modules.get(node.target)
+                if isinstance(module, (QuantStub, DeQuantStub)):
+                    continue  # identities: nothing in the export
+                if module is not None and is_observer(module):
+                    self._observer(node, module)
+                    continue
+            if meta.quant_region(node) is None or node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            key = op_key(node, self.gm)
+            rule = self.spec.rule(key)
+            if rule is None:
+                continue
+            if rule.kind == "compute" and (key in _CONV_KEYS or key == "linear"):
+                self._weighted(node, key)
+            elif rule.kind == "fixed":
+                self._insert_qdq(node, rule.fixed_qparams)
+            elif rule.kind == "share":
+                src = next((a for a in node.all_input_nodes if a in self.qparams), None)
+                if src is None:
+                    continue
+                if key in _MULTI_OUTPUT or key in _NO_QDQ_AFTER:
+                    self.qparams[node] = self.qparams[src]
+                else:
+                    self._insert_qdq(node, self.qparams[src])
+        self.gm.delete_all_unused_submodules()
+        graph.lint()
+        self.gm.recompile()
+        return self.gm
+
+    def _observer(self, node: torch.fx.Node, module: nn.Module) -> None:
+        scale, zp = module.calculate_qparams()
+        qparams = float(torch.as_tensor(scale).reshape(-1)[0]), int(torch.as_tensor(zp).reshape(-1)[0])
+        src = node.args[0]
+        only_output = self.float_outputs and all(self._is_output_exit(u) for u in node.users)
+        node.replace_all_uses_with(src)
+        self.gm.graph.erase_node(node)
+        if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
+            self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
+            return
+        producer = self.modules.get(src.target) if src.op == "call_module" else None
+        fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
+        if fused is not None:
+            qparams = self._clamp(qparams, fused)
+        is_stub = isinstance(producer, QuantStub)
+        act = None if is_stub or len(src.users) != 1 else self._absorbable_after(src)
+        if act is not None:
+            follower = next(iter(src.users))
+            self._insert_qdq(follower, self._clamp(qparams, act))
+            return
+        self._insert_qdq(src, qparams)
+
+    def _is_output_exit(self, user: torch.fx.Node) -> bool:
+        """A DeQuantStub whose value goes straight to the graph output."""
+        module = self.modules.get(user.target) if user.op == "call_module" else None
+        return isinstance(module, DeQuantStub) and all(u.op == "output" for u in user.users)
+
+    def _absorbable_after(self, src: torch.fx.Node) -> str | None:
+        user = next(iter(src.users))
+        if meta.quant_region(user) is None or not user.args or user.args[0] is not src:
+            return None
+        key = op_key(user, self.gm)
+        if key == "hardtanh":
+            mod = self.modules.get(user.target) if user.op == "call_module" else None
+            if mod is None or (float(mod.min_val), float(mod.max_val)) != (0.0, 6.0):
+                return None
+        return _ABSORBED.get(key)
+
+
+def _activation_name(module: Any) -> str | None:
+    if isinstance(module, nn.ReLU6):
+        return "relu6"
+    return "relu" if isinstance(module, nn.ReLU) else None
+
+
+def _has_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+# ---- dynamic int8 and fp16 ---------------------------------------------------------------------
+
+class _DynamicLinearFn(torch.autograd.Function):
+    """``DynamicQuantizeLinear → MatMulInteger → Cast → Mul → Add`` in the export; the real kernel when run."""
+
+    @staticmethod
+    def forward(ctx, x, w_t, w_scale, bias):  # noqa: ARG004 - shapes only: the export reads the symbolic
+        y = x @ (w_t.float() * w_scale)
+        return y if bias is None else y + bias
+
+    @staticmethod
+    def symbolic(g, x, w_t, w_scale, bias):
+        xq, x_scale, x_zp = g.op("DynamicQuantizeLinear", x, outputs=3)
+        n_out = w_t.type().sizes()[1]
+        w_zp = g.op("Constant", value_t=torch.zeros(n_out, dtype=torch.int8))
+        acc = g.op("MatMulInteger", xq, w_t, x_zp, w_zp)
+        y = g.op("Cast", acc, to_i=1)  # FLOAT
+        y = g.op("Mul", y, g.op("Mul", x_scale, w_scale))
+        if bias is not None and not (hasattr(bias, "node") and bias.node().mustBeNone()):
+            y = g.op("Add", y, bias)
+        return y
+
+
+class _DynamicLinearExport(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
+
+        w, b = unpack_linear(module._packed, module.dtype)
+        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            scale = w.q_per_channel_scales().float()
+        else:
+            scale = torch.full((w.shape[0],), float(w.q_scale()))
+        self._inner = (module,)  # not a submodule: the export must not see its packed weights
+        self.register_buffer("w_t", w.int_repr().t().contiguous())
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("bias", None if b is None else b.detach().float())
+
+    def forward(self, x):
+        if not torch.jit.is_tracing():
+            return self._inner[0](x)
+        return _DynamicLinearFn.apply(x, self.w_t, self.w_scale, self.bias)
+
+
+class _FP16LinearExport(nn.Module):
+    """A linear with fp16 weights (``DynamicLinear(dtype=float16)``) as float math on fp16-rounded weights."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
+
+        w, b = unpack_linear(module._packed, module.dtype)
+        self.weight = nn.Parameter(w.detach().to(torch.float16).float(), requires_grad=False)
+        self.bias = None if b is None else nn.Parameter(b.detach().float(), requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) -> tuple[nn.Module, str]:
+    """A copy of ``gm`` in the form that exports (QDQ simulation, dynamic-linear symbolics) and its kind."""
+    from fxopt.quant.nn import dynamic  # noqa: PLC0415
+
+    work = copy.deepcopy(gm)
+    if isinstance(work, torch.fx.GraphModule) and _is_prepared(work):
+        blind = [n for n, m in work.named_modules() if is_observer(m) and not m.calibrated]
+        if blind:
+            from fxopt.errors import CalibrationError  # noqa: PLC0415
+
+            raise CalibrationError(f"{len(blind)} observer(s) saw no data ({', '.join(blind[:5])}): run "
+                                   "fxopt.passes.Calibrate(data) before lowering to ONNX")
+        return _QDQBuilder(work, spec, float_outputs).run(), "int8-qdq"
+    kind = "float"
+    for name, module in list(work.named_modules()):
+        if isinstance(module, dynamic.DynamicLinear):
+            if module.dtype == torch.float16:
+                _set_submodule(work, name, _FP16LinearExport(module))
+                kind = "fp16"
+                continue
+            _set_submodule(work, name, _DynamicLinearExport(module))
+            kind = "dynamic-int8"
+        elif isinstance(module, (dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag)) or \
+                type(module).__name__.startswith("DynamicLSTM") or type(module).__name__.startswith("DynamicGRU"):
+            raise UnsupportedError(
+                f"{name} ({type(module).__name__}) has no ONNX export in fxopt; quantize only linear layers "
+                f"for ONNX: fxopt.passes.QuantizeDynamic(types=(torch.nn.Linear,))")
+        elif isinstance(module, FP16Module):
+            kind = "fp16"
+    return work, kind
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+class _Flat(nn.Module):
+    """Positional tensors in, a flat tuple of tensors out (what the ONNX graph has)."""
+
+    def __init__(self, module: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.module, self.names = module, names
+
+    def forward(self, *args):
+        out = self.module(*args)
+        leaves, _ = pytree.tree_flatten(out)
+        return tuple(leaves)
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_inputs: Any = None,
+                dynamic_batch: bool = True, float_outputs: bool = True) -> tuple[Any, dict]:
+    """ONNX ``ModelProto`` of ``gm`` (see the module docstring) and its fxopt metadata (inputs, outputs).
+
+    ``float_outputs``: an int8 op whose value is a model output writes it in float (no QDQ after it: the
+    runtimes' int8 conv / Gemm / MatMul kernels can), instead of rounding the output to 8 bits.
+    """
+    onnx = require("onnx", "onnx")
+    spec = spec or onnx_spec()
+    if example_inputs is None:
+        if not isinstance(gm, torch.fx.GraphModule):
+            raise UnsupportedError("exporting a module that is not an fxopt graph needs example_inputs")
+        names, args = example_inputs_of(gm)
+    else:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        names = [n.name for n in gm.graph.find_nodes(op="placeholder")] if isinstance(gm, torch.fx.GraphModule) \
+            else [f"input_{i}" for i in range(len(args))]
+    work, kind = _export_ready(gm, spec, float_outputs)
+    work.eval()
+    with torch.no_grad():
+        out = work(*args)
+    leaves, treespec = pytree.tree_flatten(out)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        raise UnsupportedError("ONNX export needs a model whose outputs are tensors (or tuples/lists/dicts of them)")
+    out_names = [f"output_{i}" for i in range(len(leaves))]
+    axes = {n: {0: "batch"} for n in [*names, *out_names]} if dynamic_batch else None
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad(), _no_fastpath():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(_Flat(work, names), args, buf, dynamo=False, opset_version=OPSET,
+                              input_names=names, output_names=out_names, dynamic_axes=axes,
+                              do_constant_folding=True)
+        except Exception as exc:
+            raise UnsupportedError(f"torch.onnx could not export this {kind} graph: {exc}") from exc
+    model = onnx.load_from_string(buf.getvalue())
+    _inline_identities(model)
+    if kind == "int8-qdq":
+        _fold_weight_quantize(model)
+        _quantize_conv_bias(model)
+    if kind == "fp16":
+        _float16_initializers(model)
+    info = {"format": _FORMAT_KEY, "kind": kind, "inputs": names, "outputs": out_names,
+            "treespec": pytree.treespec_dumps(treespec)}
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "fxopt", json.dumps(info)
+    model.producer_name = "fxopt"
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise UnsupportedError(f"the exported ONNX graph failed onnx.checker: {exc}") from exc
+    return model, info
+
+
+def _inline_identities(model) -> None:
+    """Drop ``Identity`` nodes (the exporter's de-duplicated initializers): readers use the source name."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    rename = {}
+    for node in list(graph.node):
+        if node.op_type == "Identity" and node.output[0] not in outputs:
+            rename[node.output[0]] = node.input[0]
+            graph.node.remove(node)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            while name in rename:
+                name = rename[name]
+            node.input[i] = name
+
+
+class _no_fastpath:
+    """nn.TransformerEncoder / MultiheadAttention without their fused inference kernels (no ONNX form)."""
+
+    def __enter__(self):
+        self.before = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+
+    def __exit__(self, *exc):
+        torch.backends.mha.set_fastpath_enabled(self.before)
+
+
+def _constants(model) -> dict[str, Any]:
+    """Initializers and ``Constant`` node outputs by name, as numpy arrays."""
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def _fold_weight_quantize(model) -> None:
+    """``QuantizeLinear(float initializer)`` → an int8 initializer (the weights are stored as int8)."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    consts = _constants(model)
+    inits = {i.name for i in graph.initializer}
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] not in inits:
+            continue
+        w = consts[node.input[0]]
+        scale, zp = consts[node.input[1]], consts[node.input[2]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        if scale.ndim == 1 and w.ndim > 0:
+            shape[axis] = -1
+        info = np.iinfo(zp.dtype)
+        q = np.clip(np.rint(w / scale.reshape(shape)) + zp.astype(np.int64).reshape(shape), info.min, info.max)
+        name = f"{node.input[0]}_quantized"
+        graph.initializer.append(numpy_helper.from_array(q.astype(zp.dtype), name))
+        for other in graph.node:
+            for i, inp in enumerate(other.input):
+                if inp == node.output[0]:
+                    other.input[i] = name
+        graph.node.remove(node)
+    _drop_unused(model)
+
+
+def _quantize_conv_bias(model) -> None:
+    """A Conv with DQ'd input and weight gets its float bias as int32 behind a DQ (ONNX Runtime's QDQ Conv)."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    consts = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in consts:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not (dq_x is not None and dq_w is not None and dq_x.op_type == dq_w.op_type == "DequantizeLinear"):
+            continue
+        if dq_x.input[1] not in consts or dq_w.input[1] not in consts:
+            continue
+        scale = (consts[dq_x.input[1]].astype(np.float64) * consts[dq_w.input[1]].astype(np.float64))
+        bias = consts[node.input[2]].astype(np.float64)
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        q = np.clip(np.rint(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        base = f"{node.output[0]}_bias"
+        graph.initializer.extend([numpy_helper.from_array(q, f"{base}_int32"),
+                                  numpy_helper.from_array(scale, f"{base}_int32_scale"),
+                                  numpy_helper.from_array(np.zeros_like(q), f"{base}_int32_zp")])
+        dq = helper.make_node("DequantizeLinear", [f"{base}_int32", f"{base}_int32_scale", f"{base}_int32_zp"],
+                              [f"{base}_dq"], axis=0, name=f"{base}_DequantizeLinear")
+        graph.node.insert(list(graph.node).index(node), dq)
+        node.input[2] = f"{base}_dq"
+    _drop_unused(model)
+
+
+def _float16_initializers(model) -> None:
+    """fp16-rounded float initializers → float16 initializers read through ``Cast(to=float)``."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import TensorProto, helper, numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    casts = []
+    for init in list(graph.initializer):
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        w = numpy_helper.to_array(init)
+        if w.size < 16 or not np.array_equal(w.astype(np.float16).astype(np.float32), w):
+            continue
+        half = numpy_helper.from_array(w.astype(np.float16), f"{init.name}_fp16")
+        graph.initializer.remove(init)
+        graph.initializer.append(half)
+        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT,
+                                      name=f"{init.name}_Cast"))
+    for i, cast in enumerate(casts):
+        graph.node.insert(i, cast)
+
+
+def _drop_unused(model) -> None:
+    graph = model.graph
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    for node in list(graph.node):
+        if node.op_type == "Constant" and node.output[0] not in used:
+            graph.node.remove(node)
+
+
+# ---- the runtime module -------------------------------------------------------------------------
+
+def _unflatten(leaves: list[torch.Tensor], info: dict) -> Any:
+    return pytree.tree_unflatten(leaves, pytree.treespec_loads(info["treespec"]))
+
+
+def _bind_inputs(names: list[str], args: tuple, kwargs: dict, who: str) -> list[torch.Tensor]:
+    if len(args) > len(names):
+        raise TypeError(f"{who} takes {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    values = list(args) + [None] * (len(names) - len(args))
+    for key, value in kwargs.items():
+        if key not in names:
+            raise TypeError(f"{who} got an unexpected keyword argument {key!r}; inputs: {', '.join(names)}")
+        values[names.index(key)] = value
+    missing = [n for n, v in zip(names, values) if v is None]
+    if missing:
+        raise TypeError(f"{who} is missing input(s): {', '.join(missing)}")
+    return values
+
+
+def read_info(model) -> dict:
+    for entry in model.metadata_props:
+        if entry.key == "fxopt":
+            return json.loads(entry.value)
+    raise UnsupportedError("this ONNX file was not written by fxopt (no 'fxopt' metadata): run it with "
+                           "onnxruntime directly")
+
+
+class OnnxModule(nn.Module):
+    """Runs an ONNX model in ONNX Runtime (CPU) with the original model's call signature and outputs."""
+
+    def __init__(self, model_bytes: bytes, threads: int | None = None) -> None:
+        super().__init__()
+        onnx = require("onnx", "onnx")
+        require("onnxruntime", "onnx")
+        self.model_bytes = bytes(model_bytes)
+        self.info = read_info(onnx.load_from_string(self.model_bytes))
+        self.threads = int(threads) if threads else torch.get_num_threads()
+        self.meta: dict = {}
+        meta.set_backend(self, "onnx")
+        self._session = None
+
+    @property
+    def kind(self) -> str:
+        return self.info["kind"]
+
+    @property
+    def session(self):
+        if self._session is None:
+            ort = require("onnxruntime", "onnx")
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+            options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.log_severity_level = 3
+            # idle intra-op threads sleep instead of spinning: they would otherwise steal the cores PyTorch
+            # code around the call (or another session) runs on
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._session = ort.InferenceSession(self.model_bytes, options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        values = _bind_inputs(self.info["inputs"], args, kwargs, "OnnxModule")
+        feed = {name: v.detach().cpu().contiguous().numpy() for name, v in zip(self.info["inputs"], values)}
+        outs = self.session.run(self.info["outputs"], feed)
+        return _unflatten([torch.from_numpy(o) for o in outs], self.info)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_session"] = None
+        return state
+
+    def __deepcopy__(self, memo: dict) -> "OnnxModule":
+        new = OnnxModule(self.model_bytes, self.threads)
+        new.meta = copy.deepcopy(self.meta, memo)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, threads={self.threads}, bytes={len(self.model_bytes)}"
+
+
+class OnnxBackend(Int8Backend):
+    """``backend="onnx"``: export to ONNX (QDQ int8, FP16, dynamic int8 or float) and run it in ONNX Runtime."""
+
+    name = "onnx"
+
+    def __init__(self, threads: int | None = None, *, dynamic_batch: bool = True) -> None:
+        super().__init__(onnx_spec())
+        self.threads = threads
+        self.dynamic_batch = dynamic_batch
+
+    def accepts_prepared_for(self, backend_name: str) -> bool:
+        """QDQ carries any PyTorch int8 backend's qparams: an x86-prepared graph exports as it is."""
+        return backend_name in ("onnx", "x86", "qnnpack", "edgetpu", "openvino")
+
+    def lower(self, gm: torch.fx.GraphModule) -> OnnxModule:
+        require("onnxruntime", "onnx")
+        model, _ = export_onnx(gm, self.spec, dynamic_batch=self.dynamic_batch)
+        module = OnnxModule(model.SerializeToString(), self.threads or torch.get_num_threads())
+        meta.set_float_islands(module, meta.float_islands(gm))
+        return module
+
+    def save(self, module: nn.Module, path: str | Path) -> None:
+        if not isinstance(module, OnnxModule):
+            raise UnsupportedError(f"the onnx backend saves modules it lowered (OnnxModule), got {type(module).__name__}"
+                                   f"; lower first: fxopt.compile(model, passes, example_inputs=..., backend='onnx')")
+        path = Path(path)
+        if path.suffix.lower() != ".onnx":
+            raise UnsupportedError(f"an ONNX model is saved to a .onnx path, got {str(path)!r}")
+        path.write_bytes(module.model_bytes)
+
+    def load(self, path: str | Path) -> OnnxModule:
+        return OnnxModule(Path(path).read_bytes(), self.threads)
+
+    def __repr__(self) -> str:
+        return f"OnnxBackend(threads={self.threads})"
