@@ -247,13 +247,23 @@ class Report:
         """Fraction of weight values that are exactly zero (``1 - nonzero / params``)."""
         return 1.0 - self.total_nonzero / self.total_params if self.total_params else 0.0
 
-    def __str__(self) -> str:
+    def _table(self, tablefmt: str) -> str:
         total = {"name": "total", "params": self.total_params, "nonzero": self.total_nonzero,
                  "bytes": self.total_bytes, "notes": f"{self.total_bytes / 2**20:.2f} MiB"}
         table = [[_cell(row.get(c, "")) for c in self.columns] for row in [*self.rows, total]]
         align = ["right" if c in _NUMERIC else "left" for c in self.columns]
-        text = tabulate(table, headers=self.columns, disable_numparse=True, colalign=align)
-        return f"{text}\nsparsity: {self.sparsity:.2%}"
+        return tabulate(table, headers=self.columns, disable_numparse=True, colalign=align, tablefmt=tablefmt)
+
+    def __str__(self) -> str:
+        return f"{self._table('simple')}\nsparsity: {self.sparsity:.2%}"
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured markdown, the sparsity line below it."""
+        return f"{self._table('github')}\n\nsparsity: {self.sparsity:.2%}\n"
+
+    def to_html(self) -> str:
+        """The table as an HTML fragment (``<table>`` plus a sparsity paragraph); cell text is escaped."""
+        return f"{self._table('html')}\n<p>sparsity: {self.sparsity:.2%}</p>\n"
 
     def __repr__(self) -> str:
         return (f"Report({len(self.rows)} rows, params={self.total_params}, "
