@@ -68,7 +68,7 @@ def lowering_backends() -> list[str]:
         if any(obj is s for s in seen):
             continue
         seen.append(obj)
-        out.append(name)
+        out.append(getattr(obj, "name", "") or name)
     return out
 
 

@@ -306,8 +306,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     if out_path.suffix.lower() not in _ARTIFACT_SUFFIXES:
         raise UsageError(f"-o {args.output!r}: use one of {', '.join(_ARTIFACT_SUFFIXES)} (the format follows the "
                          "extension; .pt for int8 models)")
-    shape = _input_shape(args, args.model)
     model = load_model(args.model)
+    shape = _input_shape(args, args.model)
     example = _example(shape)
     calibration = None
     if _needs_calibration(recipes):
@@ -351,10 +351,10 @@ def _support_table(gm: torch.fx.GraphModule, names: list[str]) -> tuple[list[lis
     from fxopt.backends.spec import op_key
 
     objs: dict[str, Any] = {}
-    for name in names:  # aliases (fbgemm -> x86) collapse onto one column
+    for name in names:  # aliases (fbgemm -> x86) collapse onto one column, under the backend's own name
         obj = backends.get(name)
         if all(o is not obj for o in objs.values()):
-            objs[name] = obj
+            objs[getattr(obj, "name", "") or name] = obj
     per_op: dict[str, dict[str, set[str]]] = {}
     counts: collections.Counter = collections.Counter()
     for node in gm.graph.nodes:
@@ -410,8 +410,8 @@ def _flops(model: torch.nn.Module, example: torch.Tensor) -> int | None:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     import fxopt
 
-    shape = _input_shape(args, args.model)
     model = load_model(args.model)
+    shape = _input_shape(args, args.model)
     example = _example(shape)
     gm = fxopt.trace(model, (example,))
     params = sum(p.numel() for p in model.parameters())
@@ -458,8 +458,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     recipes = recipe_args.parse(args.recipes)
     backends = [_check_backend(b.strip()) for b in args.backends.split(",") if b.strip()] if args.backends else []
-    shape = _input_shape(args, args.model)
     model = load_model(args.model)
+    shape = _input_shape(args, args.model)
     example = _example(shape)
     calibration = load_calibration(args.calib, shape, args.calib_batches) if _needs_calibration(recipes) else None
     variants: dict[str, torch.nn.Module] = {"float": model}

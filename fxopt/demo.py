@@ -73,9 +73,9 @@ class DigitsMLP(nn.Module):
 
 
 class DigitsLSTM(nn.Module):
-    """A 2-layer LSTM reading a 16x16 digit image row by row (input ``(batch, 16, 16)``)."""
+    """An LSTM reading a 16x16 digit image row by row (input ``(batch, 16, 16)``)."""
 
-    def __init__(self, classes: int = 10, hidden: int = 256, layers: int = 2, row: int = 16):
+    def __init__(self, classes: int = 10, hidden: int = 256, layers: int = 1, row: int = 16):
         super().__init__()
         self.lstm = nn.LSTM(row, hidden, layers, batch_first=True)
         self.head = nn.Linear(hidden, classes)
@@ -327,10 +327,10 @@ def _why(row: DemoRow, acc: float, base_acc: float, speedup: float) -> str:
 def _context(seed: int, fast: bool = False) -> DemoContext:
     torch.manual_seed(seed)
     xtr, ytr, xte, yte = load_digits_tensors(16, seed)
-    cnn = train(DigitsCNN(), xtr, ytr, epochs=1 if fast else 8, seed=seed, desc="training digits CNN")
+    cnn = train(DigitsCNN(), xtr, ytr, epochs=1 if fast else 6, seed=seed, desc="training digits CNN")
     torch.manual_seed(seed)
     seq_tr, seq_te = xtr.squeeze(1), xte.squeeze(1)
-    lstm = train(DigitsLSTM(), seq_tr, ytr, epochs=1 if fast else 10, lr=2e-3, seed=seed,
+    lstm = train(DigitsLSTM(), seq_tr, ytr, epochs=1 if fast else 8, lr=2e-3, seed=seed,
                  desc="training digits LSTM")
     return DemoContext(
         models={"cnn": cnn, "lstm": lstm}, train_x={"cnn": xtr, "lstm": seq_tr}, train_y=ytr,

@@ -64,7 +64,7 @@ def test_optimize_static_int8_from_npz_saves_a_loadable_int8_model(model_file, t
                     "--rounds", "1", "--quiet")
     assert out.returncode == 0, out.stderr
     assert "before" in out.stdout and "after" in out.stdout and "SQNR vs before" in out.stdout
-    assert "pass calibrate: modified=True {'batches': 16" in out.stdout  # 16 samples, batch 1
+    assert "pass calibrate: modified=True {'batches': 8," in out.stdout  # --calib-batches 8 of batch 1
     assert out.stderr.strip() == "" or "optimizing" not in out.stderr  # --quiet: no status lines
     loaded = fxopt.load(out_path)
     assert fxopt.meta.backend_of(loaded) == "x86"
@@ -135,7 +135,7 @@ def test_bench_prints_an_interleaved_table_for_recipes_x_backends(model_file):
       "-o", "x.pt", "--input-shape", SHAPE], "calibration folder '/no/such/dir' does not exist"),
     (["optimize", "{model}", "--recipe", "static_int8", "--calib", "csv:data.csv", "-o", "x.pt",
       "--input-shape", SHAPE], "is not one of: random, folder:PATH"),
-    (["bench", "{model}", "--recipes", "fuse", "--input-shape", "1,x,3"], "is not a list of positive integers"),
+    (["bench", "{model}", "--recipes", "fuse", "--input-shape", "1,a,3"], "is not a list of positive integers"),
     (["optimize", "{model}", "--recipe", "fuse", "-o", "out.bin", "--input-shape", SHAPE], "use one of .pt"),
     (["optimize", "{model}", "--recipe", "fuse", "-o", "out.pt"], "give --input-shape"),
 ])
