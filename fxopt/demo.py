@@ -255,27 +255,32 @@ ROWS: list[DemoRow] = [
 # ---- measuring -------------------------------------------------------------------------------------
 
 
-def artifact_bytes(module: nn.Module, example: torch.Tensor | None = None) -> tuple[int, int]:
-    """(bytes on disk, zlib-compressed bytes) of ``fxopt.save(module, ...)`` in its native format.
+def artifact_bytes(module: nn.Module, example: torch.Tensor | None = None) -> tuple[int, int, bool]:
+    """(bytes on disk, zlib-compressed bytes, native) of the module's saved file.
 
-    Modules a backend lowered to ONNX / OpenVINO are saved by that backend (``.onnx``, ``.xml`` + ``.bin``);
-    others as ``.pt`` (int8: fxopt's self-contained format; float: the state dict).
+    ``native``: written by ``fxopt.save`` in its native format (modules a backend lowered to ONNX / OpenVINO
+    by that backend: ``.onnx``, ``.xml`` + ``.bin``; others ``.pt``: fxopt's int8 format or the state dict).
+    Where fxopt cannot save the module yet, the size is that of ``torch.save(module)`` (a full pickle).
     """
     import fxopt
     from fxopt import meta
 
     suffix = {"onnx": ".onnx", "openvino": ".xml"}.get(meta.backend_of(module) or "", ".pt")
+    native = True
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"model{suffix}"
         try:
             fxopt.save(module, path, example_inputs=(example,) if example is not None else None)
-        except Exception:  # a module fxopt cannot save natively: its tensors, as torch.save writes them
+        except Exception:  # not savable by fxopt (yet): measure the full pickle instead
+            native = False
+            for p in Path(tmp).iterdir():
+                p.unlink()
             buf = io.BytesIO()
-            torch.save(module.state_dict(), buf)
-            path.with_suffix(".pt").write_bytes(buf.getvalue())
+            torch.save(module, buf)
+            path.with_suffix(".pickle").write_bytes(buf.getvalue())
         blobs = [p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()]
     raw = b"".join(blobs)
-    return len(raw), len(zlib.compress(raw, 9))
+    return len(raw), len(zlib.compress(raw, 9)), native
 
 
 @dataclass
@@ -300,7 +305,7 @@ class DemoResult:
                 cells.append([r["model"], r["recipe"], r["backend"], "", "", "", "", "", "", f"failed: {r['error']}"])
                 continue
             cells.append([r["model"], r["recipe"], r["backend"], f"{r['accuracy']:.2f}", f"{r['bytes']:,}",
-                          f"{r['zlib_bytes']:,}", f"{r['median_ms']:.3f}", f"{r['fps']:,.0f}",
+                          f"{r['zlib_bytes']:,}" + ("" if r["native_file"] else "*"), f"{r['median_ms']:.3f}", f"{r['fps']:,.0f}",
                           f"{r['speedup']:.2f}x", r["why"]])
         align = ["left"] * 3 + ["right"] * 6 + ["left"]
         return tabulate(cells, headers=self.columns, tablefmt=fmt, disable_numparse=True, colalign=align)
@@ -309,7 +314,8 @@ class DemoResult:
         text = self.table()
         text += (f"\n(digits test set: {self.test_images} images; batch-1 latency median and FPS at batch 32, "
                  f"{self.threads} thread(s), each model's variants timed interleaved; speed-up = float median / "
-                 f"median; zlib bytes = saved file compressed; total {self.seconds:.0f} s)")
+                 f"median; zlib bytes = fxopt.save's file compressed, * = "
+                 f"torch.save(module) where fxopt.save cannot store the module yet; total {self.seconds:.0f} s)")
         for recipe, backend, why in self.skipped:
             text += f"\nskipped {recipe} ({backend}): {why}"
         return text
@@ -330,7 +336,7 @@ def _context(seed: int, fast: bool = False) -> DemoContext:
     cnn = train(DigitsCNN(), xtr, ytr, epochs=1 if fast else 6, seed=seed, desc="training digits CNN")
     torch.manual_seed(seed)
     seq_tr, seq_te = xtr.squeeze(1), xte.squeeze(1)
-    lstm = train(DigitsLSTM(), seq_tr, ytr, epochs=1 if fast else 8, lr=2e-3, seed=seed,
+    lstm = train(DigitsLSTM(), seq_tr, ytr, epochs=1 if fast else 10, lr=2e-3, seed=seed,
                  desc="training digits LSTM")
     return DemoContext(
         models={"cnn": cnn, "lstm": lstm}, train_x={"cnn": xtr, "lstm": seq_tr}, train_y=ytr,
@@ -384,9 +390,10 @@ def run(threads: int | None = 1, seed: int = 0, rows: list[DemoRow] | None = Non
         acc = accuracy(module, ctx.test_x[row.family], ctx.test_y)
         t1, t32 = timings[(str(i), 1)], timings[(str(i), 32)]
         base.setdefault(row.family, (t1.median_ms, acc))
-        raw, packed = artifact_bytes(module, ctx.example(row.family))
+        raw, packed, native = artifact_bytes(module, ctx.example(row.family))
         speedup = base[row.family][0] / t1.median_ms
         out_rows.append({**entry, "accuracy": acc, "bytes": fxopt.report(module).total_bytes, "file_bytes": raw,
+                         "native_file": native,
                          "zlib_bytes": packed, "median_ms": t1.median_ms, "p90_ms": t1.p90_ms, "fps": t32.fps,
                          "speedup": speedup, "why": _why(row, acc, base[row.family][1], speedup)})
     result = DemoResult(out_rows, skipped, threads or torch.get_num_threads(), time.perf_counter() - start,
@@ -403,6 +410,7 @@ def plot(result: DemoResult, path: str | os.PathLike) -> Path:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError as exc:
         from .errors import FxoptError
 
@@ -416,10 +424,18 @@ def plot(result: DemoResult, path: str | os.PathLike) -> Path:
         ax.scatter([r["bytes"] / 1024 for r in pts], [r["accuracy"] for r in pts],
                    s=[60 + 900 * r["median_ms"] / slowest for r in pts], alpha=0.55,
                    color=colors.get(family, "tab:gray"), edgecolors="black", label=f"{family} model")
+        spots: dict[tuple[float, float], list[str]] = {}  # rows within 5% size / 0.5 pts share one label
         for r in pts:
-            ax.annotate(f"{r['recipe']} ({r['backend']})\n{r['median_ms']:.2f} ms", (r["bytes"] / 1024, r["accuracy"]),
-                        textcoords="offset points", xytext=(8, 6), fontsize=8)
+            kib, acc = r["bytes"] / 1024, r["accuracy"]
+            spot = next((k for k in spots if abs(k[0] / kib - 1) < 0.05 and abs(k[1] - acc) < 0.5), (kib, acc))
+            spots.setdefault(spot, []).append(f"{r['recipe']} ({r['backend']}): {r['median_ms']:.2f} ms")
+        for (kib, acc), labels in spots.items():
+            ax.annotate("\n".join(labels), (kib, acc), textcoords="offset points", xytext=(10, 4), fontsize=8)
     ax.set_xscale("log")
+    ax.margins(x=0.12)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if str(int(v))[0] in "25"
+                                                                 else ""))
     ax.set_xlabel("stored size (KiB, log scale)")
     ax.set_ylabel("test accuracy on digits (%)")
     lo = min(r["accuracy"] for r in rows)
