@@ -96,7 +96,8 @@ def _factory_model(path: Path, factory: str) -> torch.nn.Module:
     fn = getattr(module, factory, None)
     if not callable(fn):
         found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
-        raise UsageError(f"{str(path)!r} has no function {factory!r}; it defines: {', '.join(found) or 'nothing callable'}")
+        raise UsageError(f"{str(path)!r} has no function {factory!r}; "
+                         f"it defines: {', '.join(found) or 'nothing callable'}")
     model = fn()
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{path.name}:{factory}() returned {type(model).__name__}, not a torch.nn.Module")
@@ -155,7 +156,8 @@ def _image_folder(folder: Path, shape: tuple[int, ...], limit: int) -> list[torc
         images.append(F.interpolate(img[None], size=(h, w), mode="bilinear", align_corners=False)[0])
     x = torch.stack(images)
     if c == 3:  # ImageNet normalisation: what torchvision's models expect
-        x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+        x = (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     return _batches_of(x, n, limit)
 
 

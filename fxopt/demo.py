@@ -220,7 +220,8 @@ _SMALL_MODEL = "at batch 1 this model is too small for the saved work to outweig
 ROWS: list[DemoRow] = [
     DemoRow("float", "eager", "cnn", lambda ctx: ctx.models["cnn"]),
     DemoRow("fuse", "eager", "cnn", lambda ctx: _compile(ctx, "cnn", "fuse"),
-            requires=("recipes.fuse",), loses="fusion only saves BatchNorm/ReLU passes over memory; noise at this size"),
+            requires=("recipes.fuse",),
+            loses="fusion only saves BatchNorm/ReLU passes over memory; noise at this size"),
     DemoRow("static_int8", "x86", "cnn", _static("x86"), requires=("recipes.static_int8", "backend:x86"),
             loses=f"int8 convs pay quantize/dequantize at the float borders; {_SMALL_MODEL}"),
     DemoRow("static_int8", "qnnpack", "cnn", _static("qnnpack"), requires=("recipes.static_int8", "backend:qnnpack"),
@@ -235,7 +236,8 @@ ROWS: list[DemoRow] = [
     DemoRow("channels 30%", "eager", "cnn",
             lambda ctx: _finetuned(ctx, "cnn", _compile(ctx, "cnn", "prune", 0.3, structured=True)),
             requires=("recipes.prune",), loses="removing channels costs accuracy until fine-tuned longer"),
-    DemoRow("cluster 16", "eager", "cnn", lambda ctx: _compile(ctx, "cnn", "cluster", 16), requires=("recipes.cluster",),
+    DemoRow("cluster 16", "eager", "cnn", lambda ctx: _compile(ctx, "cnn", "cluster", 16),
+            requires=("recipes.cluster",),
             loses="16 shared values per layer compress well on disk but run as ordinary float weights"),
     DemoRow("low_rank", "eager", "cnn", lambda ctx: _compile(ctx, "cnn", "low_rank", energy=0.95),
             requires=("recipes.low_rank",), loses="two thin layers launch twice the kernels; small layers lose"),
@@ -305,7 +307,8 @@ class DemoResult:
                 cells.append([r["model"], r["recipe"], r["backend"], "", "", "", "", "", "", f"failed: {r['error']}"])
                 continue
             cells.append([r["model"], r["recipe"], r["backend"], f"{r['accuracy']:.2f}", f"{r['bytes']:,}",
-                          f"{r['zlib_bytes']:,}" + ("" if r["native_file"] else "*"), f"{r['median_ms']:.3f}", f"{r['fps']:,.0f}",
+                          f"{r['zlib_bytes']:,}" + ("" if r["native_file"] else "*"), f"{r['median_ms']:.3f}",
+                          f"{r['fps']:,.0f}",
                           f"{r['speedup']:.2f}x", r["why"]])
         align = ["left"] * 3 + ["right"] * 6 + ["left"]
         return tabulate(cells, headers=self.columns, tablefmt=fmt, disable_numparse=True, colalign=align)

@@ -69,6 +69,7 @@ def test_artifact_bytes_native_and_fallback():
     import fxopt
     from fxopt import recipes
 
-    q = fxopt.compile(demo.DigitsLSTM(hidden=64).eval(), recipes.dynamic_int8(), example_inputs=(torch.randn(1, 16, 16),))
+    x = torch.randn(1, 16, 16)
+    q = fxopt.compile(demo.DigitsLSTM(hidden=64).eval(), recipes.dynamic_int8(), example_inputs=(x,))
     raw, packed, _native = demo.artifact_bytes(q, torch.randn(1, 16, 16))
     assert raw >= fxopt.report(q).total_bytes and 0 < packed <= raw
