@@ -8,7 +8,6 @@ a value, inserting ``quantize_per_tensor`` / ``dequantize`` once per value where
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Callable
 
@@ -19,46 +18,31 @@ import torch.nn.functional as F
 
 from fxopt import meta
 from fxopt.errors import UnsupportedError
-from fxopt.quant.spec import qparams_from_range
+from fxopt.graph_utils import bind_args, get_attr_path, is_observer, single_user, unique_name
+from fxopt.quant.nn import FusedModule
+from fxopt.quant.nn import int8 as qm
+from fxopt.quant.observers import make_observer
+from fxopt.quant.spec import QSpec, qparams_from_range
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
-from . import qmodules as qm
-from .spec import BackendSpec, OpRule, op_key
+from .spec import SHAPE_READERS, BackendSpec, OpRule, op_key
 
 logger = logging.getLogger(__name__)
 
 _CONV_KEYS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 _ACTIVATION_KEYS = {"relu": "relu", "relu6": "relu6", "hardtanh": "relu6"}
-_RELU_KERNELS = {"conv1d", "conv2d", "conv3d", "linear", "add", "mul"}
-_SHAPE_READERS = {"size"}
 
 
 class _KeepFloat(Exception):
     """This compute op stays float; the message is the reason."""
 
 
-# builtins without an inspectable signature: parameter names and defaults
-_SIGNATURES: dict[Any, tuple[tuple[str, Any], ...]] = {
-    **{f: (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
-           ("groups", 1)) for f in _CONV_FUNCS},
-    F.linear: (("input", None), ("weight", None), ("bias", None)),
-}
-
-
 def _bind(fn: Callable, node: torch.fx.Node) -> dict[str, Any]:
-    """The call's arguments by parameter name, defaults filled in."""
-    if fn in _SIGNATURES:
-        params = _SIGNATURES[fn]
-        if len(node.args) > len(params) or set(node.kwargs) - {name for name, _ in params}:
-            raise _KeepFloat(f"unexpected arguments to {getattr(fn, '__name__', fn)}")
-        found = {name: default for name, default in params}
-        found.update(zip((name for name, _ in params), node.args))
-        found.update(node.kwargs)
-        return found
-    bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    try:
+        return bind_args(fn, node)
+    except TypeError as exc:
+        raise _KeepFloat(str(exc)) from exc
 
 
 class OpLowering:
@@ -70,6 +54,7 @@ class OpLowering:
             self.act_spec = self.config.activation_spec
         self.modules = dict(gm.named_modules())
         self.graph = torch.fx.Graph()
+        self.graph.set_codegen(gm.graph._codegen)  # torch.export's pytree codegen: the output keeps its type
         self.root: dict[str, Any] = {}
         self.env: dict[torch.fx.Node, Any] = {}
         self.quantized: set[torch.fx.Node] = set()
@@ -79,6 +64,7 @@ class OpLowering:
         self._fcache: dict[torch.fx.Node, torch.fx.Node] = {}
         self.islands: list[meta.FloatIsland] = []
         self.stats: dict[str, int] = {}
+        self._grid_bits: int | None = None  # weight grid of the QAT layer being lowered
 
     # ---- values -----------------------------------------------------------------------------
     def qvalue(self, node: torch.fx.Node) -> torch.fx.Node:
@@ -109,17 +95,14 @@ class OpLowering:
     def _copy(self, node: torch.fx.Node, mapper: Callable) -> torch.fx.Node:
         new = self.graph.node_copy(node, mapper)
         if node.op in ("call_module", "get_attr"):
-            obj = self.modules.get(node.target) if node.op == "call_module" else _fetch_attr(self.gm, node.target)
+            obj = self.modules.get(node.target) if node.op == "call_module" else get_attr_path(self.gm, node.target)
             if node.target in self.root and self.root[node.target] is not obj:  # name taken by an int8 module
                 new.target = self._module_name(node.target)
             self.root[new.target] = obj
         return new
 
     def _module_name(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.root:
-            name, i = f"{base}_{i}", i + 1
-        return name
+        return unique_name(base, self.root.__contains__)
 
     def _emit_module(self, base: str, module: nn.Module, args: tuple) -> torch.fx.Node:
         name = self._module_name(base)
@@ -154,7 +137,7 @@ class OpLowering:
         if isinstance(module, DeQuantStub):
             self._set(node, self.fvalue(node.args[0]), False, None)
             return
-        if module is not None and _is_observer(module):
+        if module is not None and (is_observer(module) or getattr(module, "fxopt_lowered_as_identity", False)):
             src = node.args[0]
             self._set(node, self.env[src], src in self.quantized, self.qparams.get(src))
             return
@@ -172,7 +155,7 @@ class OpLowering:
             self._share(node, key)
 
     def _float(self, node: torch.fx.Node, key: str | None) -> None:
-        mapper = (lambda n: self.env[n]) if key in _SHAPE_READERS or node.target is getattr else self.fvalue
+        mapper = (lambda n: self.env[n]) if key in SHAPE_READERS or node.target is getattr else self.fvalue
         self._set(node, self._copy(node, mapper), False, None)
 
     # ---- share / fixed ------------------------------------------------------------------------
@@ -192,8 +175,8 @@ class OpLowering:
 
     # ---- weight-only ----------------------------------------------------------------------------
     def _weight_only(self, node: torch.fx.Node, key: str, module: nn.Module | None) -> None:
-        """Embeddings: int8 rows, float in / float out (the dynamic-quant modules of fxopt.quant.dynamic)."""
-        from fxopt.quant.dynamic import DynamicEmbedding, DynamicEmbeddingBag  # noqa: PLC0415
+        """Embeddings: int8 rows, float in / float out (the dynamic-quant modules of fxopt.quant.nn.dynamic)."""
+        from fxopt.quant.nn.dynamic import DynamicEmbedding, DynamicEmbeddingBag  # noqa: PLC0415
 
         cls = {nn.Embedding: DynamicEmbedding, nn.EmbeddingBag: DynamicEmbeddingBag}.get(type(module))
         if cls is None or module.max_norm is not None:
@@ -212,11 +195,13 @@ class OpLowering:
         out_qparams = self._observer_qparams(obs)
         try:
             self._check_ranges(node, key)
-            activation = _fused_activation(module)
+            activation = _fused_activation(node, module)
             follower = self._absorbable_activation(obs) if activation is None else None
             act = activation or follower
             qparams = self._clamp(out_qparams, act)
-            relu = act is not None and key in _RELU_KERNELS
+            # relu6 runs as the relu kernel with the output range clamped to [0, 6]
+            relu = act is not None and "relu" in rule.fused_activations
+            self._grid_bits = None
             value = self._build(node, key, module, qparams, relu)
         except _KeepFloat as why:
             self.islands.append(meta.FloatIsland(node.name, key, str(why)))
@@ -224,8 +209,11 @@ class OpLowering:
             self._set(node, self._copy(node, self.fvalue), False, out_qparams)
             self._count("float")
             return
+        if self._grid_bits is not None and self._grid_bits < 8 and value.op == "call_module":
+            self.root[value.target].weight_bits = self._grid_bits  # int8 storage, coarser grid (for the report)
+            self._count(f"weights_on_{self._grid_bits}bit_grid")
         if follower is not None:
-            self.absorbed.add(next(iter(obs.users)))
+            self.absorbed.add(single_user(obs))
         self._set(node, value, True, qparams)
         self._count(key)
 
@@ -235,13 +223,13 @@ class OpLowering:
             return self._conv(node, key, module, qparams, relu)
         if key == "linear":
             if node.op == "call_module":
-                linear = getattr(module, "linear", module)
+                linear, wq = self._layer_and_weight_qparams(module, key)
                 x = node.args[0]
             else:
                 args = _bind(F.linear, node)
                 linear = _functional_params(self.gm, args["weight"], args["bias"])
                 x = args["input"]
-            wq = self._weight_qparams(linear.weight, key)
+                wq = self._weight_qparams(linear.weight, key)
             qmod = qm.QLinear.from_float(linear, wq, qparams, relu=relu, engine=engine)
             return self._emit_module(_base(node), qmod, (self.qvalue(x),))
         if key in ("add", "mul"):
@@ -266,7 +254,7 @@ class OpLowering:
     def _conv(self, node, key, module, qparams, relu) -> torch.fx.Node:
         dim = _CONV_KEYS[key]
         if node.op == "call_module":
-            conv = getattr(module, "conv", module)
+            conv, wq = self._layer_and_weight_qparams(module, key)
             x = node.args[0]
             padding, mode = conv.padding, conv.padding_mode
         else:
@@ -274,6 +262,7 @@ class OpLowering:
             conv = _functional_params(self.gm, args["weight"], args["bias"], args["stride"], args["padding"],
                                       args["dilation"], args["groups"], dim)
             x, padding, mode = args["input"], conv.padding, "zeros"
+            wq = self._weight_qparams(conv.weight, key)
         pads = _explicit_padding(padding, conv, dim)
         if mode != "zeros" and mode != "reflect":
             raise _KeepFloat(f"padding_mode={mode!r} has no int8 kernel")
@@ -288,13 +277,12 @@ class OpLowering:
         extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, sym)]
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
-        wq = self._weight_qparams(conv.weight, key)
         qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self.spec.engine)
         return self._emit_module(_base(node), qmod, (qx,))
 
     def _fold_pad(self, x: torch.fx.Node, pads: list[tuple[int, int]], dim: int):
         """Fold a constant-zero ``F.pad`` feeding only this conv into the conv's padding."""
-        if not (x.op == "call_function" and x.target is F.pad and len(x.users) == 1):
+        if not (x.op == "call_function" and x.target is F.pad and single_user(x) is not None):
             return x, pads
         args = _bind(F.pad, x)
         flat = list(args["pad"])
@@ -310,16 +298,28 @@ class OpLowering:
         return args["input"], pads
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _weight_qparams(self, weight: torch.Tensor, key: str):
-        from .lowering import weight_qparams  # noqa: PLC0415 - avoid an import cycle
+    def _layer_and_weight_qparams(self, module: nn.Module, key: str):
+        """The float layer to lower and its weight qparams.
 
+        A QAT module (``fxopt_lowering()``) hands over its folded, on-grid weights with the qparams its
+        fake quantizer trained with; weight grids under 8 bits are recorded for the report.
+        """
+        lowering = getattr(module, "fxopt_lowering", None)
+        if callable(lowering):
+            layer, wq = lowering()
+            self._grid_bits = int(getattr(module, "grid_bits", 8))
+            return layer, wq
+        layer = module.inner if isinstance(module, FusedModule) else module
+        return layer, self._weight_qparams(layer.weight, key)
+
+    def _weight_qparams(self, weight: torch.Tensor, key: str):
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
         return weight_qparams(weight, per_channel, self.spec, self.config)
 
     def _observer_of(self, node: torch.fx.Node) -> torch.fx.Node:
         for user in node.users:
-            if user.op == "call_module" and _is_observer(self.modules.get(user.target)):
+            if user.op == "call_module" and is_observer(self.modules.get(user.target)):
                 return user
         raise UnsupportedError(
             f"int8 node {node.name} has no observer after it: run fxopt.passes.PlaceObservers() and "
@@ -362,10 +362,8 @@ class OpLowering:
 
     def _absorbable_activation(self, obs: torch.fx.Node) -> str | None:
         """``relu``/``relu6`` when the observed value's only reader is such an activation in the region."""
-        if len(obs.users) != 1:
-            return None
-        user = next(iter(obs.users))
-        if meta.quant_region(user) is None or not user.args or user.args[0] is not obs:
+        user = single_user(obs)
+        if user is None or meta.quant_region(user) is None or not user.args or user.args[0] is not obs:
             return None
         act = _ACTIVATION_KEYS.get(op_key(user, self.gm))
         if act is None or (op_key(user, self.gm) == "hardtanh" and _hardtanh_bounds(user, self.modules) != (0, 6)):
@@ -373,18 +371,25 @@ class OpLowering:
         return act
 
 
-def _is_observer(module: Any) -> bool:
-    return isinstance(module, nn.Module) and callable(getattr(module, "calculate_qparams", None)) \
-        and hasattr(module, "calibrated")
+def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of ``weight`` (per output channel when ``per_channel``), from the weight observer
+    the graph was prepared with (``meta.quant_config``), else min/max of the spec's weight qspec."""
+    wspec: QSpec = spec.weight
+    kind = "minmax"
+    if config is not None and config.backend == spec.name:
+        wspec, kind = config.weight_spec, config.weight
+    observer = make_observer(kind, wspec.with_axis(0 if per_channel else None))
+    observer(weight.detach().float())
+    scale, zero_point = observer.calculate_qparams()
+    return torch.as_tensor(scale).reshape(-1), torch.as_tensor(zero_point).reshape(-1)
 
 
-def _fused_activation(module: nn.Module | None) -> str | None:
-    act = getattr(module, "activation", None) if module is not None else None
-    if isinstance(act, nn.ReLU6):
-        return "relu6"
-    if isinstance(act, nn.ReLU):
-        return "relu"
-    return None
+def _fused_activation(node: torch.fx.Node, module: nn.Module | None) -> str | None:
+    """The activation a fused module applies (fusion metadata; the module's declared kind if that is missing)."""
+    if not isinstance(module, FusedModule):
+        return None
+    return meta.fused_activation(node) or module.activation_kind
 
 
 def _hardtanh_bounds(node: torch.fx.Node, modules: dict) -> tuple[float, float] | None:
@@ -400,7 +405,7 @@ def _hardtanh_bounds(node: torch.fx.Node, modules: dict) -> tuple[float, float] 
 def _quantized_pad_ok(node: torch.fx.Node) -> bool:
     """``F.pad`` runs on quantized tensors for constant-zero (pads the zero point) and reflect modes."""
     try:
-        args = _bind(F.pad, node)
+        args = bind_args(F.pad, node)
     except TypeError:
         return False
     return (args["mode"] == "constant" and args["value"] in (None, 0, 0.0)) or args["mode"] == "reflect"
@@ -446,13 +451,6 @@ def _tuple(value: Any, dim: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * dim
 
 
-def _fetch_attr(gm: torch.fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 class _FunctionalParams(nn.Module):
     """The weights and hyper-parameters of an ``F.conv*``/``F.linear`` call, shaped like its module."""
 
@@ -463,8 +461,8 @@ def _functional_params(gm, weight, bias, stride=1, padding=0, dilation=1, groups
     if bias is not None and (not isinstance(bias, torch.fx.Node) or bias.op != "get_attr"):
         raise _KeepFloat("bias is computed in the graph, not a constant")
     params = _FunctionalParams()
-    params.weight = _fetch_attr(gm, weight.target)
-    params.bias = _fetch_attr(gm, bias.target) if bias is not None else None
+    params.weight = get_attr_path(gm, weight.target)
+    params.bias = get_attr_path(gm, bias.target) if bias is not None else None
     if dim is not None:
         params.stride, params.dilation = _tuple(stride, dim), _tuple(dilation, dim)
         params.padding = padding if isinstance(padding, str) else _tuple(padding, dim)

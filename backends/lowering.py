@@ -1,7 +1,7 @@
 """Static int8 lowering shared by the ``x86`` and ``qnnpack`` backends.
 
 ``lower_int8(gm, spec)`` turns a prepared + calibrated graph (QuantStub/Observer/DeQuantStub, see the
-quantization design) into a graph of :mod:`fxopt.backends.qmodules` calls on quantized tensors:
+quantization design) into a graph of :mod:`fxopt.quant.nn.int8` calls on quantized tensors:
 
 * ``QuantStub → Observer``      → ``torch.quantize_per_tensor`` with the observer's qparams;
 * compute op → Observer         → an int8 module whose output qparams are the observer's (weight
@@ -19,7 +19,6 @@ qparams only where an int8 op reads it, so a float island feeding the graph outp
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 import torch.fx
@@ -27,81 +26,18 @@ import torch.nn as nn
 
 from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
-from fxopt.quant.spec import QSpec, qparams_from_range
+from fxopt.graph_utils import is_observer
+from fxopt.quant.nn import QuantizedModel, engine_scope
 from fxopt.quant.stubs import QuantStub
+from fxopt import registry
+from fxopt.registry import Backend, Support
 
-from .base import Backend, Support
 from ._lower_ops import OpLowering
-from .qmodules import engine_scope
 from .spec import BackendSpec, op_key
 
-__all__ = ["lower_int8", "QuantizedModel", "Int8Backend", "is_observer", "weight_qparams"]
+__all__ = ["Int8Backend", "int8_spec", "lower_int8"]
 
 logger = logging.getLogger(__name__)
-
-
-def is_observer(module: nn.Module) -> bool:
-    """An activation observer (fxopt.quant.observers.Observer or anything with the same interface)."""
-    return callable(getattr(module, "calculate_qparams", None)) and hasattr(module, "calibrated")
-
-
-def weight_qparams(weight: torch.Tensor, per_channel: bool, spec: BackendSpec, config: Any,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of ``weight`` (per output channel when ``per_channel``)."""
-    wspec: QSpec = spec.weight
-    kind = "minmax"
-    if config is not None and getattr(config, "backend", spec.name) == spec.name:
-        wspec, kind = config.weight_spec, config.weight
-    wspec = wspec.with_axis(0 if per_channel else None)
-    weight = weight.detach().float()
-    try:
-        from fxopt.quant.observers import make_observer  # noqa: PLC0415 - written alongside lowering
-    except ImportError:
-        make_observer = None
-    if make_observer is not None:
-        observer = make_observer(kind, wspec)
-        observer(weight)
-        scale, zero_point = observer.calculate_qparams()
-        return torch.as_tensor(scale).reshape(-1), torch.as_tensor(zero_point).reshape(-1)
-    if per_channel:
-        flat = weight.reshape(weight.shape[0], -1)
-        lo, hi = flat.amin(1), flat.amax(1)
-    else:
-        lo, hi = weight.min(), weight.max()
-    scale, zero_point = qparams_from_range(wspec, lo, hi)
-    return scale.reshape(-1), zero_point.reshape(-1)
-
-
-class QuantizedModel(nn.Module):
-    """A lowered int8 graph that runs under its engine, whatever the global engine is.
-
-    ``forward`` switches ``torch.backends.quantized.engine`` to ``engine`` for the call and restores it.
-    The engine is process-wide in PyTorch: do not run models for *different* engines concurrently from
-    several threads (same-engine concurrency is fine: nothing is switched then).
-    """
-
-    def __init__(self, graph_module: torch.fx.GraphModule, engine: str) -> None:
-        super().__init__()
-        self.graph_module = graph_module
-        self.engine = engine
-        self.meta = graph_module.meta  # fxopt.meta accessors (backend_of, float_islands, records) read this
-
-    @property
-    def graph(self) -> torch.fx.Graph:
-        return self.graph_module.graph
-
-    @property
-    def code(self) -> str:
-        return self.graph_module.code
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.backends.quantized.engine == self.engine:
-            return self.graph_module(*args, **kwargs)
-        with engine_scope(self.engine):
-            return self.graph_module(*args, **kwargs)
-
-    def extra_repr(self) -> str:
-        return f"engine={self.engine!r}"
 
 
 class Int8Backend(Backend):
@@ -123,6 +59,16 @@ class Int8Backend(Backend):
         return lower_int8(gm, self.spec)
 
 
+def int8_spec(backend: str | Backend) -> BackendSpec:
+    """The int8 support table of ``backend`` (a name or backend object); :class:`UnsupportedError` if it has none."""
+    obj = registry.get(backend)
+    if obj.spec is None:
+        raise UnsupportedError(
+            f"backend {obj.name!r} has no int8 support table; static int8 needs one of the PyTorch int8 backends "
+            "('x86', 'qnnpack')")
+    return obj.spec
+
+
 def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
     modules = dict(gm.named_modules())
     stubs = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules.get(n.target), QuantStub)]
@@ -138,6 +84,14 @@ def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
         raise CalibrationError(
             f"{len(blind)} observer(s) saw no data ({shown}): run fxopt.passes.Calibrate(data) on the prepared "
             "graph before lowering it"
+        )
+    config = meta.quant_config(gm)
+    act_bits = getattr(getattr(config, "activation_spec", None), "bits", 8)
+    if act_bits < 8:
+        raise UnsupportedError(
+            f"activations were fake-quantized to {act_bits} bits, but {spec.name}'s int8 kernels requantize "
+            f"every output to 8 bits, so the lowered model would not match the QAT model; prepare with "
+            "activation_bits=8 to deploy on this backend (sub-8-bit weights are fine: they are stored as int8)"
         )
     prepared_for = meta.backend_of(gm)
     if prepared_for is not None and prepared_for != spec.name:

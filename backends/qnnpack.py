@@ -18,21 +18,14 @@ import torch
 from fxopt.quant.spec import QSpec
 
 from .lowering import Int8Backend
-from .spec import common_int8_ops
-from .spec import BackendSpec, OpRule
+from .spec import BackendSpec, common_int8_ops, weighted_compute_ops
 
 __all__ = ["QnnpackBackend", "qnnpack_spec"]
 
 
 def qnnpack_spec(per_channel: bool = True) -> BackendSpec:
-    relu = frozenset({"relu"})
     ops = common_int8_ops()
-    ops.update({
-        "conv1d": OpRule("compute", per_channel=per_channel, fused_activations=relu, reason="quantized::conv1d"),
-        "conv2d": OpRule("compute", per_channel=per_channel, fused_activations=relu, reason="quantized::conv2d"),
-        "conv3d": OpRule("compute", per_channel=per_channel, fused_activations=relu, reason="quantized::conv3d"),
-        "linear": OpRule("compute", per_channel=per_channel, fused_activations=relu, reason="quantized::linear"),
-    })
+    ops.update(weighted_compute_ops(per_channel=per_channel))
     return BackendSpec(
         name="qnnpack",
         engine="qnnpack",

@@ -27,9 +27,11 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fxopt.quant.nn import FusedModule
 from fxopt.quant.spec import QSpec
 
-__all__ = ["OpRule", "BackendSpec", "op_key", "common_int8_ops", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS"]
+__all__ = ["OpRule", "BackendSpec", "op_key", "common_int8_ops", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS",
+           "SHAPE_READERS", "weighted_compute_ops"]
 
 
 @dataclass(frozen=True)
@@ -173,12 +175,16 @@ METHOD_KEYS: dict[str, str] = {
 }
 
 
+# op keys that read a value's shape, not its values: they take the float or the int8 form alike
+SHAPE_READERS = frozenset({"size"})
+
+
 def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str | None:
     """Normalise a node to an op key (``None`` for placeholders, outputs, attributes, unknown ops).
 
     Module calls need ``gm`` to look up the module type. Subclasses of a known module type map to the
     same key only when they do not override ``forward`` (a custom forward could compute anything).
-    Fused float modules (``fxopt.passes.fuse_activations``) expose ``fxopt_op_key`` and are keyed by it.
+    Fused float modules (:class:`fxopt.quant.nn.FusedModule`) are keyed by their ``op_key``.
     """
     if node.op == "call_module":
         if gm is None:
@@ -187,9 +193,8 @@ def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str |
             mod = gm.get_submodule(node.target)
         except AttributeError:
             return None
-        custom = getattr(mod, "fxopt_op_key", None)
-        if isinstance(custom, str):
-            return custom
+        if isinstance(mod, FusedModule):
+            return mod.op_key
         for cls in type(mod).__mro__:
             key = MODULE_KEYS.get(cls)
             if key is not None:
@@ -216,6 +221,13 @@ _FIXED = {  # output range of the quantized kernel, whatever the input qparams
     "hardsigmoid": (1.0 / 256.0, 0),
     "tanh": (2.0 / 256.0, 128),
 }
+
+
+def weighted_compute_ops(per_channel: bool, fused_activations: frozenset[str] = frozenset({"relu"}),
+                         ) -> dict[str, OpRule]:
+    """conv1d/2d/3d and linear as int8 compute ops (``quantized::<op>`` kernels, ReLU fused by default)."""
+    return {key: OpRule("compute", per_channel=per_channel, fused_activations=fused_activations,
+                        reason=f"quantized::{key}") for key in ("conv1d", "conv2d", "conv3d", "linear")}
 
 
 def common_int8_ops() -> dict[str, OpRule]:

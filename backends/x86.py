@@ -13,8 +13,7 @@ import torch
 from fxopt.quant.spec import QSpec
 
 from .lowering import Int8Backend
-from .spec import common_int8_ops
-from .spec import BackendSpec, OpRule
+from .spec import BackendSpec, OpRule, common_int8_ops, weighted_compute_ops
 
 __all__ = ["X86Backend", "x86_spec", "x86_engine"]
 
@@ -25,16 +24,9 @@ def x86_engine() -> str:
 
 
 def x86_spec(reduce_range: bool = False) -> BackendSpec:
-    relu = frozenset({"relu"})
     ops = common_int8_ops()
-    ops.update({
-        # compute ops: per-channel weights, fused ReLU kernels
-        "conv1d": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::conv1d"),
-        "conv2d": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::conv2d"),
-        "conv3d": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::conv3d"),
-        "linear": OpRule("compute", per_channel=True, fused_activations=relu, reason="quantized::linear"),
-        "max_pool3d": OpRule("share", reason="max_pool3d on quantized tensors"),
-    })
+    ops.update(weighted_compute_ops(per_channel=True))  # per-channel weights, fused ReLU kernels
+    ops["max_pool3d"] = OpRule("share", reason="max_pool3d on quantized tensors")
     return BackendSpec(
         name="x86",
         engine=x86_engine(),

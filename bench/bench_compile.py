@@ -14,7 +14,7 @@ import torch
 import fxopt
 from fxopt import recipes
 from fxopt.errors import UnsupportedError
-from zoo import CNNS, SMOKE, build, extra_info, inputs, lowering_backends, model, variant_id
+from bench.zoo import CNNS, SMOKE, build, extra_info, inputs, lowering_backends, model, variant_id
 
 ROUNDS = 1 if SMOKE else 3
 

@@ -1,35 +1,30 @@
 """Dynamic int8 and FP16 latency: float vs fxopt vs torch.ao ``quantize_dynamic`` (the reference).
 
     pytest bench/bench_dynamic.py --benchmark-only          # pytest-benchmark tables
-    python bench/bench_dynamic.py [iters]                   # interleaved ratios + cosines, one process
+    python -m bench.bench_dynamic [iters]                   # interleaved ratios + cosines, one process
 
 Models: the 3-layer LSTM encoder (hidden 256, 160 steps, trained-like weights) and the 6-layer text
-encoder (d_model 384, 6 heads, ff 1536) of ``tests/quant/test_dynamic_models.py``; resnet18 for FP16.
+encoder (d_model 384, 6 heads, ff 1536) of ``bench/models.py``; resnet18 for FP16.
 Batch 1, 2 threads. torch.ao is used only here and in tests, as the reference.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
 import fxopt
+from bench import models
 from fxopt import passes as fp
 
 warnings.filterwarnings("ignore")
 
-_spec = importlib.util.spec_from_file_location(
-    "dynamic_models", Path(__file__).resolve().parents[1] / "tests" / "quant" / "test_dynamic_models.py")
-models = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(models)
 
 
 def _lstm_case():
@@ -50,7 +45,7 @@ class _NoFastPath(torch.nn.Module):
         self.inner = inner
 
     def forward(self, x):
-        return models._run_ao(self.inner, x)
+        return models.run_ao(self.inner, x)
 
 
 def variants(case: str) -> tuple[dict[str, torch.nn.Module], torch.Tensor]:

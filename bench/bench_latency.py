@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fxopt.errors import UnsupportedError
-from zoo import BATCHES, MODELS, built, extra_info, inputs, variant_id, variants
+from bench.zoo import BATCHES, MODELS, built, extra_info, inputs, variant_id, variants
 
 CASES = [(m, r, b) for m in MODELS for r, b in variants(m)]
 

@@ -3,7 +3,7 @@
     python -m pytest bench/bench_static.py --benchmark-only
 
 Each group holds float / fxopt / torch.ao for one model and batch size (2 threads, x86 engine).
-Ratios measured interleaved in one process come from ``python bench/static_speed.py``.
+Ratios measured interleaved in one process come from ``python -m bench.static_speed``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model
+from bench.quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"]
 

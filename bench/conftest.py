@@ -1,15 +1,16 @@
 """Benchmarks are not part of the default test run: ``python -m pytest bench/ --benchmark-only``.
 
+Shared helpers live in ``bench/quant_reference.py``, ``bench/models.py`` and ``bench/zoo.py`` (imported as
+``bench.*``; the repository root is on pytest's ``pythonpath``; scripts run as ``python -m bench.<name>``).
+bench/ imports fxopt and its own modules only, never tests/.
+
 ``FXOPT_BENCH_SMOKE=1 python -m pytest bench/ --benchmark-disable`` is the CI smoke run (``.ci/run``): every
 benchmark runs once at small sizes (bench/zoo.py) and the torch.ao comparison suites keep one model each,
-so the suites cannot rot. The shared helpers (bench/zoo.py, bench/quant_reference.py) are importable.
+so the suites cannot rot.
 """
 
 import os
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 SMOKE = os.environ.get("FXOPT_BENCH_SMOKE", "") not in ("", "0")
 # In smoke mode, the reference-comparison suites (bench_static, bench_dynamic) keep these parametrizations.

@@ -1,6 +1,6 @@
 """Static int8 SQNR vs float: fxopt against torch.ao FX on the torchvision zoo, both engines.
 
-    python bench/quant_numerics.py [--size 96] [--models resnet18,mobilenet_v2]
+    python -m bench.quant_numerics [--size 96] [--models resnet18,mobilenet_v2]
 
 Prints one table; the same comparison runs as a (slow) test in tests/quant/test_zoo_numerics.py.
 """
@@ -8,15 +8,12 @@ Prints one table; the same comparison runs as a (slow) test in tests/quant/test_
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quant_reference import ZOO, data, fxopt_int8, sqnr, torchao_int8, zoo_model  # noqa: E402
+from bench.quant_reference import ZOO, data, fxopt_int8, sqnr, torchao_int8, zoo_model
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Static int8 latency: float eager vs fxopt int8 vs torch.ao FX int8, measured interleaved in one process.
 
-    python bench/static_speed.py [--models resnet18,...] [--batches 1,8] [--threads 2] [--backend x86]
+    python -m bench.static_speed [--models resnet18,...] [--batches 1,8] [--threads 2] [--backend x86]
 
 Also times calibration + conversion for both (same calibration data, same observer kind).
 Prints one table of medians and ratios; the pytest-benchmark variant is bench/bench_static.py.
@@ -9,17 +9,14 @@ Prints one table of medians and ratios; the pytest-benchmark variant is bench/be
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 from tabulate import tabulate
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model  # noqa: E402
+from bench.quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model
 
-import fxopt  # noqa: E402
+import fxopt
 
 SPEED_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0"]
 

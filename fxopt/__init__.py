@@ -11,16 +11,20 @@ from .errors import (
     NumericsError,
     PassContractError,
     PassError,
+    PostconditionError,
+    PreconditionError,
     TraceError,
     UnsupportedError,
     VerificationError,
 )
+from .finetune import finetune
+from .io import load, save
 from .meta import records
-from .pass_base import FunctionPass, Pass, PassResult, function_pass
+from .pass_base import FunctionPass, Pass, PassContext, PassResult, function_pass
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassManager, PassRecord, TimingInstrument
 from .report import Report, report
-from .rewrite import RewritePass, RewriteRule, explain, rule
-from .serialize import load, save
+from .rewrite import RewritePass, RewriteRule, rule
+from .rewrite_explain import explain
 from .tracing import trace, untraced
 from .verify import verify
 
@@ -29,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile",
     "lower",
+    "finetune",
     "trace",
     "untraced",
     "report",
@@ -49,6 +54,7 @@ __all__ = [
     "explain",
     "Pass",
     "PassResult",
+    "PassContext",
     "FunctionPass",
     "function_pass",
     "PassManager",
@@ -61,6 +67,8 @@ __all__ = [
     "TraceError",
     "PassError",
     "PassContractError",
+    "PreconditionError",
+    "PostconditionError",
     "NumericsError",
     "VerificationError",
     "CalibrationError",

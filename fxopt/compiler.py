@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.fx
 
-from . import meta
+from . import meta, registry
+from .pass_base import PassContext
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
-from .tracing import as_args, trace
+from .tracing import RootTraceError, as_args, trace
+from .untraced_root import keep_untraced
 
 __all__ = ["compile", "lower", "as_args"]
+
+logger = logging.getLogger(__name__)
 
 
 def compile(
@@ -43,19 +49,22 @@ def compile(
     if isinstance(passes, (str, bytes)) or not isinstance(passes, Iterable):
         raise TypeError("passes must be a list of fxopt.Pass objects (e.g. fxopt.recipes.fuse())")
     passes = list(passes)
-    backend_obj = None
-    if backend is not None:
-        from fxopt import backends  # facade-level import: the core never imports backends
-
-        backend_obj = backends.get(backend)  # ValueError for unknown names, before any work
-        _check_recipe_backend(passes, backend_obj)
+    backend_obj = registry.get(backend) if backend is not None else None  # ValueError for unknown names
+    context = PassContext(backend_obj)
+    PassManager(passes, context=context).bind()  # a pass contradicting the backend: ValueError before any work
 
     args = as_args(example_inputs)
     if check is not False and not args:
         raise ValueError("compile(check=...) needs example_inputs to compare outputs with the original model")
 
+    _refuse_quantization_state(model)
     work = copy.deepcopy(model)
-    gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    try:
+        gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    except RootTraceError as exc:
+        if trace_mode != "auto" or not any(getattr(p, "module_level", False) for p in passes):
+            raise
+        gm = keep_untraced(work, str(exc).split(". To fix:")[0])
 
     all_instruments: list[Instrument] = [TimingInstrument()]
     if dump_dir is not None:
@@ -67,7 +76,7 @@ def compile(
         all_instruments.append(NumericsCheck(reference, args, tolerance))
     all_instruments.extend(instruments)
 
-    gm, recs = PassManager(passes, instruments=all_instruments, verify=verify)(gm)
+    gm, recs = PassManager(passes, instruments=all_instruments, verify=verify, context=context)(gm)
     meta.set_records(gm, recs)
     if backend_obj is None:
         return gm
@@ -76,42 +85,66 @@ def compile(
     return lowered
 
 
-def _check_recipe_backend(passes: list, backend_obj: Any) -> None:
-    """A recipe prepared for one backend cannot be lowered to another: say so before any work."""
-    from fxopt import backends
-
-    for p in passes:
-        wanted = getattr(p, "backend", None)
-        if not isinstance(wanted, str):
-            continue
-        if backends.get(wanted) is not backend_obj:
-            raise ValueError(
-                f"pass {getattr(p, 'name', p)!r} prepares the graph for backend {wanted!r} but compile was asked "
-                f"for backend={backend_obj.name!r}; use the same backend in both (e.g. "
-                f"fxopt.recipes.static_int8(data, backend={backend_obj.name!r}))"
-            )
-
-
 def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
     """Lower a module that ``compile(..., backend=None)`` prepared to ``backend``.
 
     The input is not mutated.
     """
-    from fxopt import backends
-
-    backend_obj = backends.get(backend)
+    backend_obj = registry.get(backend)
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(
             f"fxopt.lower expects the GraphModule returned by fxopt.compile(..., backend=None), "
             f"got {type(module).__name__}"
         )
     prepared_for = meta.backend_of(module)
-    if prepared_for is not None and backends.get(prepared_for) is not backend_obj:
+    if prepared_for is not None and not registry.same(prepared_for, backend_obj):
         raise ValueError(
             f"this module was prepared for backend {prepared_for!r}; lower it with fxopt.lower(module, "
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
         )
     work = copy.deepcopy(module)
+    _eval_for_lowering(work)
     lowered = backend_obj.lower(work)
     meta.set_records(lowered, meta.records(module))
     return lowered
+
+
+def _eval_for_lowering(work: torch.nn.Module) -> None:
+    """A QAT graph still in training mode is switched to eval (on the copy being lowered), with a warning:
+    the lowered model computes what the QAT model computes in eval mode (BatchNorm running statistics,
+    frozen fake-quant ranges), not what it computes in training mode."""
+    from .quant.fake_quant import FakeQuantize
+
+    training = [name or "(root)" for name, m in work.named_modules() if m.training]
+    if not training or not any(isinstance(m, FakeQuantize) for m in work.modules()):
+        return
+    message = (
+        "fxopt.lower: the QAT module is in training mode; lowering switches it to eval mode (BatchNorm running "
+        "statistics, fake-quant ranges as last observed). Call module.eval() before lowering, and compare the "
+        "lowered model with the eval-mode QAT model."
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)
+    work.eval()
+
+
+def _refuse_quantization_state(model: torch.nn.Module) -> None:
+    """Tracing a prepared / calibrated / QAT module again would silently drop its stubs, observers and
+    fake quantizers (they are identities in float): refuse, and say what to do instead."""
+    from .quant.fake_quant import FakeQuantize
+    from .quant.observers import Observer
+    from .quant.stubs import DeQuantStub, QuantStub
+
+    found = [name for name, m in model.named_modules() if isinstance(m, (Observer, FakeQuantize, QuantStub, DeQuantStub))]
+    if not found:
+        return
+    calibrated = any(isinstance(m, Observer) and m.calibrated for m in model.modules())
+    qat = any(isinstance(m, FakeQuantize) for m in model.modules())
+    state = "prepared for QAT" if qat else ("statically calibrated" if calibrated else "prepared for static int8")
+    from .errors import UnsupportedError
+
+    raise UnsupportedError(
+        f"fxopt.compile got a module that is already {state} ({', '.join(found[:3])}...): compiling it again would "
+        "drop that state. Lower it with fxopt.lower(module, backend), or start QAT / quantization from the float "
+        "model (e.g. fxopt.compile(model, fxopt.recipes.qat()))"
+    )

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+
 __all__ = [
     "FxoptError",
     "TraceError",
     "PassError",
     "NumericsError",
     "VerificationError",
+    "PreconditionError",
+    "PostconditionError",
     "CalibrationError",
     "UnsupportedError",
     "PassContractError",
+    "in_pass",
 ]
 
 
@@ -48,6 +53,14 @@ class VerificationError(PassError):
     """A graph broke one of fxopt's invariants after a pass."""
 
 
+class PreconditionError(PassError):
+    """A pass's ``requires`` refused the graph it was given (the cause is chained)."""
+
+
+class PostconditionError(PassError):
+    """A pass's ``ensures`` found the graph not in the promised state (the cause is chained)."""
+
+
 class CalibrationError(FxoptError):
     """Calibration could not run: no data, NaN/inf values, or inputs that do not fit the model."""
 
@@ -61,3 +74,28 @@ class PassContractError(FxoptError, TypeError):
 
     It is a ``TypeError`` too: the fix is in the pass's code, and the message says what to return.
     """
+
+
+@functools.lru_cache(maxsize=None)
+def _pass_error_type(kind: type[PassError], cause: type[FxoptError]) -> type[PassError]:
+    """``kind`` that is also a ``cause`` (e.g. a PassError that is still a CalibrationError)."""
+    if issubclass(cause, kind):
+        return cause
+    return type(cause.__name__, (kind, cause), {"__module__": cause.__module__, "__qualname__": cause.__qualname__})
+
+
+def in_pass(exc: BaseException, message: str, *, pass_name: str, previous: tuple[str, ...] = (),
+            kind: type[PassError] = PassError) -> PassError:
+    """``exc`` as a :class:`PassError` (``kind``) naming the pass and the passes before it.
+
+    An fxopt error keeps its own class too (a :class:`CalibrationError` raised in a pass is caught by
+    ``except CalibrationError`` and by ``except PassError``) and its attributes; chain the cause with
+    ``raise in_pass(...) from exc``.
+    """
+    cls = _pass_error_type(kind, type(exc)) if isinstance(exc, FxoptError) else kind
+    err = cls.__new__(cls)
+    if isinstance(exc, FxoptError):
+        err.__dict__.update(exc.__dict__)
+    Exception.__init__(err, message)
+    err.pass_name, err.previous = pass_name, tuple(previous)
+    return err

@@ -19,12 +19,11 @@ __all__ = [
     "dtype_of",
     "leaves",
     "set_leaves",
+    "untraced_root",
     "trace_notes",
     "set_trace_notes",
     "records",
     "set_records",
-    "get_node_tag",
-    "set_node_tag",
     "fused_activation",
     "set_fused_activation",
     "fusion_group",
@@ -37,17 +36,17 @@ __all__ = [
 _LEAVES = "fxopt.leaves"
 _RECORDS = "fxopt.records"
 _TRACE_NOTES = "fxopt.trace_notes"
-_TAG_PREFIX = "fxopt."
 
 
 @dataclass(frozen=True)
 class LeafInfo:
     """A submodule the tracer kept as an opaque call (a float island), and why."""
 
-    qualname: str
+    qualname: str  # the model's own name: a module path, ``module.method`` for a method island, "" for the root
     type_name: str
     reason: str
     requested: bool = False  # True when the user asked for it via ``leaf_modules``
+    attribute: str | None = None  # where the graph calls it, when that is not ``qualname`` (method islands)
 
     def __str__(self) -> str:
         why = "requested by the user" if self.requested else self.reason
@@ -84,6 +83,12 @@ def set_leaves(gm: torch.fx.GraphModule, infos: list[LeafInfo]) -> None:
     gm.meta[_LEAVES] = list(infos)
 
 
+def untraced_root(gm: torch.nn.Module) -> LeafInfo | None:
+    """The leaf record of the root when no frontend could trace its ``forward`` (``fxopt.untraced(gm) == [""]``:
+    the graph is one opaque call of the model), else None."""
+    return next((info for info in leaves(gm) if info.qualname == ""), None)
+
+
 def trace_notes(gm: torch.nn.Module) -> list[str]:
     """What the tracer specialized on the example inputs (``len()``, ``bool()``, iteration), with source lines."""
     return list(_gm_meta(gm).get(_TRACE_NOTES, []))
@@ -98,19 +103,23 @@ def records(gm: torch.nn.Module) -> list:
     return list(_gm_meta(gm).get(_RECORDS, []))
 
 
-def set_records(gm: torch.nn.Module, recs: list) -> None:
-    meta = getattr(gm, "meta", None)
+def _set_module_meta(module: torch.nn.Module, key: str, value: Any) -> None:
+    """Write ``value`` under ``key`` where ``module`` has a meta dict (GraphModule, QuantizedModel)."""
+    meta = getattr(module, "meta", None)
     if isinstance(meta, dict):
-        meta[_RECORDS] = list(recs)
+        meta[key] = value
 
 
-def get_node_tag(node: torch.fx.Node, key: str, default: Any = None) -> Any:
-    """A value a pass attached to ``node`` under ``key`` (namespaced as ``fxopt.<key>``)."""
-    return node.meta.get(_TAG_PREFIX + key, default)
+def _set_node_meta(node: torch.fx.Node, key: str, value: Any) -> None:
+    """Write ``value`` under ``key`` (``None`` removes the entry)."""
+    if value is None:
+        node.meta.pop(key, None)
+    else:
+        node.meta[key] = value
 
 
-def set_node_tag(node: torch.fx.Node, key: str, value: Any) -> None:
-    node.meta[_TAG_PREFIX + key] = value
+def set_records(gm: torch.nn.Module, recs: list) -> None:
+    _set_module_meta(gm, _RECORDS, list(recs))
 
 
 # ---- quantization state -------------------------------------------------------------------
@@ -128,10 +137,7 @@ def quant_region(node: torch.fx.Node) -> str | None:
 
 
 def set_quant_region(node: torch.fx.Node, backend: str | None) -> None:
-    if backend is None:
-        node.meta.pop(_QREGION, None)
-    else:
-        node.meta[_QREGION] = backend
+    _set_node_meta(node, _QREGION, backend)
 
 
 @dataclass(frozen=True)
@@ -150,17 +156,8 @@ def float_islands(gm: torch.nn.Module) -> list[FloatIsland]:
     return list(_gm_meta(gm).get(_ISLANDS, []))
 
 
-def add_float_island(gm: torch.nn.Module, island: FloatIsland) -> None:
-    meta = getattr(gm, "meta", None)
-    if isinstance(meta, dict):
-        current = [i for i in meta.get(_ISLANDS, []) if i.node != island.node]
-        meta[_ISLANDS] = current + [island]
-
-
 def set_float_islands(gm: torch.nn.Module, islands: list[FloatIsland]) -> None:
-    meta = getattr(gm, "meta", None)
-    if isinstance(meta, dict):
-        meta[_ISLANDS] = list(islands)
+    _set_module_meta(gm, _ISLANDS, list(islands))
 
 
 def quant_config(gm: torch.nn.Module) -> Any:
@@ -178,9 +175,7 @@ def backend_of(module: torch.nn.Module) -> str | None:
 
 
 def set_backend(module: torch.nn.Module, name: str | None) -> None:
-    meta = getattr(module, "meta", None)
-    if isinstance(meta, dict):
-        meta[_BACKEND] = name
+    _set_module_meta(module, _BACKEND, name)
 
 
 # Fusion tags (written by passes/fuse_activations.py, read by quantization lowering).
@@ -194,10 +189,7 @@ def fused_activation(node: torch.fx.Node) -> str | None:
 
 
 def set_fused_activation(node: torch.fx.Node, activation: str | None) -> None:
-    if activation is None:
-        node.meta.pop(_FUSED_ACTIVATION, None)
-    else:
-        node.meta[_FUSED_ACTIVATION] = str(activation)
+    _set_node_meta(node, _FUSED_ACTIVATION, None if activation is None else str(activation))
 
 
 def fusion_group(node: torch.fx.Node) -> str | None:
@@ -206,7 +198,4 @@ def fusion_group(node: torch.fx.Node) -> str | None:
 
 
 def set_fusion_group(node: torch.fx.Node, group: str | None) -> None:
-    if group is None:
-        node.meta.pop(_FUSION_GROUP, None)
-    else:
-        node.meta[_FUSION_GROUP] = str(group)
+    _set_node_meta(node, _FUSION_GROUP, None if group is None else str(group))

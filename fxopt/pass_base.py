@@ -3,6 +3,13 @@
 A pass is a frozen dataclass whose fields are its options and whose ``name`` is a unique kebab-case
 string. Calling it on a ``GraphModule`` runs ``requires`` → ``call`` → ``ensures`` and returns a
 :class:`PassResult`. ``modified`` is exact: a pass that changed nothing says ``False``.
+
+Contracts checked on every call: ``requires`` failing raises :class:`PreconditionError`, ``ensures``
+failing :class:`PostconditionError` (both name the pass); ``call`` must return a ``PassResult`` for the
+same GraphModule it was given (passes work in place), with a real bool ``modified``.
+
+What a pass may need from the pipeline it runs in (the target backend) comes in a :class:`PassContext`
+that the :class:`fxopt.PassManager` hands to :meth:`Pass.with_context` before the pass runs.
 """
 
 from __future__ import annotations
@@ -14,9 +21,11 @@ from typing import Any, Callable, ClassVar
 
 import torch.fx
 
-from .errors import PassContractError
+from . import meta
+from .errors import PassContractError, PassError, PostconditionError, PreconditionError, in_pass
+from .verify import verify
 
-__all__ = ["Pass", "PassResult", "FunctionPass", "function_pass", "pass_label"]
+__all__ = ["Pass", "PassContext", "PassResult", "FunctionPass", "function_pass", "pass_label"]
 
 _KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
@@ -32,6 +41,21 @@ class PassResult:
 
 
 @dataclass(frozen=True)
+class PassContext:
+    """What the pipeline tells its passes: the backend ``compile``/``lower`` targets (a name or a backend
+    object; ``None`` when none was named, and then passes that need one use :data:`DEFAULT_BACKEND`)."""
+
+    backend: Any = None
+
+    DEFAULT_BACKEND: ClassVar[str] = "x86"
+
+    @property
+    def target_backend(self) -> Any:
+        """The backend to prepare for: the one named, else ``"x86"``."""
+        return self.backend if self.backend is not None else self.DEFAULT_BACKEND
+
+
+@dataclass(frozen=True)
 class Pass:
     """Base class of every fxopt pass.
 
@@ -40,6 +64,13 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
+    # Debug switch (the test suite turns it on): verify the graph after every call, modified or not.
+    debug_verify: ClassVar[bool] = False
+    #: ``True`` for a pass that works on the module tree (replaces or edits submodules by qualified name)
+    #: and needs no graph: it also runs on a model whose root could not be traced, which ``compile``
+    #: then keeps as an untraced root (``fxopt.untraced(gm) == [""]``). A graph pass (``False``)
+    #: given such a module does nothing and says so: ``modified=False`` and a note.
+    module_level: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -48,6 +79,12 @@ class Pass:
             raise ValueError(f"pass name {name!r} of {cls.__qualname__} must be kebab-case, e.g. 'fold-bn'")
 
     # Optional hooks: default bodies, not abstract.
+    def with_context(self, context: PassContext) -> "Pass":
+        """This pass with what it leaves to the pipeline filled in from ``context`` (default: itself).
+
+        Raise ``ValueError`` when an explicit option contradicts the context."""
+        return self
+
     def requires(self, gm: torch.fx.GraphModule) -> None:
         """Raise if ``gm`` does not meet this pass's preconditions."""
 
@@ -57,16 +94,37 @@ class Pass:
     def call(self, gm: torch.fx.GraphModule) -> PassResult:  # pragma: no cover - overridden
         raise PassContractError(f"{type(self).__qualname__} must implement call(self, gm) -> fxopt.PassResult")
 
-    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+    def __call__(self, gm: torch.fx.GraphModule, context: PassContext | None = None) -> PassResult:
         if not isinstance(gm, torch.fx.GraphModule):
             raise TypeError(
                 f"pass {self.label()!r} expects a torch.fx.GraphModule, got {type(gm).__name__}; "
                 "use fxopt.trace(model) or fxopt.compile(model, passes=[...])"
             )
-        self.requires(gm)
-        result = self.call(gm)
-        result = check_result(self.label(), result, gm)
-        self.ensures(result.graph_module)
+        bound = self.with_context(context if context is not None else PassContext())
+        if bound is not self:
+            return bound(gm, context)
+        label = self.label()
+        root = meta.untraced_root(gm)
+        if root is not None and not self.module_level:
+            return PassResult(gm, False, notes=[
+                f"no graph: {label} works on the graph and did nothing; the model is an {root.reason}"])
+        try:
+            self.requires(gm)
+        except PassError:
+            raise
+        except Exception as exc:
+            raise in_pass(exc, f"pass {label!r} cannot run on this graph: {exc}", pass_name=label,
+                          kind=PreconditionError) from exc
+        result = check_result(label, self.call(gm), gm)
+        try:
+            self.ensures(result.graph_module)
+        except PassError:
+            raise
+        except Exception as exc:
+            raise in_pass(exc, f"pass {label!r} broke its own postcondition: {exc}", pass_name=label,
+                          kind=PostconditionError) from exc
+        if Pass.debug_verify:
+            verify(result.graph_module, pass_name=label)
         return result
 
     def label(self) -> str:
@@ -98,7 +156,8 @@ def _short(value: Any) -> bool:
 
 
 def check_result(label: str, result: Any, gm: torch.fx.GraphModule) -> PassResult:
-    """Enforce the pass contract: a PassResult whose ``modified`` is a real bool."""
+    """Enforce the pass contract: a PassResult for ``gm`` itself (passes work in place) whose ``modified`` is a
+    real bool."""
     if result is None:
         raise PassContractError(
             f"pass {label!r} returned None; a pass must return fxopt.PassResult(gm, modified=...) "
@@ -113,6 +172,10 @@ def check_result(label: str, result: Any, gm: torch.fx.GraphModule) -> PassResul
         raise PassContractError(f"pass {label!r} returned modified={result.modified!r}; it must be True or False")
     if not isinstance(result.graph_module, torch.fx.GraphModule):
         raise PassContractError(f"pass {label!r} returned a PassResult whose graph_module is not a GraphModule")
+    if result.graph_module is not gm:
+        raise PassContractError(
+            f"pass {label!r} returned a different GraphModule than it was given; passes edit the graph module in "
+            "place and return it: PassResult(gm, modified=...)")
     return result
 
 

@@ -15,9 +15,8 @@ from typing import Any, Callable, Iterable, Sequence, Union
 import torch
 import torch.fx
 
-from . import meta
-from .errors import FxoptError, NumericsError, PassError
-from .pass_base import Pass, PassResult, check_result, pass_label
+from .errors import NumericsError, PassError, in_pass
+from .pass_base import Pass, PassContext, PassResult, check_result, pass_label
 from .verify import verify
 
 __all__ = [
@@ -28,7 +27,6 @@ __all__ = [
     "DumpGraphs",
     "NumericsCheck",
     "PassManager",
-    "run_passes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -164,11 +162,16 @@ def max_error(reference: Any, candidate: Any) -> float | None:
 class PassManager:
     """Runs passes in order on a GraphModule, in place.
 
-    After each pass that reports ``modified=True`` the graph is linted, recompiled and checked by
-    :func:`fxopt.verify.verify` (``verify=False`` turns that off). Instruments see every pass.
+    Each pass gets the pipeline's :class:`fxopt.pass_base.PassContext` (the target backend). After each
+    pass that reports ``modified=True`` the graph is linted, recompiled and checked by
+    :func:`fxopt.verify.verify` (``verify=False`` turns that off; with ``Pass.debug_verify``, which the test
+    suite turns on, after every pass, modified or not). Instruments see every pass. Any error
+    raised inside a pass comes out as a :class:`fxopt.PassError` naming the pass and the passes before it
+    (an fxopt error keeps its own class too, e.g. still a ``CalibrationError``), the cause chained.
     """
 
-    def __init__(self, passes: Sequence[PassLike], *, instruments: Iterable[Instrument] = (), verify: bool = True):
+    def __init__(self, passes: Sequence[PassLike], *, instruments: Iterable[Instrument] = (), verify: bool = True,
+                 context: PassContext | None = None):
         self.passes = list(passes)
         for p in self.passes:
             if not callable(p):
@@ -177,6 +180,7 @@ class PassManager:
                 )
         self.instruments = list(instruments)
         self.verify = verify
+        self.context = context if context is not None else PassContext()
 
     def __call__(self, gm: torch.fx.GraphModule) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
         records: list[PassRecord] = []
@@ -188,16 +192,14 @@ class PassManager:
             n_before = len(gm.graph.nodes)
             start = time.perf_counter()
             try:
-                result = p(gm)
-            except FxoptError:
-                # PassContractError, CalibrationError, UnsupportedError, PassError...: already say what to do.
-                raise
+                result = p(gm, self.context) if isinstance(p, Pass) else p(gm)
+                result = check_result(label, result, gm)
             except Exception as exc:
-                raise _wrap(label, done, exc) from exc
-            result = check_result(label, result, gm)
+                raise _in_pass(exc, label, done) from exc
             seconds = time.perf_counter() - start
             gm = result.graph_module
-            if result.modified and self.verify:
+            checked = Pass.debug_verify and isinstance(p, Pass)  # Pass.__call__ verified it already
+            if self.verify and not checked and (result.modified or Pass.debug_verify):
                 verify(gm, pass_name=label)
             for ins in self.instruments:
                 ins.after_pass(label, gm, result, seconds)
@@ -209,19 +211,15 @@ class PassManager:
             done.append(label)
         return gm, records
 
+    def bind(self) -> list[PassLike]:
+        """The passes with the context filled in (raises ``ValueError`` where a pass contradicts it)."""
+        return [p.with_context(self.context) if isinstance(p, Pass) else p for p in self.passes]
 
-def _wrap(label: str, done: list[str], exc: BaseException) -> PassError:
+
+def _in_pass(exc: BaseException, label: str, done: list[str]) -> PassError:
     before = ", ".join(done) if done else "none"
-    err = PassError(
-        f"pass {label!r} failed: {type(exc).__name__}: {exc} (passes run before it: {before})",
-        pass_name=label,
-        previous=tuple(done),
-    )
-    return err
-
-
-def run_passes(gm: torch.fx.GraphModule, passes: Sequence[PassLike], **kwargs: Any) -> torch.fx.GraphModule:
-    """Convenience: run ``passes`` on ``gm`` in place and keep the records on ``gm``."""
-    gm, recs = PassManager(passes, **kwargs)(gm)
-    meta.set_records(gm, meta.records(gm) + recs)
-    return gm
+    if isinstance(exc, PassError) and exc.pass_name == label:  # already names the pass: add the history
+        message = f"{exc.args[0] if exc.args else exc} (passes run before it: {before})"
+        return in_pass(exc, message, pass_name=label, previous=tuple(done), kind=type(exc))
+    return in_pass(exc, f"pass {label!r} failed: {type(exc).__name__}: {exc} (passes run before it: {before})",
+                   pass_name=label, previous=tuple(done))

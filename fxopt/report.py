@@ -31,6 +31,7 @@ from tabulate import tabulate
 from . import meta
 from .tracing import as_args
 from .errors import FxoptError
+from .quant.nn.base import DescribesWeights
 
 __all__ = ["Report", "report", "tensor_bytes", "unpack_packed_params"]
 
@@ -104,9 +105,9 @@ def _key(t: torch.Tensor) -> Any:
 
 def _own_entries(module: torch.nn.Module, is_root: bool) -> tuple[list[_Entry], bool]:
     """Tensors held by ``module`` itself, and whether its submodules are covered already."""
-    describe = getattr(module, "fxopt_weights", None)
-    if callable(describe):
-        return [_Entry(n, t, True, _key(t)) for n, t in describe().items() if isinstance(t, torch.Tensor)], True
+    if isinstance(module, DescribesWeights):
+        return [_Entry(n, t, True, _key(t)) for n, t in module.fxopt_weights().items()
+                if isinstance(t, torch.Tensor)], True
     weight = getattr(type(module), "weight", None)
     if callable(weight) and type(module).__module__.startswith("torch.ao.nn."):
         found = {"weight": module.weight()}
@@ -175,9 +176,20 @@ def _quant_island_notes(module: torch.nn.Module) -> dict[str, str]:
     return notes
 
 
+def _weight_grid_notes(module: torch.nn.Module) -> dict[str, str]:
+    """Int8 layers whose weights lie on a coarser grid (``weight_bits < 8``, e.g. 4-bit QAT)."""
+    notes = {}
+    for name, mod in module.named_modules():
+        bits = getattr(mod, "weight_bits", 8)
+        if isinstance(bits, int) and bits < 8:
+            notes[name] = f"int8 storage of {bits}-bit weights ({2 ** bits} levels; no {bits}-bit kernel)"
+    return notes
+
+
 # Sources of per-row notes: each maps a row name (or a module prefix) to a note. Rows that do not exist
 # yet (weightless modules or ops) are added with zero counts.
-NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes]
+NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes,
+                                                                    _weight_grid_notes]
 
 
 class _ShapeRecorder(torch.fx.Interpreter):

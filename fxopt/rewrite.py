@@ -15,7 +15,7 @@ would form a cycle). What fxopt adds:
   too, name it in ``wildcards`` (``wildcards = ("alpha",)``). The replacement then receives
   the literal.
 * **Checks give reasons.** ``check(self, match)`` returns a bool or ``MatchResult.fail("why")``;
-  rejected matches are listed in the pass's notes and by :func:`explain`.
+  rejected matches are listed in the pass's notes and by :func:`fxopt.rewrite_explain.explain`.
 * **Fixpoint with a loop guard.** :class:`RewritePass` applies the rules until nothing matches,
   and raises :class:`RewriteLoopError` on ping-pong (A → B → A) or after ``max_iterations``.
 * **explain(gm, rules)** says where each rule matched and, for every candidate anchor where it
@@ -24,13 +24,14 @@ would form a cycle). What fxopt adds:
 Patterns are functions, so they match ``call_function`` and ``call_method`` nodes (``torch.relu``,
 ``F.linear``, ``operator.add``, ``x.view(...)``) exactly by callable: ``torch.relu`` is not
 ``F.relu``, and module calls (``call_module``, e.g. an ``nn.Linear`` layer) are not matched by
-function patterns. :func:`explain` points such near misses out.
+function patterns. :func:`fxopt.rewrite_explain.explain` points such near misses out.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
@@ -42,10 +43,11 @@ from torch.fx.passes.tools_common import legalize_graph
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .errors import FxoptError, PassError
+from .graph_utils import get_attr_path, unique_name
 from .pass_base import Pass, PassResult
 
 __all__ = [
-    "RewriteRule", "rule", "RewritePass", "explain", "Match", "MatchResult", "Found", "scan",
+    "RewriteRule", "rule", "RewritePass", "compile_rule", "Match", "MatchResult", "Found", "scan",
     "RuleError", "RewriteLoopError",
 ]
 
@@ -107,7 +109,7 @@ class Match:
         if not isinstance(bound, Node):
             return bound
         if bound.op == "get_attr":
-            return _get_attr(self.gm, bound.target)
+            return get_attr_path(self.gm, bound.target, None)
         return None
 
     def is_constant(self, name: str) -> bool:
@@ -117,7 +119,7 @@ class Match:
 class RewriteRule:
     """Base class of rewrite rules: define ``pattern``, ``replacement`` and optionally ``check``.
 
-    ``name`` (default: the class name) labels the rule in stats, notes and :func:`explain`;
+    ``name`` (default: the class name) labels the rule in stats, notes and :func:`fxopt.rewrite_explain.explain`;
     ``wildcards`` names pattern arguments that may bind to Python literals.
     """
 
@@ -181,10 +183,15 @@ def _trace(fn: Callable, what: str, label: str) -> GraphModule:
                         f"{exc}); write it as straight-line tensor code without data-dependent control flow") from exc
 
 
-def _compile(r: RewriteRule) -> _Compiled:
-    cached = getattr(r, "_fxopt_compiled", None)
-    if cached is not None:
-        return cached
+# traced pattern/replacement per rule object, kept only while the rule lives (nothing is stored on the rule)
+_COMPILED: dict[int, tuple[weakref.ref, _Compiled]] = {}
+
+
+def compile_rule(r: RewriteRule) -> _Compiled:
+    """The traced pattern and replacement of ``r`` (traced once per rule object)."""
+    cached = _COMPILED.get(id(r))
+    if cached is not None and cached[0]() is r:
+        return cached[1]
     label = rule_name(r)
     for fn in ("pattern", "replacement"):
         if not callable(getattr(r, fn, None)):
@@ -216,15 +223,9 @@ def _compile(r: RewriteRule) -> _Compiled:
         raise RuleError(f"rule {label!r}: the pattern has computations that do not reach its result ({exc}); "
                         "remove them") from exc
     compiled = _Compiled(pattern, replacement, params)
-    r._fxopt_compiled = compiled  # type: ignore[attr-defined]  # traced once per rule object
+    key = id(r)
+    _COMPILED[key] = (weakref.ref(r, lambda _ref: _COMPILED.pop(key, None)), compiled)
     return compiled
-
-
-def _get_attr(root: torch.nn.Module | None, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
 
 
 # --------------------------------------------------------------------------- matching
@@ -255,7 +256,7 @@ def _to_match(gm: GraphModule, im: InternalMatch, order: dict[Node, int]) -> Mat
 
 def _verdict(r: RewriteRule, m: Match) -> tuple[str, str]:
     """``("", "")`` if the match is acceptable, else ``(kind, reason)``."""
-    for name in _compile(r).params:
+    for name in compile_rule(r).params:
         if name not in r.wildcards and not _only_nodes(m.bindings[name]):
             return "literal", (f"argument {name} would bind to the literal {m.bindings[name]!r}; literals match "
                                f"exactly unless {name!r} is listed in the rule's wildcards")
@@ -280,7 +281,7 @@ def scan(gm: GraphModule, r: RewriteRule) -> list[Found]:
     A match is rejected when a non-wildcard argument binds a literal, when ``check`` fails, or when it
     overlaps a match accepted before it (that one is rewritten first; the next round looks again).
     """
-    compiled = _compile(r)
+    compiled = compile_rule(r)
     found: list[Found] = []
     taken: dict[Node, Node] = {}  # graph node -> anchor of the accepted match that covers it
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -310,8 +311,8 @@ def _replace(gm: GraphModule, compiled: _Compiled, m: Match, renamed: dict[Node,
             if rn.op == "placeholder":
                 val_map[rn] = fix(m.bindings[rn.target])
             elif rn.op == "get_attr":  # a constant the replacement creates: copy it onto gm
-                attr = _fresh_name(gm, "_rewrite_const")
-                value = _get_attr(compiled.replacement, rn.target)
+                attr = unique_name("_rewrite_const", lambda n: hasattr(gm, n), start=0, sep="")
+                value = get_attr_path(compiled.replacement, rn.target, None)
                 if isinstance(value, torch.Tensor):
                     gm.register_buffer(attr, value.detach().clone())
                 else:
@@ -332,13 +333,6 @@ def _replace(gm: GraphModule, compiled: _Compiled, m: Match, renamed: dict[Node,
             graph.erase_node(node)
     if len(m.outputs) > 1:  # an outside user of a returned value may sit before the insertion point
         legalize_graph(gm)
-
-
-def _fresh_name(gm: torch.nn.Module, base: str) -> str:
-    i = 0
-    while hasattr(gm, f"{base}{i}"):
-        i += 1
-    return f"{base}{i}"
 
 
 def _fingerprint(graph: Graph) -> tuple:
@@ -399,7 +393,7 @@ class RewritePass(Pass):
         """Each rule once, in order, on every match it has; True if anything was rewritten."""
         fired = False
         for r in self.rules:
-            compiled, renamed, n = _compile(r), {}, 0
+            compiled, renamed, n = compile_rule(r), {}, 0
             for f in scan(gm, r):
                 if not f.reason:
                     _replace(gm, compiled, f.match, renamed)
@@ -430,9 +424,3 @@ class _Progress:
     seen: dict[tuple, int] = field(default_factory=dict)  # graph fingerprint -> len(history) when seen
     history: list[str] = field(default_factory=list)  # the rule behind each rewrite step
 
-
-def explain(gm: torch.nn.Module, rules: Any) -> Any:
-    """Why each rule does or does not match in ``gm``; see :func:`fxopt.rewrite_explain.explain`."""
-    from .rewrite_explain import explain as _explain
-
-    return _explain(gm, rules)

@@ -20,7 +20,8 @@ from torch.fx.passes.utils.fuser_utils import validate_partition
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 
 from .errors import FxoptError
-from .rewrite import RewritePass, RewriteRule, RuleError, _compile, _get_attr, rule_name, scan
+from .graph_utils import get_attr_path
+from .rewrite import RewritePass, RewriteRule, RuleError, compile_rule, rule_name, scan
 
 __all__ = ["explain", "Explanation", "RuleReport"]
 
@@ -89,7 +90,7 @@ def explain(gm: torch.nn.Module, rules: RewriteRule | RewritePass | Iterable[Rew
 
 
 def _explain_rule(gm: GraphModule, r: RewriteRule) -> RuleReport:
-    compiled = _compile(r)
+    compiled = compile_rule(r)
     report = RuleReport(rule_name(r))
     covered: set[Node] = set()
     for f in scan(gm, r):
@@ -143,7 +144,7 @@ def _why_dropped(matcher: _DiagnosingMatcher, im: InternalMatch) -> str:
 
 def _short_name(op: str, target: Any, gm: torch.nn.Module) -> str:
     if op == "call_module":
-        target = type(_get_attr(gm, target))
+        target = type(get_attr_path(gm, target, None))
     name = target if isinstance(target, str) else getattr(target, "__name__", "")
     return name.lower().strip("_")
 
@@ -155,7 +156,7 @@ def _no_anchor(gm: GraphModule, anchor: Node) -> str:
     for n in gm.graph.nodes:
         if n.op in ("call_function", "call_method", "call_module") and _short_name(n.op, n.target, gm) == want:
             if n.op == "call_module":
-                mod = type(_get_attr(gm, n.target))
+                mod = type(get_attr_path(gm, n.target, None))
                 key = (f"module calls of {mod.__module__}.{mod.__name__}", "are not matched by function patterns")
             else:
                 key = (_callable_name(n.op, n.target), "is a different function with the same name; the pattern "
@@ -195,7 +196,7 @@ def _describe(node: Node, gm: torch.nn.Module | None = None) -> str:
     if node.op == "get_attr":
         return f"{node.name} (attribute {node.target})"
     if node.op == "call_module":
-        mod = _get_attr(gm, node.target) if gm is not None else None
+        mod = get_attr_path(gm, node.target, None) if gm is not None else None
         kind = f"{type(mod).__module__}.{type(mod).__name__}" if mod is not None else "module"
         return f"{node.name} (module call {node.target}: {kind})"
     return f"{node.name} ({_callable_name(node.op, node.target)})"

@@ -6,17 +6,9 @@ import torch
 import torch.fx
 
 from .errors import VerificationError
+from .graph_utils import has_attr_path
 
 __all__ = ["verify"]
-
-
-def _has_attr_path(root: torch.nn.Module, target: str) -> bool:
-    obj = root
-    for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
 
 
 def verify(gm: torch.fx.GraphModule, *, pass_name: str = "") -> None:
@@ -35,7 +27,7 @@ def verify(gm: torch.fx.GraphModule, *, pass_name: str = "") -> None:
         raise VerificationError(f"graph has {len(outputs)} output nodes{where}; expected 1", pass_name=pass_name)
 
     for node in gm.graph.nodes:
-        if node.op in ("call_module", "get_attr") and not _has_attr_path(gm, node.target):
+        if node.op in ("call_module", "get_attr") and not has_attr_path(gm, node.target):
             raise VerificationError(
                 f"node {node.name!r} ({node.op}) refers to {node.target!r}, which does not exist on the "
                 f"module{where}",

@@ -7,7 +7,7 @@ What was measured on this AVX-512 (with AVX512-FP16) CPU, 2 threads (``bench/ben
   attention, LSTM and GRU) therefore become fp16 dynamic modules, as in ``QuantizeDynamic(dtype=float16)``.
 * conv, batch norm, layer norm...: PyTorch's fp16 CPU kernels are no faster than fp32 ones, and casting
   activations to half and back at every layer costs more; these modules keep their weights stored in
-  fp16 and upcast them right before the op (:class:`~fxopt.quant.fp16.FP16Module`, ``compute="fp32"``).
+  fp16 and upcast them right before the op (:class:`~fxopt.quant.nn.FP16Module`, ``compute="fp32"``).
   ``compute="fp16"`` runs them in half precision instead (for CPUs where that pays off).
 * under the qnnpack engine (no fp16 linear kernels) every module is an upcasting ``FP16Module``.
 
@@ -27,11 +27,12 @@ import torch.fx
 import torch.nn as nn
 
 from fxopt import Pass, PassResult
-from fxopt.quant.dynamic import fp16_linear_available
-from fxopt.quant.fp16 import COMPUTE_MODES, FP16Module
+from fxopt.graph_utils import get_attr_path, set_attr_path
+from fxopt.quant.nn.base import DescribesWeights
+from fxopt.quant.nn.dynamic import fp16_linear_available
+from fxopt.quant.nn.fp16 import COMPUTE_MODES, FP16Module
+from fxopt.quant.nn.swap import dynamic_factory, skip_reason
 
-from ._util import get_attr_path, set_attr_path
-from .quantize_dynamic import QuantizeDynamic, _skip_reason
 
 __all__ = ["ConvertFP16"]
 
@@ -57,6 +58,7 @@ class ConvertFP16(Pass):
     """Store weights in fp16; Linear/attention/RNN compute with fp16 kernels, the rest upcasts (see above)."""
 
     name = "convert-fp16"
+    module_level = True  # walks the module tree; runs on an untraced root too
 
     compute: str = "fp32"  # for modules other than Linear/attention/RNN/Embedding: "fp32" (upcast) or "fp16"
 
@@ -69,7 +71,6 @@ class ConvertFP16(Pass):
         stats: dict[str, Any] = {}
         notes: list[str] = []
         attr_targets = self._convert_get_attrs(gm, stats)
-        dynamic = QuantizeDynamic(dtype=torch.float16)
         native = fp16_linear_available()
         replaced: dict[int, nn.Module] = {}
         plan: list[tuple[str, nn.Module]] = []
@@ -79,8 +80,8 @@ class ConvertFP16(Pass):
                 continue
             if any(t.startswith(qualname + ".") for t in attr_targets):
                 continue  # the graph reads some of its tensors directly: convert its children only
-            factory = dynamic._factory(module, qualname)
-            if factory is not None and _skip_reason(module) is None and native:
+            factory = dynamic_factory(module, dtype=torch.float16)
+            if factory is not None and skip_reason(module) is None and native:
                 make = factory
             elif factory is not None:  # no fp16 linear kernels (qnnpack): store fp16, upcast the whole module
                 make = lambda m=module: FP16Module(m, "fp32")  # noqa: E731
@@ -136,14 +137,14 @@ def _stored_tensors(gm: nn.Module) -> list[torch.Tensor]:
     seen: set[int] = set()
 
     def visit(module: nn.Module) -> None:
-        describe = getattr(module, "fxopt_weights", None)
-        tensors = list(describe().values()) if callable(describe) else \
+        describes = isinstance(module, DescribesWeights)
+        tensors = list(module.fxopt_weights().values()) if describes else \
             [*module.parameters(recurse=False), *module.buffers(recurse=False)]
         for t in tensors:
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 out.append(t)
-        if not callable(describe):
+        if not describes:
             for child in module.children():
                 visit(child)
 

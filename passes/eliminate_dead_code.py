@@ -22,8 +22,7 @@ import torch
 import torch.fx
 
 from fxopt import Pass, PassResult
-
-from ._util import delete_if_unreferenced, is_mutating, is_referenced, module_of, referenced_targets
+from fxopt.graph_utils import delete_if_unreferenced, is_mutating, is_referenced, module_of, referenced_targets
 
 __all__ = ["EliminateDeadCode"]
 

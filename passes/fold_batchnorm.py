@@ -36,8 +36,8 @@ from torch.nn.utils import parametrize
 
 from fxopt import Pass, PassResult
 from fxopt import meta
-
-from ._util import bypass_node, call_sites, delete_if_unreferenced, get_attr_path, module_of, referenced_targets, set_attr_path
+from fxopt.graph_utils import (bypass_node, call_sites, delete_if_unreferenced, get_attr_path, module_of,
+                               referenced_targets, set_attr_path)
 
 __all__ = ["FoldBatchNorm", "fold_bn_into"]
 

@@ -5,7 +5,7 @@ Float numerics do not change: the fused modules compute exactly ``activation(pro
 What the graph looks like afterwards (quantization lowering relies on this):
 
 * ``nn.Conv1d/2d/3d`` followed by an activation becomes one ``call_module`` node whose target (the
-  conv's old qualified name) is now a :class:`FusedConv`; ``.conv`` is the original conv module and
+  conv's old qualified name) is now a :class:`fxopt.quant.nn.FusedConv`; ``.conv`` is the original conv module and
   ``.activation`` an ``nn.ReLU()`` or ``nn.ReLU6()``. Likewise ``nn.Linear`` → :class:`FusedLinear`
   (``.linear``, ``.activation``).
 * ``a + b`` (``operator.add``/``torch.add`` of two graph values, no ``alpha``) followed by an activation
@@ -40,59 +40,12 @@ from torch import nn
 
 from fxopt import Pass, PassResult
 from fxopt import meta
+from fxopt.graph_utils import call_sites, delete_if_unreferenced, module_of, referenced_targets, unique_attr_name
+from fxopt.quant.nn.fused import FusedAdd, FusedConv, FusedLinear
 
-from ._util import call_sites, delete_if_unreferenced, module_of, referenced_targets, unique_attr_name
-
-__all__ = ["FuseActivations", "FusedConv", "FusedLinear", "FusedAdd"]
+__all__ = ["FuseActivations"]
 
 logger = logging.getLogger(__name__)
-
-_ACTIVATION_MODULES = {"relu": nn.ReLU, "relu6": nn.ReLU6}
-
-
-class FusedConv(nn.Module):
-    """``activation(conv(x))`` as one module: ``.conv`` (Conv1d/2d/3d) and ``.activation`` (ReLU/ReLU6)."""
-
-    def __init__(self, conv: nn.Module, activation: nn.Module) -> None:
-        super().__init__()
-        self.conv = conv
-        self.activation = activation
-
-    @property
-    def fxopt_op_key(self) -> str:
-        """What backends see (``fxopt.backends.spec.op_key``): the conv, with the activation fused."""
-        return f"conv{self.conv.weight.dim() - 2}d"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.conv(x))
-
-
-class FusedLinear(nn.Module):
-    """``activation(linear(x))`` as one module: ``.linear`` and ``.activation`` (ReLU/ReLU6)."""
-
-    def __init__(self, linear: nn.Linear, activation: nn.Module) -> None:
-        super().__init__()
-        self.linear = linear
-        self.activation = activation
-
-    fxopt_op_key = "linear"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.linear(x))
-
-
-class FusedAdd(nn.Module):
-    """``activation(a + b)`` as one module: ``.activation`` (ReLU/ReLU6)."""
-
-    fxopt_op_key = "add"
-
-    def __init__(self, activation: nn.Module) -> None:
-        super().__init__()
-        self.activation = activation
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.activation(a + b)
-
 
 def _hardtanh_kind(min_val, max_val) -> str | None:
     return "relu6" if (min_val, max_val) == (0.0, 6.0) else None
@@ -205,7 +158,7 @@ def _why_not(gm: torch.fx.GraphModule, producer: torch.fx.Node, act: torch.fx.No
 
 def _fuse(gm: torch.fx.GraphModule, producer: torch.fx.Node, act: torch.fx.Node, what: str, kind: str,
           pattern: str) -> None:
-    activation = _ACTIVATION_MODULES[kind]()
+    activation = FusedAdd.activation_for(kind)
     if what == "add":
         name = unique_attr_name(gm, f"{producer.name}_{kind}")
         gm.add_submodule(name, FusedAdd(activation))

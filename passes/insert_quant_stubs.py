@@ -12,23 +12,24 @@ so a lone ``add`` between float islands is not wrapped in a pointless quant/dequ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
 
-from fxopt import meta
+from fxopt import meta, registry
+from fxopt.backends.lowering import int8_spec
+from fxopt.backends.spec import SHAPE_READERS, op_key
 from fxopt.errors import UnsupportedError
-from fxopt.pass_base import Pass, PassResult
+from fxopt.graph_utils import unique_name
+from fxopt.pass_base import Pass, PassContext, PassResult
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 __all__ = ["InsertQuantStubs", "data_inputs"]
 
 # Ops that start a region even when their input is float.
 _REGION_STARTERS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
-# Ops that consume an int8 tensor without needing a dequantize (their result is not a tensor).
-_SHAPE_READERS = frozenset({"size"})
 _FLOAT_DTYPES = (torch.float32,)
 
 
@@ -52,19 +53,21 @@ def _is_float_tensor(node: torch.fx.Node) -> bool:
 class InsertQuantStubs(Pass):
     name: ClassVar[str] = "insert-quant-stubs"
 
-    backend: str = "x86"
+    # None: the backend the pipeline targets (compile/lower's ``backend``), x86 when none is named
+    backend: Any = None
+
+    def with_context(self, context: PassContext) -> "InsertQuantStubs":
+        if self.backend is None:
+            return replace(self, backend=context.target_backend)
+        if context.backend is not None and not registry.same(self.backend, context.backend):
+            raise ValueError(
+                f"pass {self.name!r} prepares the graph for backend {self.backend!r} but compile was asked for "
+                f"backend={registry.get(context.backend).name!r}; name the backend once, in compile (recipes and "
+                f"InsertQuantStubs(backend=None) follow it), or use the same one in both")
+        return self
 
     def _spec(self):
-        from fxopt import backends  # noqa: PLC0415 - passes may read a backend's spec
-
-        backend = backends.get(self.backend)
-        spec = getattr(backend, "spec", None)
-        if spec is None:
-            raise UnsupportedError(
-                f"backend {self.backend!r} has no int8 support table; static int8 needs one of the "
-                "PyTorch int8 backends ('x86', 'qnnpack')"
-            )
-        return spec
+        return int8_spec(self.backend)
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         for node in gm.graph.nodes:
@@ -74,8 +77,6 @@ class InsertQuantStubs(Pass):
                 )
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxopt.backends.spec import op_key  # noqa: PLC0415
-
         spec = self._spec()
         int8: set[torch.fx.Node] = set()
         islands: list[meta.FloatIsland] = []
@@ -96,11 +97,8 @@ class InsertQuantStubs(Pass):
 
         def add_stub(kind: str, after: torch.fx.Node) -> torch.fx.Node:
             cls = QuantStub if kind == "quant" else DeQuantStub
-            target = f"fxopt_{kind}_{counter[kind]}"
-            while hasattr(gm, target):
-                counter[kind] += 1
-                target = f"fxopt_{kind}_{counter[kind]}"
-            counter[kind] += 1
+            target = unique_name(f"fxopt_{kind}", lambda n: hasattr(gm, n), start=counter[kind])
+            counter[kind] = int(target.rsplit("_", 1)[1]) + 1
             gm.add_submodule(target, cls())
             with gm.graph.inserting_after(after):
                 return gm.graph.call_module(target, (after,))
@@ -118,7 +116,7 @@ class InsertQuantStubs(Pass):
                 node.replace_input_with(src, quant_of[src])
         # Dequantize int8 values read by float consumers (one stub per value).
         for node in list(int8):
-            float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in _SHAPE_READERS]
+            float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in SHAPE_READERS]
             if not float_users:
                 continue
             deq = add_stub("dequant", node)
@@ -146,7 +144,7 @@ class InsertQuantStubs(Pass):
                 leaf = {info.qualname: info for info in meta.leaves(gm)}.get(node.target)
                 if leaf is not None:
                     return f"untraced submodule kept in float ({leaf.reason})"
-            if key in _SHAPE_READERS or (node.op == "call_function" and node.target is getattr):
+            if key in SHAPE_READERS or (node.op == "call_function" and node.target is getattr):
                 return ""
             return f"no int8 kernel on {spec.name} for {_target_name(node, gm)}"
         if rule.kind == "weight_only":

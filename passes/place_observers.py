@@ -11,14 +11,18 @@ observer kind recorded here (``fxopt.meta.quant_config``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import ClassVar
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
 
 import torch.fx
 
 from fxopt import meta
+from fxopt.backends.lowering import int8_spec
+from fxopt.backends.spec import BackendSpec, op_key
 from fxopt.errors import UnsupportedError
-from fxopt.pass_base import Pass, PassResult
+from fxopt.graph_utils import unique_name
+from fxopt.pass_base import Pass, PassContext, PassResult
+from fxopt.quant.observers import Observer, make_observer
 from fxopt.quant.stubs import QuantConfig, QuantStub
 
 __all__ = ["PlaceObservers", "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS"]
@@ -35,6 +39,12 @@ class PlaceObservers(Pass):
     weight: str = "minmax"
     per_channel: bool = True
     symmetric_weights: bool = True
+    # the backend object the pipeline targets (from its PassContext); None: the one the graph was prepared for
+    backend: Any = field(default=None, repr=False)
+
+    def with_context(self, context: PassContext) -> "PlaceObservers":
+        return replace(self, backend=context.backend) if self.backend is None and context.backend is not None \
+            else self
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATION_OBSERVERS:
@@ -49,14 +59,18 @@ class PlaceObservers(Pass):
                 "first (or use fxopt.recipes.static_int8)"
             )
 
-    def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxopt import backends  # noqa: PLC0415
-        from fxopt.backends.spec import op_key  # noqa: PLC0415
-        from fxopt.quant.observers import Observer, make_observer  # noqa: PLC0415
+    def _spec(self, gm: torch.fx.GraphModule) -> BackendSpec:
+        """The spec the graph was prepared with: the pipeline's backend object when it is that backend (it may
+        carry options, e.g. ``X86Backend(reduce_range=True)``), else the registered one of that name."""
+        prepared_for = meta.backend_of(gm)
+        if self.backend is not None and int8_spec(self.backend).name == prepared_for:
+            return int8_spec(self.backend)
+        return int8_spec(prepared_for)
 
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
         if any(isinstance(m, Observer) for m in gm.modules()):
             return PassResult(gm, False, {"observers": 0}, ["the graph already has observers"])
-        spec = backends.get(meta.backend_of(gm)).spec
+        spec = self._spec(gm)
         weight_spec = spec.weight if self.per_channel else spec.weight_per_tensor
         if not self.symmetric_weights:
             weight_spec = replace(weight_spec, symmetric=False)
@@ -72,8 +86,10 @@ class PlaceObservers(Pass):
             if rule is not None and rule.kind == "compute":
                 targets.append(node)
 
-        for i, node in enumerate(targets):
-            target = f"fxopt_obs_{i}"
+        next_index = 0
+        for node in targets:
+            target = unique_name("fxopt_obs", lambda n: hasattr(gm, n), start=next_index)
+            next_index = int(target.rsplit("_", 1)[1]) + 1
             observer = make_observer(self.activation, spec.activation)
             observer.name = f"{target} (after {node.name})"
             gm.add_submodule(target, observer)

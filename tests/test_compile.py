@@ -118,3 +118,46 @@ def test_recipe_backend_must_match_compile_backend():
     lowered = fxopt.lower(prepared, "qnnpack")
     torch.testing.assert_close(lowered(x), model(x), atol=0.05, rtol=0.05)
     assert fxopt.meta.backend_of(prepared) == "qnnpack"  # lower() does not mutate its input
+
+
+@pytest.mark.parametrize("backend", ["qnnpack", "x86", "fbgemm"])
+def test_recipe_without_backend_follows_compile(backend):
+    """The README's call: the recipe names no backend, compile does; the graph is prepared for that backend."""
+    from fxopt import recipes
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    recipe = recipes.static_int8([x])
+    assert all(getattr(p, "backend", None) is None for p in recipe)  # the recipe fixes nothing
+    q = fxopt.compile(model, recipe, example_inputs=x, backend=backend)
+    want = "qnnpack" if backend == "qnnpack" else "x86"
+    assert fxopt.meta.backend_of(q) == want and q.engine in ((want,) if want == "qnnpack" else ("x86", "fbgemm"))
+    assert fxopt.compare(model, q, [x]).sqnr_db > 25
+
+
+def test_no_backend_anywhere_prepares_for_x86_and_explicit_agreement_is_fine():
+    from fxopt import passes as fp
+    from fxopt import recipes
+
+    model = nn.Sequential(nn.Linear(4, 4)).eval()
+    x = torch.randn(2, 4)
+    prepared = fxopt.compile(model, recipes.static_int8([x]), example_inputs=x)
+    assert fxopt.meta.backend_of(prepared) == "x86"
+    assert fxopt.meta.backend_of(fp.InsertQuantStubs()(fxopt.trace(model, x)).graph_module) == "x86"
+    q = fxopt.compile(model, recipes.static_int8([x], backend="fbgemm"), example_inputs=x, backend="x86")
+    assert fxopt.meta.backend_of(q) == "x86"  # fbgemm is x86's alias: no contradiction
+    with pytest.raises(ValueError, match="prepares the graph for backend 'x86' but compile was asked for "
+                                         "backend='qnnpack'"):
+        fxopt.compile(model, [fp.InsertQuantStubs(backend="x86")], example_inputs=x, backend="qnnpack")
+
+
+def test_backend_object_with_options_is_what_the_recipe_prepares_for():
+    from fxopt import recipes
+    from fxopt.backends.x86 import X86Backend
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    q = fxopt.compile(model, recipes.static_int8([x]), example_inputs=x, backend=X86Backend(reduce_range=True))
+    config = fxopt.meta.quant_config(q)
+    assert config.backend == "x86" and config.activation_spec.reduce_range  # observers used the object's spec
+    assert fxopt.compare(model, q, [x]).sqnr_db > 20

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import pytest
@@ -137,3 +138,99 @@ def test_dump_graphs_instrument(tmp_path):
 def test_non_pass_in_list_is_rejected():
     with pytest.raises(TypeError, match="not a pass"):
         PassManager([42])
+
+
+def test_pass_must_return_the_graph_module_it_was_given():
+    @fxopt.function_pass("noop")
+    def noop(gm):
+        return False
+
+    @dataclass(frozen=True)
+    class Swapper(fxopt.Pass):
+        name = "swapper"
+
+        def call(self, gm):
+            return fxopt.PassResult(torch.fx.symbolic_trace(Tiny()), modified=True)
+
+    with pytest.raises(fxopt.PassContractError, match="different GraphModule") as info:
+        PassManager([noop, Swapper()])(_gm())
+    assert isinstance(info.value, fxopt.PassError) and info.value.previous == ("noop",)
+
+
+@dataclass(frozen=True)
+class NeedsRelu(fxopt.Pass):
+    name = "needs-relu"
+
+    def requires(self, gm):
+        if not any(n.target is torch.relu for n in gm.graph.nodes):
+            raise fxopt.UnsupportedError("no relu to work on")
+
+    def ensures(self, gm):
+        if any(n.target in (torch.add, operator.add) for n in gm.graph.nodes):
+            raise ValueError("an add is left")
+
+    def call(self, gm):
+        return fxopt.PassResult(gm, modified=False)
+
+
+def test_precondition_error_names_pass_and_previous_and_keeps_error_class():
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Identity()))
+    with pytest.raises(fxopt.PreconditionError, match="no relu to work on") as info:
+        PassManager([AddOne(), NeedsRelu()])(gm)
+    err = info.value
+    assert isinstance(err, fxopt.UnsupportedError) and isinstance(err, fxopt.PassError)  # both catchable
+    assert err.pass_name == "needs-relu" and err.previous == ("add-one",)
+    assert "passes run before it: add-one" in str(err)
+    assert isinstance(err.__cause__, fxopt.UnsupportedError)
+
+
+def test_postcondition_error_names_pass():
+    with pytest.raises(fxopt.PostconditionError, match="needs-relu.*an add is left") as info:
+        NeedsRelu()(_gm())
+    assert isinstance(info.value.__cause__, ValueError) and info.value.pass_name == "needs-relu"
+
+
+def test_fxopt_error_inside_call_is_a_pass_error_of_its_own_class():
+    @fxopt.function_pass("calib")
+    def calib(gm):
+        raise fxopt.CalibrationError("no data")
+
+    with pytest.raises(fxopt.CalibrationError, match="pass 'calib' failed.*no data") as info:
+        PassManager([AddOne(), calib])(_gm())
+    assert isinstance(info.value, fxopt.PassError) and info.value.previous == ("add-one",)
+
+
+def test_debug_verify_checks_passes_that_say_they_changed_nothing(monkeypatch):
+    @fxopt.function_pass("sneaky")
+    def sneaky(gm):  # breaks the graph but reports modified=False
+        node = next(n for n in gm.graph.nodes if n.op == "call_function")
+        node.target = "not-callable"
+        return False
+
+    assert fxopt.Pass.debug_verify  # tests/conftest.py turns it on for every test
+    with pytest.raises(fxopt.VerificationError, match="sneaky"):
+        sneaky(_gm())
+    monkeypatch.setattr(fxopt.Pass, "debug_verify", False)
+    assert sneaky(_gm()).modified is False  # off: only modifying passes are verified (by the PassManager)
+
+
+def test_pass_manager_hands_its_context_to_passes():
+    seen = []
+
+    @dataclass(frozen=True)
+    class Target(fxopt.Pass):
+        name = "target"
+        backend: str | None = None
+
+        def with_context(self, context):
+            return self if self.backend is not None else Target(context.target_backend)
+
+        def call(self, gm):
+            seen.append(self.backend)
+            return fxopt.PassResult(gm, modified=False)
+
+    PassManager([Target()], context=fxopt.PassContext("qnnpack"))(_gm())
+    PassManager([Target()])(_gm())
+    Target()(_gm())
+    Target("mine")(_gm(), fxopt.PassContext("qnnpack"))
+    assert seen == ["qnnpack", "x86", "x86", "mine"]

@@ -10,8 +10,9 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxopt import FxoptError, UnsupportedError, backends, meta
+from fxopt import registry as registry_module
 from fxopt.backends import Backend
-from fxopt.serialize import check_pt2_archive, load, save
+from fxopt.io import check_pt2_archive, load, save
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
 
@@ -117,10 +118,10 @@ def test_unknown_extension_and_missing_file(tmp_path):
 @pytest.fixture
 def registry(monkeypatch):
     """Isolated backend registry: test backends come and go with the test."""
-    monkeypatch.setattr(backends, "_REGISTERED", {})
-    monkeypatch.setattr(backends, "_CACHE", {})
-    monkeypatch.setattr(backends, "_BUILTIN", {})
-    monkeypatch.setattr(backends, "_entry_points", lambda: {})
+    monkeypatch.setattr(registry_module, "_REGISTERED", {})
+    monkeypatch.setattr(registry_module, "_CACHE", {})
+    monkeypatch.setattr(registry_module, "_BUILTIN", {})
+    monkeypatch.setattr(registry_module, "_entry_points", lambda: {})
     return backends
 
 

@@ -1,4 +1,4 @@
-"""fxopt.save / fxopt.load of int8 models: the self-contained, data-only format (fxopt/int8_format.py)."""
+"""fxopt.save / fxopt.load of int8 models: the self-contained, data-only format (fxopt/io/int8_format.py)."""
 
 import operator
 import os
@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.fx
 import torchvision
-from fxopt.backends.lowering import QuantizedModel
-from fxopt.backends.qmodules import QConv
+from fxopt.quant.nn import QuantizedModel
+from fxopt.quant.nn.int8 import QConv
 from torch import nn
 
 import fxopt
 from fxopt import FxoptError, UnsupportedError, meta
-from fxopt.graph_format import check_method, function_name, resolve_function
-from fxopt.int8_format import FORMAT_TAG
-from fxopt.quant.dynamic import DynamicEmbedding, DynamicLinear
+from fxopt.io.graph_format import check_method, function_name, resolve_function
+from fxopt.io.int8_format import FORMAT_TAG
+from fxopt.quant.nn.dynamic import DynamicEmbedding, DynamicLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions", "ignore:.*TypedStorage")
 
@@ -257,9 +257,9 @@ def _qx(shape, scale=0.05, zero_point=128):
 
 
 def _module_cases():
-    from fxopt.backends import qmodules as qm
+    from fxopt.quant.nn import int8 as qm
 
-    from fxopt.quant.dynamic import DynamicEmbeddingBag
+    from fxopt.quant.nn.dynamic import DynamicEmbeddingBag
 
     w = lambda *s: torch.quantize_per_channel(torch.randn(*s), torch.rand(s[0], dtype=torch.float64) * 0.02 + 0.01,
                                                torch.zeros(s[0], dtype=torch.long), 0, torch.qint8)
@@ -290,7 +290,7 @@ _CASES = ["quantize", "conv1d_relu", "conv3d_qnnpack", "linear", "mul_relu", "ca
 
 @pytest.mark.parametrize("case", _CASES)
 def test_every_storable_module_round_trips(case):
-    from fxopt.module_format import decode_module, encode_module
+    from fxopt.io.module_format import decode_module, encode_module
 
     torch.manual_seed(0)
     cases = _module_cases()
@@ -308,7 +308,7 @@ def test_every_storable_module_round_trips(case):
 
 
 def test_standard_torch_modules_round_trip_without_init():
-    from fxopt.module_format import decode_module, encode_module
+    from fxopt.io.module_format import decode_module, encode_module
 
     seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(4), nn.Hardtanh(-1, 2),
                         nn.MaxPool2d(2, ceil_mode=True), nn.Flatten()).eval()

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .spec import QSpec
 
-__all__ = ["QuantStub", "DeQuantStub", "QuantConfig", "is_quant_stub", "is_dequant_stub"]
+__all__ = ["QuantStub", "DeQuantStub", "QuantConfig"]
 
 
 class QuantStub(nn.Module):
@@ -29,16 +29,6 @@ class DeQuantStub(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
-
-
-def is_quant_stub(node, gm) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantStub)
-
-
-def is_dequant_stub(node, gm) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), DeQuantStub)
-
-
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ import torchvision
 import fxopt
 from fxopt import backends, meta
 from fxopt import passes as fp
-from fxopt.backends import qmodules as qm
+from fxopt.quant.nn import int8 as qm
 from fxopt.backends.qnnpack import QnnpackBackend
 from fxopt.backends.x86 import X86Backend
 from fxopt.report import report
-from int8_testutil import sqnr
+from tests.helpers import sqnr
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 
 import fxopt
 from fxopt import backends, meta
-from fxopt.backends import qmodules as qm
-from fxopt.backends.lowering import QuantizedModel, lower_int8
+from fxopt.quant.nn import int8 as qm
+from fxopt.backends.lowering import lower_int8
+from fxopt.quant.nn import QuantizedModel
 from fxopt.quant.stubs import DeQuantStub
-from int8_testutil import calibrate, prepare_by_hand, sqnr
+from tests.helpers import calibrate, prepare_by_hand, sqnr
 
 warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*")
 BACKENDS = ["x86", "qnnpack"]
@@ -220,7 +221,7 @@ def test_embedding_is_weight_only_int8():
     idx = torch.randint(0, 30, (2, 5))
     gm = prepare_by_hand(model, (idx,), "x86", inputs_from=("emb",))
     q = backends.get("x86").lower(calibrate(gm, [torch.randint(0, 30, (4, 5)) for _ in range(3)] + [idx]))
-    from fxopt.quant.dynamic import DynamicEmbedding
+    from fxopt.quant.nn.dynamic import DynamicEmbedding
     from fxopt.report import report
 
     assert len(modules_of(q, DynamicEmbedding)) == 1 and len(modules_of(q, qm.QLinear)) == 1

@@ -10,12 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxopt.backends import qmodules as qm
-from fxopt.backends.qmodules import engine_scope
+from fxopt.quant.nn import int8 as qm
+from fxopt.quant.nn import engine_scope
 from fxopt.backends.x86 import x86_engine
 from fxopt.quant.spec import QSpec, qparams_from_range
 
-from int8_testutil import sqnr
+from tests.helpers import sqnr
 
 ENGINES = [x86_engine(), "qnnpack"]
 ACT = QSpec(torch.quint8)

@@ -12,8 +12,8 @@ import torchvision
 
 import fxopt
 from fxopt import passes as fp
-from fxopt.quant.dynamic import DynamicLinear
-from fxopt.quant.fp16 import FP16Module
+from fxopt.quant.nn.dynamic import DynamicLinear
+from fxopt.quant.nn.fp16 import FP16Module
 from fxopt.report import report
 
 

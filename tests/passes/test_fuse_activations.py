@@ -13,7 +13,7 @@ from torch import nn
 import fxopt
 from fxopt import meta
 from fxopt import passes as fp
-from fxopt.passes.fuse_activations import FusedAdd, FusedConv, FusedLinear
+from fxopt.quant.nn import FusedAdd, FusedConv, FusedLinear
 
 
 def fuse(model: nn.Module):

@@ -158,3 +158,22 @@ def test_torchvision_mobilenet_dropout_through_compile():
     assert not any(isinstance(m, nn.Dropout) for m in out.modules())
     with torch.no_grad():
         torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _FlattenLeading(nn.Module):
+    """transformers' Conv1D: ``x.view(-1, x.size(-1))`` is a no-op on 2-D inputs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.fc(x.view(-1, x.size(-1))).view(x.size()[:-1] + (8,))
+
+
+def test_reshape_with_inferred_dim_stays_when_examples_are_2d():
+    model, x = _FlattenLeading().eval(), torch.randn(3, 4)
+    gm, result = run(model, x)
+    assert "view" in ops(gm)
+    y = torch.randn(2, 3, 4)  # another rank than the example
+    torch.testing.assert_close(gm(y), model(y), atol=1e-5, rtol=1e-5)

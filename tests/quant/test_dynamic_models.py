@@ -4,104 +4,24 @@ The LSTM has the weight statistics of a trained one (no pretrained weights here)
 log-normally, cell-gate rows larger than the others, a forget-gate bias of +1.5 (long memory), and
 log-mel-like inputs (low bands carry more energy, per-band offsets). On it ``torch.ao``'s
 ``quantize_dynamic`` (per-tensor weights over the four gates) drops to a mean cosine of ~0.87; fxopt must
-keep >= 0.98. The builders are shared with ``bench/bench_dynamic.py``.
+keep >= 0.98. The builders live in ``bench/models.py`` (shared with ``bench/bench_dynamic.py``).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import warnings
-
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxopt
+from bench.models import LSTMEncoder, TextEncoder, features, fxopt_dynamic, mean_cosine, run_ao, torch_ao_dynamic
 from fxopt import passes as fp
 from fxopt.report import report
-
-
-def features(batch: int, steps: int, dim: int, seed: int = 0) -> torch.Tensor:
-    """Log-mel-like inputs: smooth in time, energy falling with the band, per-band offsets."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(batch, steps + 8, dim, generator=g)
-    z = F.avg_pool1d(z.transpose(1, 2), 8, stride=1)[:, :, :steps].transpose(1, 2)
-    energy = torch.exp(torch.linspace(1.5, -1.0, dim))
-    return z * energy * 2 + torch.linspace(3, -3, dim)
-
-
-def trained_like_lstm(input_size: int = 80, hidden: int = 256, layers: int = 3, seed: int = 1, **kw) -> nn.LSTM:
-    """An ``nn.LSTM`` whose weights have a trained model's per-row and per-gate spread."""
-    lstm = nn.LSTM(input_size, hidden, num_layers=layers, batch_first=True, **kw).eval()
-    g = torch.Generator().manual_seed(seed)
-    gate_gain = torch.tensor([1.0, 1.0, 1.6, 1.0]).repeat_interleave(hidden).view(-1, 1)  # i, f, g, o
-    with torch.no_grad():
-        for name, p in lstm.named_parameters():
-            if "weight" in name:
-                rows, cols = p.shape
-                row_scale = torch.exp(0.6 * torch.randn(rows, 1, generator=g)) / math.sqrt(cols)
-                p.copy_(torch.randn(rows, cols, generator=g) * row_scale * gate_gain)
-            else:
-                b = 0.1 * torch.randn(p.shape, generator=g)
-                if "bias_ih" in name:
-                    b[hidden:2 * hidden] += 1.5  # forget gate: long memory
-                p.copy_(b)
-    return lstm
-
-
-class LSTMEncoder(nn.Module):
-    def __init__(self, **kw):
-        super().__init__()
-        self.lstm = trained_like_lstm(**kw)
-
-    def forward(self, x):
-        return self.lstm(x)[0]
-
-
-class TextEncoder(nn.Module):
-    """Token + position embeddings and an ``nn.TransformerEncoder`` (BERT-style, post-norm, GELU)."""
-
-    def __init__(self, vocab=1000, d_model=384, heads=6, ff=1536, layers=6, max_len=128):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab, d_model)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, max_len, d_model))
-        layer = nn.TransformerEncoderLayer(d_model, heads, ff, dropout=0.0, activation="gelu", batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-    def forward(self, ids):
-        return self.encoder(self.tokens(ids) + self.pos[:, : ids.shape[1]])
 
 
 def stored_bytes(module: nn.Module) -> int:
     """Bytes the module stores, as fxopt.report counts them (int8 weights 1 byte, fp16 2, each tensor once)."""
     return report(module).total_bytes
-
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    return F.cosine_similarity(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]), dim=-1).mean().item()
-
-
-def fxopt_dynamic(model: nn.Module, example, **options) -> nn.Module:
-    return fxopt.compile(model, passes=[fp.QuantizeDynamic(**options)], example_inputs=(example,))
-
-
-def torch_ao_dynamic(model: nn.Module) -> nn.Module:
-    """The reference: torch.ao's quantize_dynamic (tests and benchmarks only)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear, nn.LSTM}, dtype=torch.qint8)
-
-
-def _run_ao(model, x):
-    # torch.ao's Linear replacements break nn.TransformerEncoder's eval fast path (it reads .weight)
-    enabled = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        return model(x)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 @pytest.mark.parametrize("hidden,steps,layers", [(64, 40, 2), (256, 160, 3)])
@@ -115,7 +35,7 @@ def test_lstm_encoder_keeps_cosine(hidden, steps, layers):
     print(f"LSTM h={hidden} T={steps} L={layers}: fxopt cosine {ours:.4f}, torch.ao {theirs:.4f}")
     assert ours >= 0.98
     assert ours > theirs
-    assert isinstance(q.get_submodule("lstm"), fxopt.quant.dynamic_rnn.DynamicLSTM)
+    assert isinstance(q.get_submodule("lstm"), fxopt.quant.nn.DynamicLSTM)
 
 
 def test_lstm_per_channel_is_what_matters():
@@ -135,7 +55,7 @@ def test_text_encoder_keeps_cosine(layers, d_model, ff):
     ids = torch.randint(0, 1000, (4, 64))
     q = fxopt_dynamic(model, ids[:1])
     with torch.inference_mode():
-        ref, out, ao = model(ids), q(ids), _run_ao(torch_ao_dynamic(model), ids)
+        ref, out, ao = model(ids), q(ids), run_ao(torch_ao_dynamic(model), ids)
     ours, theirs = mean_cosine(out, ref), mean_cosine(ao, ref)
     print(f"encoder L={layers} d={d_model}: fxopt cosine {ours:.5f}, torch.ao {theirs:.5f}")
     assert ours >= 0.99
@@ -194,7 +114,7 @@ def test_trained_like_encoder_per_channel_beats_per_tensor():
     ids = torch.randint(0, 1000, (4, 64))
     q = fxopt_dynamic(model, ids[:1])
     with torch.inference_mode():
-        ref, out, ao = model(ids), q(ids), _run_ao(torch_ao_dynamic(model), ids)
+        ref, out, ao = model(ids), q(ids), run_ao(torch_ao_dynamic(model), ids)
     ours, theirs = mean_cosine(out, ref), mean_cosine(ao, ref)
     print(f"trained-like encoder: fxopt {ours:.4f}, torch.ao {theirs:.4f}")
     assert ours >= 0.98
@@ -207,12 +127,17 @@ def test_trained_like_encoder_sensitive_layers_float():
     model = trained_like_encoder()
     ids = torch.randint(0, 1000, (4, 64))
     gm = fxopt.trace(model, (ids[:1],))
+    all_int8 = fxopt.trace(model, (ids[:1],))
+    fp.QuantizeDynamic()(all_int8)
     result = fp.QuantizeDynamic(skip=("*.linear2",))(gm)
     assert type(gm.encoder.layers[3].linear2) is nn.Linear
     assert type(gm.encoder.layers[3].linear1).__name__ == "DynamicLinear"
     assert sum("linear2 left float" in n for n in result.notes) == 6
     with torch.inference_mode():
-        assert mean_cosine(gm(ids), model(ids)) >= 0.99
+        skipped, quantized = mean_cosine(gm(ids), model(ids)), mean_cosine(all_int8(ids), model(ids))
+    # 0.990-0.991 on AMD Zen 4 with VNNI, 0.9899 on another EPYC: the exact figure depends on the CPU's int8
+    # kernel, the gain from keeping linear2 float does not.
+    assert skipped >= 0.985 and skipped > quantized + 0.002
 
 
 def test_trained_like_encoder_min_cosine_keeps_a_few_layers_float():

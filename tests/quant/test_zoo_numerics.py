@@ -5,15 +5,10 @@ torch.ao's prepare_fx/convert_fx is used here only as the reference to match or 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from quant_reference import ZOO, data, fxopt_int8, sqnr, torchao_int8, zoo_model  # noqa: E402
-
-import fxopt  # noqa: E402
+import fxopt
+from bench.quant_reference import ZOO, data, fxopt_int8, sqnr, torchao_int8, zoo_model
 
 
 def _check(name: str, backend: str, size: int, n_calib: int) -> None:

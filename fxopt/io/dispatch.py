@@ -8,7 +8,7 @@ Formats, chosen by the path's extension:
           the archive (:func:`check_pt2_archive`) and refuses any file that would do so.
 ``.pt``   for int8 models (a lowered x86/qnnpack ``QuantizedModel``, or a graph of fxopt's dynamic int8
           modules): a self-contained file of plain data, the graph plus each module's int8 weights and qparams
-          (:mod:`fxopt.int8_format`); ``load(path)`` rebuilds the module with no ``model`` argument, from
+          (:mod:`fxopt.io.int8_format`); ``load(path)`` rebuilds the module with no ``model`` argument, from
           allowlisted functions and classes only. For other modules,
           weights only: the ``state_dict`` (tensors, no code). A file of tensors cannot describe a
           module's code, so ``load(path, model=skeleton)`` restores the weights into a copy of
@@ -17,27 +17,25 @@ Formats, chosen by the path's extension:
 ``.onnx`` handed to the ``onnx`` backend; ``.xml`` (+ ``.bin``) to the ``openvino`` backend.
 
 A module lowered by a backend (``fxopt.meta.backend_of(module)``) is saved by that backend's ``save``
-when the backend provides one. Backends are imported lazily: the core never imports them at import time.
+when the backend provides one. Backends are found through :mod:`fxopt.registry` (imported lazily by name).
 """
 
 from __future__ import annotations
 
 import copy
-import io
-import json
 import logging
 import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx
 
-from . import int8_format, meta
-from .tracing import as_args
-from .errors import FxoptError, UnsupportedError
+from .. import meta, registry
+from ..errors import FxoptError, UnsupportedError
+from ..tracing import as_args
+from . import int8_format
+from .pt2_check import check_pt2_archive
 
 __all__ = ["save", "load", "check_pt2_archive", "FORMAT_TAG"]
 
@@ -59,21 +57,13 @@ def _suffix(path: Path) -> str:
 
 
 def _backend(name: str, purpose: str) -> Any:
-    from fxopt import backends  # lazy: the core must not import backends at import time
-
     try:
-        return backends.get(name)
+        return registry.get(name)
     except ValueError as exc:
         raise UnsupportedError(
             f"{purpose} needs the {name!r} backend, which is not available here "
-            f"(available: {', '.join(backends.available()) or 'none'}); install its extra, e.g. "
+            f"(available: {', '.join(registry.available()) or 'none'}); install its extra, e.g. "
             f"`pip install fxopt[{name}]`") from exc
-
-
-def _has_own_saver(backend: Any) -> bool:
-    from fxopt.backends import Backend
-
-    return type(backend).save is not Backend.save
 
 
 def _inputs_from_graph(module: torch.nn.Module) -> tuple | None:
@@ -109,7 +99,7 @@ def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) 
     marker = meta.backend_of(module)
     if marker is not None:
         backend = _backend(marker, f"saving a module lowered by backend {marker!r}")
-        if _has_own_saver(backend):
+        if backend.has_saver:
             logger.debug("saving %s through backend %r", path, marker)
             backend.save(module, path)
             return
@@ -187,113 +177,3 @@ def _load_weights(path: Path, model: torch.nn.Module | None) -> torch.nn.Module:
     except RuntimeError as exc:
         raise FxoptError(f"the weights in {str(path)!r} do not fit {type(model).__name__}: {exc}") from exc
     return restored
-
-
-# --- .pt2 safety -------------------------------------------------------------------------------------
-# torch.export.load is not "weights only": it unpickles pickled payloads (use_pickle), falls back to
-# weights_only=False for sample inputs, evaluates symbolic-shape expressions with sympy (eval) and exec's
-# shape-guard code when building the module. fxopt.load first checks that a .pt2 archive uses none of that
-# beyond data: tensors as raw bytes, graph targets that are torch ops, and expressions in a small grammar.
-
-_SAFE_TARGET = re.compile(r"^(torch\.ops\.\w+\.\w+(\.\w+)?|_operator\.\w+|math\.\w+)$")
-_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z_]\w*)|('[A-Za-z_]\w*')|(\d+(?:\.\d+)?(?:e[-+]?\d+)?)|(\*\*|[-+*/(),=<>!]))")
-_EXPR_NAMES = frozenset({
-    "Symbol", "Integer", "Float", "Rational", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
-    "Gt", "Ge", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan", "Equality", "Unequality",
-    "And", "Or", "Not", "True", "False", "true", "false", "oo", "S", "Piecewise",
-    "FloorDiv", "ModularIndexing", "Where", "PythonMod", "Mod", "CleanDiv", "CeilToInt", "FloorToInt", "CeilDiv",
-    "IntTrueDiv", "FloatTrueDiv", "LShift", "RShift", "IsNonOverlappingAndDenseIndicator", "TruncToFloat",
-    "TruncToInt", "RoundToInt", "RoundDecimal", "ToFloat", "FloatPow", "PowByNatural", "Identity",
-    "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero", "zero",
-    "even", "odd", "rational", "extended_real", "commutative", "infinite",
-})
-_SYMBOL_NAME = re.compile(r"^[a-z]{1,4}\d+$")  # s0, u3, zuf0
-
-
-class _Refused(FxoptError):
-    pass
-
-
-def _safe_expr(expr: str) -> bool:
-    pos = 0
-    while pos < len(expr):
-        m = _EXPR_TOKEN.match(expr, pos)
-        if m is None or m.end() == pos:
-            return expr[pos:].strip() == ""
-        name = m.group(1)
-        if name is not None and name not in _EXPR_NAMES and not _SYMBOL_NAME.match(name):
-            return False
-        pos = m.end()
-    return True
-
-
-def _check_graph_json(obj: Any, where: str) -> None:
-    if isinstance(obj, dict):
-        if "target" in obj and "inputs" in obj and not _SAFE_TARGET.match(str(obj["target"])):
-            raise _Refused(f"{where}: graph node target {str(obj['target'])[:80]!r} is not a torch operator")
-        if "expr_str" in obj and not _safe_expr(str(obj["expr_str"])):
-            raise _Refused(f"{where}: symbolic expression {str(obj['expr_str'])[:80]!r} is not plain arithmetic")
-        for value in obj.values():
-            _check_graph_json(value, where)
-    elif isinstance(obj, list):
-        for value in obj:
-            _check_graph_json(value, where)
-
-
-def check_pt2_archive(path: str | Path) -> None:
-    """Raise :class:`fxopt.FxoptError` unless loading ``path`` with ``torch.export.load`` runs no code from it."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise FxoptError(f"{str(path)!r} is not a .pt2 archive (not a zip file)") from exc
-    with archive:
-        try:
-            names = _entry_names(archive)
-            _check_entries(archive, names)
-        except _Refused as exc:
-            raise FxoptError(
-                f"refused to load {str(path)!r}: {exc}. fxopt.load never runs code from a file; load it with "
-                f"torch.export.load only if you trust its source") from None
-
-
-_ALLOWED = re.compile(r"^(archive_format|archive_version|byteorder|\.data/.+|models/[^/]+\.json|"
-                      r"data/(weights|constants)/[^/]+|data/sample_inputs/[^/]+\.pt|extra/.+)$")
-
-
-def _entry_names(archive: zipfile.ZipFile) -> dict[str, str]:
-    """Entries by their name under the archive's single root folder; anything unexpected is refused."""
-    full_names = archive.namelist()
-    if len(set(full_names)) != len(full_names):
-        raise _Refused("it has duplicate entries")
-    roots = {n.split("/", 1)[0] for n in full_names}
-    names = {n.split("/", 1)[1]: n for n in full_names if "/" in n}
-    if len(roots) != 1 or len(names) != len(full_names):
-        raise _Refused("it is not in the current torch.export archive format (legacy files unpickle their data)")
-    for short in names:
-        if not _ALLOWED.match(short):
-            raise _Refused(f"it contains an entry fxopt does not load safely ({short})")
-    return names
-
-
-def _check_entries(archive: zipfile.ZipFile, names: dict[str, str]) -> None:
-    fmt = archive.read(names["archive_format"]).decode().strip() if "archive_format" in names else ""
-    if fmt != "pt2":
-        raise _Refused("it is not in the current torch.export archive format (legacy files unpickle their data)")
-    for short, full in names.items():
-        if short.startswith(("data/weights/", "data/constants/")) and short.endswith(".pt"):
-            raise _Refused(f"it holds pickled legacy data ({short})")
-        if short.endswith("_config.json") and short.startswith(("data/weights/", "data/constants/")):
-            for fqn, payload in json.loads(archive.read(full)).get("config", {}).items():
-                custom = str(payload.get("path_name", "")).startswith("custom_obj_")  # torchbind: no Python code
-                if payload.get("use_pickle") and not custom:
-                    raise _Refused(f"{fqn!r} is stored as a pickled Python object")
-        if short.startswith("data/sample_inputs/"):
-            try:
-                torch.load(io.BytesIO(archive.read(full)), weights_only=True)
-            except Exception as exc:
-                raise _Refused(f"its sample inputs are not plain tensors ({type(exc).__name__})") from None
-        if short.startswith("models/") and short.endswith(".json"):
-            model = json.loads(archive.read(full))
-            if model.get("guards_code"):
-                raise _Refused("it carries shape-guard code, which torch.export.load would execute")
-            _check_graph_json(model, short)

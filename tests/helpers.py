@@ -1,4 +1,6 @@
-"""Hand-built prepared graphs (the contract lowering reads), independent of the fxopt passes.
+"""Shared test helpers (``from tests.helpers import ...``; the repository root is on pytest's ``pythonpath``).
+
+``prepare_by_hand``: hand-built prepared graphs (the contract lowering reads), independent of the fxopt passes.
 
 Every call node whose op the backend runs in int8 is put in the region, a QuantStub + observer goes
 after each placeholder, an observer after each compute op and a DeQuantStub before the output.
@@ -12,6 +14,7 @@ import torch.fx
 import fxopt
 from fxopt import backends, meta
 from fxopt.backends.spec import op_key
+from fxopt.compare import sqnr_db
 from fxopt.quant.observers import make_observer
 from fxopt.quant.stubs import DeQuantStub, QuantConfig, QuantStub
 
@@ -67,5 +70,5 @@ def calibrate(gm: torch.fx.GraphModule, batches) -> torch.fx.GraphModule:
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.float(), out.float()
-    return (10 * torch.log10(ref.pow(2).mean() / (ref - out).pow(2).mean().clamp_min(1e-20))).item()
+    """SQNR of ``out`` against ``ref`` in dB (``fxopt.compare``'s definition)."""
+    return sqnr_db(ref, out)

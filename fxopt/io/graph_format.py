@@ -1,6 +1,6 @@
 """An fx Graph as plain data (lists, dicts, strings, numbers), rebuilt only from allowlisted functions.
 
-Used by fxopt's int8 file format (:mod:`fxopt.int8_format`). A node is stored as::
+Used by fxopt's int8 file format (:mod:`fxopt.io.int8_format`). A node is stored as::
 
     {"op": "call_function", "name": "erf", "target": "torch.erf", "args": [...], "kwargs": [...]}
 
@@ -32,7 +32,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from .errors import FxoptError, UnsupportedError
+from ..errors import FxoptError, UnsupportedError
 
 __all__ = [
     "REFUSED_METHODS",

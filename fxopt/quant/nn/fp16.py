@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from .base import QuantizedModule
+
 __all__ = ["FP16Module", "COMPUTE_MODES"]
 
 COMPUTE_MODES = ("fp32", "fp16")
@@ -30,7 +32,7 @@ def _cast_tree(value, dtype: torch.dtype):
     return value
 
 
-class FP16Module(nn.Module):
+class FP16Module(QuantizedModule):
     """Stores ``module``'s float parameters and buffers in fp16; see the module docstring."""
 
     def __init__(self, module: nn.Module, compute: str = "fp32"):

@@ -2,7 +2,7 @@
 
 Two kinds of classes can be stored:
 
-* fxopt's int8 / dynamic modules (:func:`fxopt_classes`): each gives its constructor state with
+* fxopt's int8 / dynamic modules (:data:`fxopt.quant.nn.STORABLE`): each gives its constructor state with
   ``fxopt_state()`` (int8 weights as integer values + qparams, plain numbers) and is rebuilt with
   ``cls.fxopt_from_state(state)``, which packs the weights again under the module's engine;
 * standard ``torch.nn`` modules (``torch.nn.<Name>`` defined in ``torch.nn.modules``): their plain attributes
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import FxoptError, UnsupportedError
+from ..errors import FxoptError, UnsupportedError
+from ..quant.nn import STORABLE
 from .graph_format import decode_value, encode_value, is_identifier, is_module_path
 
 __all__ = ["decode_module", "encode_module", "fxopt_classes", "is_fxopt_module"]
@@ -31,13 +32,8 @@ _TORCH_PREFIX = "torch.nn."
 
 @functools.lru_cache(maxsize=1)
 def fxopt_classes() -> dict[str, type]:
-    """fxopt's storable int8/dynamic module classes by stored name (imported lazily: backends are optional)."""
-    from fxopt.backends import qmodules as qm
-    from fxopt.quant import dynamic
-
-    classes = [qm.QuantizeInput, qm.QConv, qm.QLinear, qm.QAdd, qm.QMul, qm.QCat, qm.QHardswish, qm.QLayerNorm,
-               qm.QBatchNorm, dynamic.DynamicLinear, dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag]
-    return {_FXOPT_PREFIX + cls.__name__: cls for cls in classes}
+    """fxopt's storable int8/dynamic module classes (:data:`fxopt.quant.nn.STORABLE`) by stored name."""
+    return {_FXOPT_PREFIX + cls.__name__: cls for cls in STORABLE}
 
 
 def is_fxopt_module(module: nn.Module) -> bool:

@@ -15,21 +15,23 @@ Each module has ``from_float(module, dtype, reduce_range)`` and ``fxopt_weights(
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
-from .spec import QSpec, qparams_from_range
+from ..qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
+from ..spec import QSpec, qparams_from_range
+from .base import QuantizedModule
+from .int8 import quantize_weight
 
 __all__ = [
     "DYNAMIC_DTYPES",
     "WEIGHT_SPEC",
-    "quantize_weight",
+    "quantize_rows",
     "pack_linear",
     "unpack_linear",
+    "pack_stored",
     "needs_reduce_range",
     "fp16_linear_available",
     "DynamicLinear",
@@ -45,16 +47,14 @@ WEIGHT_SPEC = QSpec(dtype=torch.qint8, symmetric=True, axis=0)
 _q = torch.ops.quantized
 
 
-def quantize_weight(weight: torch.Tensor, spec: QSpec = WEIGHT_SPEC) -> torch.Tensor:
-    """A quantized tensor of ``weight`` (2-D, rows = output channels) per ``spec``."""
+def quantize_rows(weight: torch.Tensor, spec: QSpec = WEIGHT_SPEC) -> torch.Tensor:
+    """A quantized tensor of ``weight`` (2-D, rows = output channels) over its own range, per ``spec``."""
     w = weight.detach().float()
-    with warnings.catch_warnings():  # torch warns that quantized tensor creation is deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        if spec.per_channel:
-            scale, zp = qparams_from_range(spec, w.amin(dim=1), w.amax(dim=1))
-            return torch.quantize_per_channel(w, scale.double(), zp, 0, spec.dtype)
+    if spec.per_channel:
+        scale, zp = qparams_from_range(spec, w.amin(dim=1), w.amax(dim=1))
+    else:
         scale, zp = qparams_from_range(spec, w.min(), w.max())
-        return torch.quantize_per_tensor(w, float(scale), int(zp), spec.dtype)
+    return quantize_weight(w, scale, zp, spec.dtype, per_channel=spec.per_channel)
 
 
 def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.ScriptObject:
@@ -62,7 +62,18 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dt
     b = None if bias is None else bias.detach().float()
     if dtype == torch.float16:
         return _q.linear_prepack_fp16(weight.detach().float(), b)
-    return _q.linear_prepack(quantize_weight(weight), b)
+    return _q.linear_prepack(quantize_rows(weight), b)
+
+
+def pack_stored(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.ScriptObject:
+    """Packed weights from stored ones, as :func:`unpack_linear` gives them: a quantized (int8) weight is packed
+    as it is (not quantized again), a float16 one for the fp16 kernel."""
+    b = None if bias is None else bias.detach().float()
+    if weight.is_quantized:
+        return _q.linear_prepack(weight, b)
+    if weight.dtype != torch.float16:
+        raise TypeError(f"a stored dynamic weight is an int8 quantized or a float16 tensor, got {weight.dtype}")
+    return _q.linear_prepack_fp16(weight.float(), b)
 
 
 def unpack_linear(packed: torch.ScriptObject, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -102,7 +113,7 @@ def _check_dtype(dtype: torch.dtype) -> None:
         raise ValueError(f"dynamic quantization supports dtype torch.qint8 or torch.float16, got {dtype}")
 
 
-class DynamicLinear(nn.Module):
+class DynamicLinear(QuantizedModule):
     """``nn.Linear`` with int8 per-channel (or fp16) packed weights; the input is quantized per call."""
 
     def __init__(self, packed: torch.ScriptObject, in_features: int, out_features: int,
@@ -136,6 +147,17 @@ class DynamicLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}"
 
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
+        return self.fxopt_weights() | {"bias": unpack_linear(self._packed, self.dtype)[1]}
+
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        weight = tensors["weight"]
+        if weight.is_quantized != (self.dtype == torch.qint8) or tuple(weight.shape) != (self.out_features,
+                                                                                        self.in_features):
+            raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)} does not fit this {self.dtype} layer of "
+                             f"shape {(self.out_features, self.in_features)}")
+        self._packed = pack_stored(weight, tensors["bias"])
+
     # fxopt.save / fxopt.load: the stored weights as plain data; packed again (not re-quantized) on load
     def fxopt_state(self) -> dict:
         w, b = unpack_linear(self._packed, self.dtype)
@@ -147,11 +169,8 @@ class DynamicLinear(nn.Module):
     def fxopt_from_state(cls, state: dict) -> "DynamicLinear":
         dtype = dtype_from_name(state["dtype"])
         _check_dtype(dtype)
-        bias = state["bias"]
-        if dtype == torch.float16:
-            packed = _q.linear_prepack_fp16(state["weight"].float(), bias)
-        else:
-            packed = _q.linear_prepack(qtensor_from_state(state["weight"]), bias)
+        weight = state["weight"] if dtype == torch.float16 else qtensor_from_state(state["weight"])
+        packed = pack_stored(weight, state["bias"])
         return cls(packed, int(state["in_features"]), int(state["out_features"]), dtype,
                    bool(state["reduce_range"]))
 
@@ -163,7 +182,7 @@ def _prepack_rows(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _q.embedding_bag_byte_prepack(weight.detach().float().contiguous())
 
 
-class _DynamicEmbeddingBase(nn.Module):
+class _DynamicEmbeddingBase(QuantizedModule):
     def __init__(self, rows: torch.Tensor, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
         super().__init__()
         _check_dtype(dtype)

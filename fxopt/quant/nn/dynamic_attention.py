@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import QuantizedModule
 from .dynamic import DynamicLinear, _check_dtype, needs_reduce_range, pack_linear
 
 __all__ = ["DynamicMultiheadAttention", "DynamicTransformerEncoderLayer"]
@@ -34,7 +35,7 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
     return mask.to(dtype)
 
 
-class DynamicMultiheadAttention(nn.Module):
+class DynamicMultiheadAttention(QuantizedModule):
     """``nn.MultiheadAttention`` (inference) with dynamic int8 (or fp16) q/k/v and output projections."""
 
     def __init__(self, mha: nn.MultiheadAttention, dtype: torch.dtype = torch.qint8,

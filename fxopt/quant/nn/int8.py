@@ -1,6 +1,6 @@
 """fxopt's own int8 modules: thin wrappers around ``torch.ops.quantized.*`` kernels.
 
-Lowering (:mod:`fxopt.backends.lowering`) builds these from the float modules of a calibrated graph.
+Lowering (``fxopt.backends.lowering``) builds these from the float modules of a calibrated graph.
 Each module
 
 * takes quantized inputs and returns a quantized output with fixed output qparams (``scale``,
@@ -10,7 +10,7 @@ Each module
 * survives ``copy.deepcopy`` and ``state_dict`` / ``load_state_dict`` (packed weights are saved
   unpacked and packed again on load, under the engine the module was built for).
 
-Embeddings are weight-only (float in, float out): lowering uses ``fxopt.quant.dynamic.DynamicEmbedding``.
+Embeddings are weight-only (float in, float out): lowering uses :class:`fxopt.quant.nn.dynamic.DynamicEmbedding`.
 
 Packed weights are engine specific: they are packed under ``engine`` (``"x86"``/``"fbgemm"`` or
 ``"qnnpack"``), whatever the global engine is at construction time.
@@ -18,19 +18,18 @@ Packed weights are engine specific: they are packed under ``engine`` (``"x86"``/
 
 from __future__ import annotations
 
-import warnings
-
-import contextlib
 import logging
-from typing import Iterator, Sequence
+import warnings
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from fxopt.quant.qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
+from ..qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
+from .base import QuantizedModule
+from .engine import engine_scope, local_engine
 
 __all__ = [
-    "engine_scope",
     "quantize_weight",
     "QuantizeInput",
     "QConv",
@@ -55,47 +54,18 @@ _CONV_OPS = {
 }
 
 
-@contextlib.contextmanager
-def engine_scope(engine: str | None) -> Iterator[None]:
-    """Run a block under ``torch.backends.quantized.engine = engine`` (restored afterwards).
-
-    The engine is a process-wide setting: two threads running modules for different engines at the
-    same time race on it.
-    """
-    previous = torch.backends.quantized.engine
-    if engine is None or engine == previous:
-        yield
-        return
-    torch.backends.quantized.engine = engine
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-
-
 def quantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                    dtype: torch.dtype = torch.qint8) -> torch.Tensor:
-    """``weight`` as a quantized tensor: per tensor when ``scale`` has one element, else per channel (axis 0)."""
+                    dtype: torch.dtype = torch.qint8, *, per_channel: bool | None = None) -> torch.Tensor:
+    """``weight`` as a quantized tensor: per channel (axis 0) when ``per_channel`` (default: when ``scale`` has
+    more than one element), else per tensor."""
     weight = weight.detach().float()
     scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1)
     zero_point = torch.as_tensor(zero_point, dtype=torch.int64).reshape(-1)
     with warnings.catch_warnings():  # torch warns (once) that quantized tensor creation is deprecated
         warnings.simplefilter("ignore", UserWarning)
-        if scale.numel() == 1:
+        if not (per_channel if per_channel is not None else scale.numel() > 1):
             return torch.quantize_per_tensor(weight, float(scale[0]), int(zero_point[0]), dtype)
         return torch.quantize_per_channel(weight, scale, zero_point, 0, dtype)
-
-
-def _local_engine(engine: object) -> str | None:
-    """The engine to pack saved weights under here: ``x86`` and ``fbgemm`` stand in for each other."""
-    if engine is None:
-        return None
-    if not isinstance(engine, str):
-        raise TypeError(f"engine must be a string, got {type(engine).__name__}")
-    supported = torch.backends.quantized.supported_engines
-    if engine not in supported and engine in ("x86", "fbgemm"):
-        return "fbgemm" if engine == "x86" else "x86"
-    return engine
 
 
 def _qparams(output_qparams: Sequence) -> tuple[float, int]:
@@ -103,20 +73,7 @@ def _qparams(output_qparams: Sequence) -> tuple[float, int]:
     return float(scale), int(zero_point)
 
 
-def _save_qparams(module: nn.Module, destination: dict, prefix: str) -> None:
-    destination[prefix + "scale"] = torch.tensor(module.scale, dtype=torch.float64)
-    destination[prefix + "zero_point"] = torch.tensor(module.zero_point, dtype=torch.int64)
-
-
-def _load_qparams(module: nn.Module, state_dict: dict, prefix: str, missing: list) -> None:
-    for name, cast in (("scale", float), ("zero_point", int)):
-        if prefix + name in state_dict:
-            setattr(module, name, cast(state_dict.pop(prefix + name)))
-        else:
-            missing.append(prefix + name)
-
-
-class _QOutput(nn.Module):
+class _QOutput(QuantizedModule):
     """Base for modules with an output scale / zero point (saved in the state dict)."""
 
     def __init__(self, scale: float, zero_point: int) -> None:
@@ -124,15 +81,12 @@ class _QOutput(nn.Module):
         self.scale = float(scale)
         self.zero_point = int(zero_point)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        _save_qparams(self, destination, prefix)
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
+        return {"scale": torch.tensor(self.scale, dtype=torch.float64),
+                "zero_point": torch.tensor(self.zero_point, dtype=torch.int64)}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        _load_qparams(self, state_dict, prefix, missing_keys)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        self.scale, self.zero_point = float(tensors["scale"]), int(tensors["zero_point"])
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
@@ -149,12 +103,12 @@ class _QOutput(nn.Module):
         return cls(float(state["scale"]), int(state["zero_point"]))
 
 
-class QuantizeInput(nn.Module):
+class QuantizeInput(_QOutput):
     """Float → quantized tensor with fixed qparams (the lowered form of a QuantStub)."""
 
     def __init__(self, scale: float, zero_point: int, dtype: torch.dtype = torch.quint8) -> None:
-        super().__init__()
-        self.scale, self.zero_point, self.dtype = float(scale), int(zero_point), dtype
+        super().__init__(scale, zero_point)
+        self.dtype = dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.quantize_per_tensor(x, self.scale, self.zero_point, self.dtype)
@@ -171,9 +125,14 @@ class QuantizeInput(nn.Module):
 
 
 class _Packed(_QOutput):
-    """Base for modules holding prepacked weights (``self._packed``)."""
+    """Base for modules holding prepacked weights (``self._packed``).
+
+    ``weight_bits`` is the grid the int8 weights lie on: 8, or fewer for weights trained on a coarser
+    grid (QAT with 4-bit weights: int8 storage, values in ``[-8, 7]``); ``fxopt.report`` notes it.
+    """
 
     engine: str | None = None
+    weight_bits: int = 8
     _kept: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _prepack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:  # pragma: no cover
@@ -208,22 +167,24 @@ class _Packed(_QOutput):
     def fxopt_state(self) -> dict:
         weight, bias = self.weight_bias()
         return {**super().fxopt_state(), "weight": qtensor_state(weight), "bias": bias, "relu": self.relu,
-                "engine": self.engine}
+                "engine": self.engine, "weight_bits": self.weight_bits}
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
+    def _with_weight_bits(self, state: dict) -> "_Packed":
+        """Restore the weight grid recorded by ``fxopt_state`` (files written before it existed: 8)."""
+        bits = state.get("weight_bits", 8)
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"weight_bits must be an int in [2, 8], got {bits!r}")
+        if bits != 8:
+            self.weight_bits = bits
+        return self
+
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
         weight, bias = self.weight_bias()
-        destination[prefix + "weight"] = weight
-        destination[prefix + "bias"] = bias
+        return {**super()._state_tensors(), "weight": weight, "bias": bias}
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        if prefix + "weight" in state_dict:
-            self.set_weight_bias(state_dict.pop(prefix + "weight"), state_dict.pop(prefix + "bias", None))
-        else:
-            missing_keys.append(prefix + "weight")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        super()._set_state_tensors(tensors)
+        self.set_weight_bias(tensors["weight"], tensors["bias"])
 
 
 class QConv(_Packed):
@@ -274,7 +235,7 @@ class QConv(_Packed):
     def fxopt_from_state(cls, state: dict) -> "QConv":
         return cls(int(state["dim"]), qtensor_from_state(state["weight"]), state["bias"], state["stride"],
                    state["padding"], state["dilation"], int(state["groups"]), float(state["scale"]),
-                   int(state["zero_point"]), relu=bool(state["relu"]), engine=_local_engine(state["engine"]))
+                   int(state["zero_point"]), relu=bool(state["relu"]), engine=local_engine(state["engine"]))._with_weight_bits(state)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
@@ -310,7 +271,7 @@ class QLinear(_Packed):
     @classmethod
     def fxopt_from_state(cls, state: dict) -> "QLinear":
         return cls(qtensor_from_state(state["weight"]), state["bias"], float(state["scale"]),
-                   int(state["zero_point"]), relu=bool(state["relu"]), engine=_local_engine(state["engine"]))
+                   int(state["zero_point"]), relu=bool(state["relu"]), engine=local_engine(state["engine"]))._with_weight_bits(state)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, {super().extra_repr()}"

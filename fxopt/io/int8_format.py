@@ -1,12 +1,12 @@
 """fxopt's self-contained file format for int8 models (``fxopt.save(int8_model, "m.pt")``).
 
-A lowered static-int8 model (:class:`fxopt.backends.lowering.QuantizedModel`, x86 or qnnpack) or a graph with
+A lowered static-int8 model (:class:`fxopt.quant.nn.QuantizedModel`, x86 or qnnpack) or a graph with
 fxopt's dynamic int8 modules is written with ``torch.save`` of plain data only::
 
     {"format": "fxopt.int8_graph.v1", "wrapper": "QuantizedModel" | "GraphModule", "engine": "x86",
      "backend": "x86" | None, "float_islands": [[node, op, reason], ...],
-     "graph": [node entries],                  # fxopt.graph_format
-     "modules": {target: {"class": name, "state": ...}},   # fxopt.module_format
+     "graph": [node entries],                  # fxopt.io.graph_format
+     "modules": {target: {"class": name, "state": ...}},   # fxopt.io.module_format
      "attrs": {target: tensor or {"int_repr": ..., ...}}}  # get_attr constants
 
 ``load`` reads it with ``torch.load(weights_only=True)`` (a pickled object is refused before anything is
@@ -23,11 +23,13 @@ import torch
 import torch.fx
 from torch import nn
 
-from . import meta
-from .errors import FxoptError, UnsupportedError
+from .. import meta
+from ..errors import FxoptError, UnsupportedError
+from ..graph_utils import get_attr_path
+from ..quant.nn import QuantizedModel, engine_scope, local_engine
+from ..quant.qstate import qtensor_from_state, qtensor_state
 from .graph_format import decode_graph, encode_graph, is_module_path
 from .module_format import decode_module, encode_module, is_fxopt_module
-from .quant.qstate import qtensor_from_state, qtensor_state
 
 __all__ = ["FORMAT_TAG", "from_plain", "is_int8_model", "to_plain"]
 
@@ -37,22 +39,16 @@ FORMAT_TAG = "fxopt.int8_graph.v1"
 _WRAPPERS = ("QuantizedModel", "GraphModule")
 
 
-def _quantized_model_class() -> type:
-    from fxopt.backends.lowering import QuantizedModel
-
-    return QuantizedModel
-
-
 def is_int8_model(module: nn.Module) -> bool:
     """A lowered int8 model, or a GraphModule holding fxopt's int8/dynamic modules."""
-    if isinstance(module, _quantized_model_class()):
+    if isinstance(module, QuantizedModel):
         return True
     return isinstance(module, torch.fx.GraphModule) and any(is_fxopt_module(m) for m in module.modules())
 
 
 def to_plain(module: nn.Module) -> dict[str, Any]:
     """The file contents for ``module`` (see the module docstring); :class:`UnsupportedError` if it cannot be."""
-    if isinstance(module, _quantized_model_class()):
+    if isinstance(module, QuantizedModel):
         gm, engine, wrapper = module.graph_module, module.engine, "QuantizedModel"
     elif isinstance(module, torch.fx.GraphModule):
         gm, engine, wrapper = module, torch.backends.quantized.engine, "GraphModule"
@@ -64,20 +60,13 @@ def to_plain(module: nn.Module) -> dict[str, Any]:
         if node.op == "call_module" and node.target not in modules:
             modules[node.target] = encode_module(gm.get_submodule(node.target), node.target)
         elif node.op == "get_attr" and node.target not in attrs:
-            attrs[node.target] = _encode_attr(_fetch(gm, node.target), node.target)
+            attrs[node.target] = _encode_attr(get_attr_path(gm, node.target), node.target)
     islands = [[str(i.node), str(i.op), str(i.reason)] for i in meta.float_islands(gm)]
     return {
         "format": FORMAT_TAG, "wrapper": wrapper, "engine": engine, "backend": meta.backend_of(gm),
         "float_islands": islands, "graph": encode_graph(gm.graph), "modules": modules, "attrs": attrs,
         "torch_version": str(torch.__version__),
     }
-
-
-def _fetch(gm: nn.Module, target: str) -> Any:
-    value: Any = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _encode_attr(value: Any, target: str) -> Any:
@@ -95,19 +84,6 @@ def _decode_attr(value: Any, target: str) -> torch.Tensor:
     except (ValueError, TypeError, RuntimeError) as exc:
         raise FxoptError(f"graph constant {target!r} in the file is neither a tensor nor a quantized tensor: "
                          f"{exc}") from exc
-
-
-def _usable_engine(engine: Any) -> str:
-    supported = torch.backends.quantized.supported_engines
-    if engine in supported:
-        return engine
-    if engine in ("x86", "fbgemm"):
-        other = "fbgemm" if engine == "x86" else "x86"
-        if other in supported:
-            return other
-    raise UnsupportedError(f"this file's int8 weights are for the {str(engine)[:40]!r} engine, which this PyTorch "
-                           f"build does not have (it has: {', '.join(supported)}); save the model again for one of "
-                           f"those")
 
 
 def _place(root: nn.Module, target: str, value: nn.Module | torch.Tensor, where: str) -> None:
@@ -134,13 +110,14 @@ def _place_at(root: nn.Module, target: str, value: nn.Module | torch.Tensor) -> 
 
 def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
     """The module stored in ``obj`` (already read with ``weights_only=True``)."""
-    from fxopt.backends.qmodules import engine_scope
-
     wrapper, graph_data = obj.get("wrapper"), obj.get("graph")
     modules, attrs = obj.get("modules"), obj.get("attrs")
     if wrapper not in _WRAPPERS or not isinstance(modules, dict) or not isinstance(attrs, dict):
         raise FxoptError(f"{where} is not a valid fxopt int8 file (missing or malformed 'wrapper'/'modules'/'attrs')")
-    engine = _usable_engine(obj.get("engine"))
+    engine = obj.get("engine")
+    if not isinstance(engine, str):
+        raise FxoptError(f"{where} is not a valid fxopt int8 file (no engine named)")
+    engine = local_engine(engine)
     graph = decode_graph(graph_data)  # refuses non-allowlisted functions before any module is built
     root = nn.Module()
     with engine_scope(engine), torch.no_grad():
@@ -164,5 +141,5 @@ def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
     meta.set_float_islands(gm, [meta.FloatIsland(*map(str, i)) for i in islands if isinstance(i, list) and len(i) == 3])
     logger.debug("loaded %s: %d nodes, %d modules, engine %s", where, len(graph.nodes), len(modules), engine)
     if wrapper == "QuantizedModel":
-        return _quantized_model_class()(gm, engine).eval()
+        return QuantizedModel(gm, engine).eval()
     return gm.eval()

@@ -1,16 +1,27 @@
-"""Small graph helpers shared by the float passes (not public API)."""
+"""Graph helpers shared by the core, the passes and the backends (one home for each; not public API).
+
+Attribute access by dotted path, unique names, argument binding, observer detection, single-user and
+mutation checks, node bypassing.
+"""
 
 from __future__ import annotations
 
+import inspect
 import operator
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 
 __all__ = [
+    "bind_args",
     "get_attr_path",
+    "has_attr_path",
+    "is_observer",
     "set_attr_path",
+    "single_user",
+    "unique_name",
     "module_of",
     "referenced_targets",
     "is_referenced",
@@ -23,12 +34,29 @@ __all__ = [
 ]
 
 
-def get_attr_path(root: torch.nn.Module, target: str) -> Any:
-    """``root.a.b.c`` for ``target == "a.b.c"``."""
+_RAISE = object()
+
+
+def get_attr_path(root: Any, target: str, default: Any = _RAISE) -> Any:
+    """``root.a.b.c`` for ``target == "a.b.c"``; ``default`` (when given) instead of an ``AttributeError``."""
     obj: Any = root
     for part in target.split("."):
-        obj = getattr(obj, part)
+        if default is _RAISE:
+            obj = getattr(obj, part)
+        else:
+            obj = getattr(obj, part, default)
+            if obj is default:
+                return default
     return obj
+
+
+def has_attr_path(root: torch.nn.Module, target: str) -> bool:
+    """Whether ``root.a.b.c`` exists for ``target == "a.b.c"``."""
+    try:
+        get_attr_path(root, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def set_attr_path(root: torch.nn.Module, target: str, value: Any) -> None:
@@ -66,9 +94,7 @@ def is_referenced(path: str, targets: Iterable[str]) -> bool:
 
 def delete_if_unreferenced(gm: torch.fx.GraphModule, path: str) -> bool:
     """Delete the attribute ``path`` of ``gm`` when the graph no longer refers to it. True if deleted."""
-    try:
-        get_attr_path(gm, path)
-    except AttributeError:
+    if not has_attr_path(gm, path):
         return False
     if is_referenced(path, referenced_targets(gm)):
         return False
@@ -97,16 +123,64 @@ def call_sites(gm: torch.fx.GraphModule, module: torch.nn.Module) -> list[torch.
     return [n for n in gm.graph.nodes if n.op == "call_module" and gm.get_submodule(n.target) is module]
 
 
+def unique_name(base: str, taken: Callable[[str], bool], *, start: int | None = None, sep: str = "_") -> str:
+    """The first name not ``taken``: ``base`` itself (when ``start`` is None), then ``base{sep}{i}`` for
+    ``i = start`` (default 1), ``start + 1``..."""
+    if start is None:
+        if not taken(base):
+            return base
+        start = 1
+    i = start
+    while taken(f"{base}{sep}{i}"):
+        i += 1
+    return f"{base}{sep}{i}"
+
+
 def unique_attr_name(root: torch.nn.Module, base: str) -> str:
     """A name not yet used as an attribute of ``root``: ``base``, ``base_1``, ``base_2``..."""
     base = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "attr"
     if base[0].isdigit():
         base = "_" + base
-    name, i = base, 1
-    while hasattr(root, name):
-        name = f"{base}_{i}"
-        i += 1
-    return name
+    return unique_name(base, lambda name: hasattr(root, name))
+
+
+def single_user(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The only user of ``node``, or ``None`` when it has none or several."""
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def is_observer(module: Any) -> bool:
+    """An activation observer: :class:`fxopt.quant.observers.Observer` or a module with its interface."""
+    return isinstance(module, torch.nn.Module) and callable(getattr(module, "calculate_qparams", None)) \
+        and hasattr(module, "calibrated")
+
+
+# builtins without an inspectable signature: parameter names and defaults
+_CONV_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+                ("groups", 1))
+_SIGNATURES: dict[Any, tuple[tuple[str, Any], ...]] = {
+    F.conv1d: _CONV_PARAMS, F.conv2d: _CONV_PARAMS, F.conv3d: _CONV_PARAMS,
+    F.linear: (("input", None), ("weight", None), ("bias", None)),
+}
+
+
+def bind_args(fn: Callable, node: torch.fx.Node) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults filled in; ``TypeError`` when the call does not fit
+    ``fn``'s signature (or ``fn`` has none that can be read)."""
+    if fn in _SIGNATURES:
+        params = _SIGNATURES[fn]
+        if len(node.args) > len(params) or set(node.kwargs) - {name for name, _ in params}:
+            raise TypeError(f"unexpected arguments to {getattr(fn, '__name__', fn)}")
+        found = {name: default for name, default in params}
+        found.update(zip((name for name, _ in params), node.args))
+        found.update(node.kwargs)
+        return found
+    try:
+        bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
+    except ValueError as exc:  # no signature for this builtin
+        raise TypeError(str(exc)) from exc
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 _INPLACE_OPERATORS = {

@@ -29,14 +29,15 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
-from .dynamic import _check_dtype, fp16_linear_available, needs_reduce_range, pack_linear, unpack_linear
+from .base import QuantizedModule
+from .dynamic import _check_dtype, fp16_linear_available, needs_reduce_range, pack_linear, pack_stored, unpack_linear
 
 __all__ = ["DynamicRNN", "DynamicLSTM", "DynamicGRU"]
 
 _q = torch.ops.quantized
 
 
-class DynamicRNN(nn.Module):
+class DynamicRNN(QuantizedModule):
     """Common part of :class:`DynamicLSTM` and :class:`DynamicGRU`."""
 
     mode = ""  # "LSTM" or "GRU"
@@ -98,6 +99,25 @@ class DynamicRNN(nn.Module):
             if self.bias and b is not None:
                 out[f"bias_{name}"] = b
         return out
+
+    def _state_tensors(self) -> dict[str, torch.Tensor | None]:
+        out: dict[str, torch.Tensor | None] = {}
+        for name, packed, dtype in self._packed:
+            out[f"weight_{name}"] = unpack_linear(packed, dtype)[0]
+            out[f"bias_{name}"] = self._biases[name]
+        return out
+
+    def _set_state_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        packed = []
+        for name, old, dtype in self._packed:
+            weight, bias = tensors[f"weight_{name}"], tensors[f"bias_{name}"]
+            store = torch.qint8 if weight.is_quantized else torch.float16
+            if tuple(weight.shape) != tuple(unpack_linear(old, dtype)[0].shape):
+                raise ValueError(f"weight_{name} has shape {tuple(weight.shape)}, this layer needs "
+                                 f"{tuple(unpack_linear(old, dtype)[0].shape)}")
+            packed.append((name, pack_stored(weight, bias if self.bias else None), store))
+            self._biases[name] = bias.detach().float().clone()
+        self._packed = packed
 
     # -- running ---------------------------------------------------------------------------------
 
