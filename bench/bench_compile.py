@@ -1,36 +1,61 @@
-"""Compile-time benchmarks: tracing and the float clean-up passes on real architectures.
+"""Compile-time benchmarks: how long fxopt takes to optimize a model (trace + passes + calibration + lowering).
 
-Run: ``pytest bench/bench_compile.py --benchmark-only``
+    python -m pytest bench/bench_compile.py --benchmark-only
+
+One group per stage; each benchmark's extra_info holds the result's bytes and SQNR vs float. The static int8
+cases run on every available backend that can lower them (bench/zoo.py discovers them).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 
 import fxopt
 from fxopt import recipes
+from fxopt.errors import UnsupportedError
+from bench.zoo import CNNS, SMOKE, build, extra_info, inputs, lowering_backends, model, variant_id
 
-MODELS = ["resnet50", "mobilenet_v2"]
-
-
-def _model(name):
-    return torchvision.models.get_model(name, weights=None).eval()
+ROUNDS = 1 if SMOKE else 3
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.fixture(autouse=True)
+def _two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("name", CNNS + ["encoder"])
 def test_trace(benchmark, name):
-    model = _model(name)
-    x = torch.randn(1, 3, 224, 224)
-    gm = benchmark(fxopt.trace, model, (x,))
-    assert not fxopt.untraced(gm)
+    benchmark.group = "trace"
+    m, x = model(name), inputs(name, 1)
+    gm = benchmark.pedantic(fxopt.trace, args=(m, (x,)), rounds=ROUNDS, iterations=1)
+    assert not fxopt.untraced(gm) or name == "encoder"
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_trace_and_cleanup(benchmark, name):
-    model = _model(name)
-    x = torch.randn(1, 3, 224, 224)
-    out = benchmark(fxopt.compile, model, recipes.fuse(), example_inputs=(x,))
+@pytest.mark.parametrize("name", CNNS)
+def test_fuse(benchmark, name):
+    benchmark.group = "trace + fuse"
+    m, x = model(name), inputs(name, 1)
+    out = benchmark.pedantic(fxopt.compile, args=(m, recipes.fuse()), kwargs={"example_inputs": (x,)},
+                             rounds=ROUNDS, iterations=1)
     with torch.no_grad():
-        torch.testing.assert_close(out(x), model(x), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(out(x), m(x), rtol=1e-3, atol=1e-3)
+
+
+CASES = [(n, "static_int8", b) for n in CNNS for b in lowering_backends()] + [("encoder", "dynamic_int8", None)]
+
+
+@pytest.mark.parametrize("name,recipe,backend", CASES, ids=[f"{n}-{variant_id(r, b)}" for n, r, b in CASES])
+def test_optimize(benchmark, name, recipe, backend):
+    """The whole job: trace, passes, calibration (2-4 batches of 4) and lowering."""
+    benchmark.group = "trace + passes + calibration + lowering"
+    try:
+        out = benchmark.pedantic(build, args=(name, recipe, backend), rounds=ROUNDS, iterations=1)
+    except UnsupportedError as exc:
+        pytest.skip(f"{variant_id(recipe, backend)} cannot be built for {name}: {exc}")
+    benchmark.extra_info.update(extra_info(name, recipe, backend))
+    with torch.no_grad():
+        assert out(inputs(name, 2)).shape[0] == 2

@@ -9,7 +9,9 @@ Quantized and half-precision outputs are dequantized / widened to float64 before
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,7 +108,7 @@ class Comparison:
     def worst_layer(self) -> dict[str, Any] | None:
         return min(self.layers, key=lambda r: r["sqnr_db"], default=None)
 
-    def __str__(self) -> str:
+    def _table(self, tablefmt: str) -> str:
         def fmt(row: dict[str, Any]) -> list[Any]:
             top1 = "" if row["top1"] is None else f"{row['top1']:.2%}"
             return [row["name"], row["shape"], f"{row['sqnr_db']:.2f}", f"{row['max_abs_error']:.3g}", top1]
@@ -115,7 +117,59 @@ class Comparison:
         if self.layers:
             table.append(["-- layers --", "", "", "", ""])
             table.extend(fmt(r) for r in self.layers)
-        return tabulate(table, headers=self.columns, disable_numparse=True)
+        return tabulate(table, headers=self.columns, disable_numparse=True, tablefmt=tablefmt)
+
+    def __str__(self) -> str:
+        return self._table("simple")
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured markdown."""
+        return self._table("github") + "\n"
+
+    def to_html(self) -> str:
+        """The table as an HTML fragment (``<table>``); cell text is escaped."""
+        return self._table("html") + "\n"
+
+    def plot_sqnr(self, path: str | os.PathLike, *, title: str | None = None, top: int | None = 60) -> Path:
+        """A bar chart of per-layer SQNR (dB) in model order, written as PNG to ``path`` (needs matplotlib).
+
+        Low bars are where quantization hurts; the worst layer is highlighted and the whole-output SQNR
+        is drawn as a line. ``top`` keeps that many lowest-SQNR layers (in model order) on big models.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise FxoptError("Comparison.plot_sqnr needs matplotlib: pip install 'fxopt[plot]'") from exc
+        if not self.layers:
+            raise FxoptError("no per-layer results to plot: the two models share no layer names "
+                             "(compare an int8 model with the float model after the same fusion)")
+        layers = [r for r in self.layers if math.isfinite(r["sqnr_db"])] or self.layers
+        if top is not None and len(layers) > top:
+            keep = {id(r) for r in sorted(layers, key=lambda r: r["sqnr_db"])[:top]}
+            layers = [r for r in layers if id(r) in keep]
+        values = [min(r["sqnr_db"], 99.0) if math.isfinite(r["sqnr_db"]) else 99.0 for r in layers]
+        worst = min(range(len(values)), key=values.__getitem__)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2.0), 4.8), dpi=110)
+        colors = ["tab:red" if i == worst else "tab:blue" for i in range(len(values))]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)))
+        ax.set_xticklabels([r["name"] for r in layers], rotation=90, fontsize=7)
+        ax.set_xlabel("layer (model order)")
+        ax.set_ylabel("SQNR vs reference (dB, higher is better)")
+        if math.isfinite(self.sqnr_db):
+            ax.axhline(self.sqnr_db, color="black", linestyle="--", linewidth=1,
+                       label=f"whole output: {self.sqnr_db:.1f} dB")
+            ax.legend(loc="upper right")
+        ax.set_title(title or f"per-layer SQNR (worst: {layers[worst]['name']}, {values[worst]:.1f} dB)")
+        ax.grid(True, axis="y", alpha=0.3)
+        fig.tight_layout()
+        out = Path(path)
+        fig.savefig(out)
+        plt.close(fig)
+        return out
 
     def __repr__(self) -> str:
         return (f"Comparison(sqnr_db={self.sqnr_db:.2f}, max_abs_error={self.max_abs_error:.3g}, "

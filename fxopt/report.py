@@ -20,6 +20,7 @@ scale and an 8-byte zero point per tensor or per channel). Each shared tensor is
 
 from __future__ import annotations
 
+import html
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -277,14 +278,27 @@ class Report:
         """Fraction of weight values that are exactly zero (``1 - nonzero / params``)."""
         return 1.0 - self.total_nonzero / self.total_params if self.total_params else 0.0
 
-    def __str__(self) -> str:
+    def _table(self, tablefmt: str) -> str:
         total = {"name": "total", "params": self.total_params, "nonzero": self.total_nonzero,
                  "bytes": self.total_bytes, "notes": f"{self.total_bytes / 2**20:.2f} MiB"}
         table = [[_cell(row.get(c, "")) for c in self.columns] for row in [*self.rows, total]]
         align = ["right" if c in _NUMERIC else "left" for c in self.columns]
-        text = tabulate(table, headers=self.columns, disable_numparse=True, colalign=align)
-        return (f"{text}\nsparsity: {self.sparsity:.2%}, compressed (gzip): {self.compressed_bytes:,} bytes "
+        return tabulate(table, headers=self.columns, disable_numparse=True, colalign=align, tablefmt=tablefmt)
+
+    def _summary(self) -> str:
+        return (f"sparsity: {self.sparsity:.2%}, compressed (gzip): {self.compressed_bytes:,} bytes "
                 f"({self.compressed_bytes / max(self.total_bytes, 1):.1%} of {self.total_bytes:,})")
+
+    def __str__(self) -> str:
+        return f"{self._table('simple')}\n{self._summary()}"
+
+    def to_markdown(self) -> str:
+        """The table as GitHub-flavoured markdown, the sparsity / compressed-size line below it."""
+        return f"{self._table('github')}\n\n{self._summary()}\n"
+
+    def to_html(self) -> str:
+        """The table as an HTML fragment (``<table>`` plus a summary paragraph); cell text is escaped."""
+        return f"{self._table('html')}\n<p>{html.escape(self._summary())}</p>\n"
 
     def __repr__(self) -> str:
         return (f"Report({len(self.rows)} rows, params={self.total_params}, "

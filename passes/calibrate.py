@@ -11,6 +11,7 @@ import torch.fx
 
 from fxopt.errors import CalibrationError
 from fxopt.pass_base import Pass, PassResult
+from fxopt.progress import bar
 
 __all__ = ["Calibrate", "as_call"]
 
@@ -39,14 +40,6 @@ def _check_finite(args: tuple, kwargs: dict, index: int) -> None:
                 f"calibration batch {index} contains NaN or inf values; clean the calibration data "
                 "(observers would learn a meaningless range)"
             )
-
-
-def _progress(data: Iterable, total: int | None):
-    try:
-        from tqdm.auto import tqdm  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return data
-    return tqdm(data, total=total, desc="fxopt calibrate", unit="batch", leave=False, disable=None)
 
 
 @dataclass(frozen=True)
@@ -84,7 +77,7 @@ class Calibrate(Pass):
         seen = 0
         try:
             with torch.no_grad():
-                for index, item in enumerate(_progress(self.data, total)):
+                for index, item in enumerate(bar(self.data, "fxopt calibrate", total=total, unit="batch")):
                     if self.num_batches is not None and seen >= self.num_batches:
                         break
                     args, kwargs = as_call(item, index)
