@@ -395,7 +395,7 @@ def run(threads: int | None = 1, seed: int = 0, rows: list[DemoRow] | None = Non
         base.setdefault(row.family, (t1.median_ms, acc))
         raw, packed, native = artifact_bytes(module, ctx.example(row.family))
         speedup = base[row.family][0] / t1.median_ms
-        out_rows.append({**entry, "accuracy": acc, "bytes": fxopt.report(module).total_bytes, "file_bytes": raw,
+        out_rows.append({**entry, "accuracy": acc, "bytes": fxopt.report(module).total_bytes or raw, "file_bytes": raw,
                          "native_file": native,
                          "zlib_bytes": packed, "median_ms": t1.median_ms, "p90_ms": t1.p90_ms, "fps": t32.fps,
                          "speedup": speedup, "why": _why(row, acc, base[row.family][1], speedup)})
