@@ -3,7 +3,7 @@
 Formats, chosen by the path's extension:
 
 ``.pt``   a self-contained file of plain data for everything ``fxopt.compile`` returns with a PyTorch backend
-          (float, fused, fp16, dynamic int8 graphs and lowered static int8 ``QuantizedModel``\ s, x86 and
+          (float, fused, fp16, dynamic int8 graphs and lowered static int8 ``QuantizedModel`` models, x86 and
           qnnpack): the graph plus each module's class name and weights (:mod:`fxopt.io.envelope`), written
           with ``torch.save``. ``load(path)`` rebuilds the module with no ``model`` argument, from allowlisted
           functions and classes only, and refuses anything else with :class:`fxopt.UnsupportedError` before
@@ -70,21 +70,6 @@ def _backend(name: str, purpose: str) -> Any:
             f"{purpose} needs the {name!r} backend, which is not available here "
             f"(available: {', '.join(registry.available()) or 'none'}); install its extra, e.g. "
             f"`pip install fxopt[{name}]`") from exc
-
-
-def _inputs_from_graph(module: torch.nn.Module) -> tuple | None:
-    """Example inputs rebuilt from the shapes/dtypes recorded on a GraphModule's placeholders."""
-    if not isinstance(module, torch.fx.GraphModule):
-        return None
-    args = []
-    for node in module.graph.find_nodes(op="placeholder"):
-        tm = meta.tensor_meta(node) or node.meta.get("val")  # "val": torch.export's own record
-        shape, dtype = getattr(tm, "shape", None), getattr(tm, "dtype", None)
-        if shape is None or dtype is None:
-            return None
-        shape = [int(d) for d in shape]
-        args.append(torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
-    return tuple(args)
 
 
 def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) -> None:

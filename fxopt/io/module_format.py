@@ -84,8 +84,12 @@ def is_fxopt_module(module: nn.Module) -> bool:
     return type(module) in fxopt_classes().values()
 
 
+# torch.nn module classes that torch.nn does not export by name but its own modules build
+_TORCH_INTERNAL = {"NonDynamicallyQuantizableLinear": nn.modules.linear.NonDynamicallyQuantizableLinear}
+
+
 def _torch_class(name: str) -> type | None:
-    cls = getattr(nn, name, None) if name.isidentifier() else None
+    cls = (getattr(nn, name, None) or _TORCH_INTERNAL.get(name)) if name.isidentifier() else None
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.modules."):
         return cls
     return None
