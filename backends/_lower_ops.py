@@ -63,6 +63,7 @@ class OpLowering:
         self._fcache: dict[torch.fx.Node, torch.fx.Node] = {}
         self.islands: list[meta.FloatIsland] = []
         self.stats: dict[str, int] = {}
+        self._grid_bits: int | None = None  # weight grid of the QAT layer being lowered
 
     # ---- values -----------------------------------------------------------------------------
     def qvalue(self, node: torch.fx.Node) -> torch.fx.Node:
@@ -135,7 +136,7 @@ class OpLowering:
         if isinstance(module, DeQuantStub):
             self._set(node, self.fvalue(node.args[0]), False, None)
             return
-        if module is not None and is_observer(module):
+        if module is not None and (is_observer(module) or getattr(module, "fxopt_lowered_as_identity", False)):
             src = node.args[0]
             self._set(node, self.env[src], src in self.quantized, self.qparams.get(src))
             return
@@ -199,6 +200,7 @@ class OpLowering:
             qparams = self._clamp(out_qparams, act)
             # relu6 runs as the relu kernel with the output range clamped to [0, 6]
             relu = act is not None and "relu" in rule.fused_activations
+            self._grid_bits = None
             value = self._build(node, key, module, qparams, relu)
         except _KeepFloat as why:
             self.islands.append(meta.FloatIsland(node.name, key, str(why)))
@@ -206,6 +208,9 @@ class OpLowering:
             self._set(node, self._copy(node, self.fvalue), False, out_qparams)
             self._count("float")
             return
+        if self._grid_bits is not None and self._grid_bits < 8 and value.op == "call_module":
+            self.root[value.target].weight_bits = self._grid_bits  # int8 storage, coarser grid (for the report)
+            self._count(f"weights_on_{self._grid_bits}bit_grid")
         if follower is not None:
             self.absorbed.add(single_user(obs))
         self._set(node, value, True, qparams)
@@ -217,13 +222,13 @@ class OpLowering:
             return self._conv(node, key, module, qparams, relu)
         if key == "linear":
             if node.op == "call_module":
-                linear = module.inner if isinstance(module, FusedModule) else module
+                linear, wq = self._layer_and_weight_qparams(module, key)
                 x = node.args[0]
             else:
                 args = _bind(F.linear, node)
                 linear = _functional_params(self.gm, args["weight"], args["bias"])
                 x = args["input"]
-            wq = self._weight_qparams(linear.weight, key)
+                wq = self._weight_qparams(linear.weight, key)
             qmod = qm.QLinear.from_float(linear, wq, qparams, relu=relu, engine=engine)
             return self._emit_module(_base(node), qmod, (self.qvalue(x),))
         if key in ("add", "mul"):
@@ -248,7 +253,7 @@ class OpLowering:
     def _conv(self, node, key, module, qparams, relu) -> torch.fx.Node:
         dim = _CONV_KEYS[key]
         if node.op == "call_module":
-            conv = module.inner if isinstance(module, FusedModule) else module
+            conv, wq = self._layer_and_weight_qparams(module, key)
             x = node.args[0]
             padding, mode = conv.padding, conv.padding_mode
         else:
@@ -256,6 +261,7 @@ class OpLowering:
             conv = _functional_params(self.gm, args["weight"], args["bias"], args["stride"], args["padding"],
                                       args["dilation"], args["groups"], dim)
             x, padding, mode = args["input"], conv.padding, "zeros"
+            wq = self._weight_qparams(conv.weight, key)
         pads = _explicit_padding(padding, conv, dim)
         if mode != "zeros" and mode != "reflect":
             raise _KeepFloat(f"padding_mode={mode!r} has no int8 kernel")
@@ -270,7 +276,6 @@ class OpLowering:
         extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, sym)]
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
-        wq = self._weight_qparams(conv.weight, key)
         qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self.spec.engine)
         return self._emit_module(_base(node), qmod, (qx,))
 
@@ -292,6 +297,20 @@ class OpLowering:
         return args["input"], pads
 
     # ---- helpers ------------------------------------------------------------------------------
+    def _layer_and_weight_qparams(self, module: nn.Module, key: str):
+        """The float layer to lower and its weight qparams.
+
+        A QAT module (``fxopt_lowering()``) hands over its folded, on-grid weights with the qparams its
+        fake quantizer trained with; weight grids under 8 bits are recorded for the report.
+        """
+        lowering = getattr(module, "fxopt_lowering", None)
+        if callable(lowering):
+            layer, wq = lowering()
+            self._grid_bits = int(getattr(module, "grid_bits", 8))
+            return layer, wq
+        layer = module.inner if isinstance(module, FusedModule) else module
+        return layer, self._weight_qparams(layer.weight, key)
+
     def _weight_qparams(self, weight: torch.Tensor, key: str):
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)

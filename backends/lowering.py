@@ -85,6 +85,14 @@ def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
             f"{len(blind)} observer(s) saw no data ({shown}): run fxopt.passes.Calibrate(data) on the prepared "
             "graph before lowering it"
         )
+    config = meta.quant_config(gm)
+    act_bits = getattr(getattr(config, "activation_spec", None), "bits", 8)
+    if act_bits < 8:
+        raise UnsupportedError(
+            f"activations were fake-quantized to {act_bits} bits, but {spec.name}'s int8 kernels requantize "
+            f"every output to 8 bits, so the lowered model would not match the QAT model; prepare with "
+            "activation_bits=8 to deploy on this backend (sub-8-bit weights are fine: they are stored as int8)"
+        )
     prepared_for = meta.backend_of(gm)
     if prepared_for is not None and prepared_for != spec.name:
         logger.warning("graph was prepared for %r but is lowered to %r; weight qparams follow %r",

@@ -17,6 +17,7 @@ from .errors import (
     UnsupportedError,
     VerificationError,
 )
+from .finetune import finetune
 from .io import load, save
 from .meta import records
 from .pass_base import FunctionPass, Pass, PassContext, PassResult, function_pass
@@ -32,6 +33,7 @@ __version__ = "0.1.0"
 __all__ = [
     "compile",
     "lower",
+    "finetune",
     "trace",
     "untraced",
     "report",

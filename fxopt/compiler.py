@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -15,6 +17,8 @@ from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManag
 from .tracing import as_args, trace
 
 __all__ = ["compile", "lower", "as_args"]
+
+logger = logging.getLogger(__name__)
 
 
 def compile(
@@ -52,6 +56,7 @@ def compile(
     if check is not False and not args:
         raise ValueError("compile(check=...) needs example_inputs to compare outputs with the original model")
 
+    _refuse_quantization_state(model)
     work = copy.deepcopy(model)
     gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
 
@@ -92,6 +97,48 @@ def lower(module: torch.nn.Module, backend: Any) -> torch.nn.Module:
             f"{prepared_for!r}) or prepare it again for {backend_obj.name!r}"
         )
     work = copy.deepcopy(module)
+    _eval_for_lowering(work)
     lowered = backend_obj.lower(work)
     meta.set_records(lowered, meta.records(module))
     return lowered
+
+
+def _eval_for_lowering(work: torch.nn.Module) -> None:
+    """A QAT graph still in training mode is switched to eval (on the copy being lowered), with a warning:
+    the lowered model computes what the QAT model computes in eval mode (BatchNorm running statistics,
+    frozen fake-quant ranges), not what it computes in training mode."""
+    from .quant.fake_quant import FakeQuantize
+
+    training = [name or "(root)" for name, m in work.named_modules() if m.training]
+    if not training or not any(isinstance(m, FakeQuantize) for m in work.modules()):
+        return
+    message = (
+        "fxopt.lower: the QAT module is in training mode; lowering switches it to eval mode (BatchNorm running "
+        "statistics, fake-quant ranges as last observed). Call module.eval() before lowering, and compare the "
+        "lowered model with the eval-mode QAT model."
+    )
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)
+    work.eval()
+
+
+def _refuse_quantization_state(model: torch.nn.Module) -> None:
+    """Tracing a prepared / calibrated / QAT module again would silently drop its stubs, observers and
+    fake quantizers (they are identities in float): refuse, and say what to do instead."""
+    from .quant.fake_quant import FakeQuantize
+    from .quant.observers import Observer
+    from .quant.stubs import DeQuantStub, QuantStub
+
+    found = [name for name, m in model.named_modules() if isinstance(m, (Observer, FakeQuantize, QuantStub, DeQuantStub))]
+    if not found:
+        return
+    calibrated = any(isinstance(m, Observer) and m.calibrated for m in model.modules())
+    qat = any(isinstance(m, FakeQuantize) for m in model.modules())
+    state = "prepared for QAT" if qat else ("statically calibrated" if calibrated else "prepared for static int8")
+    from .errors import UnsupportedError
+
+    raise UnsupportedError(
+        f"fxopt.compile got a module that is already {state} ({', '.join(found[:3])}...): compiling it again would "
+        "drop that state. Lower it with fxopt.lower(module, backend), or start QAT / quantization from the float "
+        "model (e.g. fxopt.compile(model, fxopt.recipes.qat()))"
+    )

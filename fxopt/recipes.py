@@ -8,7 +8,7 @@ import torch
 
 from fxopt import passes as fp
 
-__all__ = ["fuse", "static_int8", "dynamic_int8", "fp16"]
+__all__ = ["fuse", "static_int8", "dynamic_int8", "fp16", "qat"]
 
 
 def fuse() -> list:
@@ -44,3 +44,26 @@ def dynamic_int8(dtype: torch.dtype = torch.qint8) -> list:
 def fp16() -> list:
     """Half-precision weights (after folding BatchNorm)."""
     return [fp.RemoveIdentities(), fp.FoldBatchNorm(), fp.ConvertFP16()]
+
+
+def qat(
+    *,
+    backend: str | None = None,
+    weight_bits: int = 8,
+    activation_bits: int = 8,
+    per_channel: bool = True,
+    learnable: bool = False,
+    freeze_bn_after: int | None = None,
+    freeze_observers_after: int | None = None,
+) -> list:
+    """Quantization-aware training: a trainable fake-quant graph (Conv+BN trained folded, STE, optional LSQ).
+
+    Train the compiled module (an ordinary loop or ``fxopt.finetune(qat_model, data, teacher=float_model)``),
+    then ``fxopt.lower(qat_model.eval(), backend)``. The recipe follows compile's ``backend`` (x86 when none is
+    named); ``backend=`` pins one.
+    """
+    return [
+        fp.PrepareQAT(backend=backend, weight_bits=weight_bits, activation_bits=activation_bits,
+                      per_channel=per_channel, learnable=learnable, freeze_bn_after=freeze_bn_after,
+                      freeze_observers_after=freeze_observers_after),
+    ]

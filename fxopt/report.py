@@ -176,9 +176,20 @@ def _quant_island_notes(module: torch.nn.Module) -> dict[str, str]:
     return notes
 
 
+def _weight_grid_notes(module: torch.nn.Module) -> dict[str, str]:
+    """Int8 layers whose weights lie on a coarser grid (``weight_bits < 8``, e.g. 4-bit QAT)."""
+    notes = {}
+    for name, mod in module.named_modules():
+        bits = getattr(mod, "weight_bits", 8)
+        if isinstance(bits, int) and bits < 8:
+            notes[name] = f"int8 storage of {bits}-bit weights ({2 ** bits} levels; no {bits}-bit kernel)"
+    return notes
+
+
 # Sources of per-row notes: each maps a row name (or a module prefix) to a note. Rows that do not exist
 # yet (weightless modules or ops) are added with zero counts.
-NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes]
+NOTE_SOURCES: list[Callable[[torch.nn.Module], dict[str, str]]] = [_island_notes, _quant_island_notes,
+                                                                    _weight_grid_notes]
 
 
 class _ShapeRecorder(torch.fx.Interpreter):

@@ -19,6 +19,7 @@ _PASSES: dict[str, str] = {
     "Calibrate": "calibrate",
     "QuantizeDynamic": "quantize_dynamic",
     "ConvertFP16": "convert_fp16",
+    "PrepareQAT": "prepare_qat",
 }
 
 __all__ = sorted(_PASSES)

@@ -208,6 +208,8 @@ def set_observers(module: nn.Module, enabled: bool) -> int:
 
 
 def set_fake_quant(module: nn.Module, enabled: bool) -> int:
-    """Enable or disable fake quantization in every FakeQuantize of ``module``; returns how many."""
-    found = [m.enable_fake_quant(enabled) for m in module.modules() if isinstance(m, FakeQuantize)]
+    """Enable or disable fake quantization in every FakeQuantize (and QAT grid rounding) of ``module``;
+    returns how many."""
+    found = [m.enable_fake_quant(enabled) for m in module.modules()
+             if isinstance(m, FakeQuantize) or callable(getattr(m, "enable_fake_quant", None))]
     return len(found)

@@ -127,12 +127,17 @@ def test_trained_like_encoder_sensitive_layers_float():
     model = trained_like_encoder()
     ids = torch.randint(0, 1000, (4, 64))
     gm = fxopt.trace(model, (ids[:1],))
+    all_int8 = fxopt.trace(model, (ids[:1],))
+    fp.QuantizeDynamic()(all_int8)
     result = fp.QuantizeDynamic(skip=("*.linear2",))(gm)
     assert type(gm.encoder.layers[3].linear2) is nn.Linear
     assert type(gm.encoder.layers[3].linear1).__name__ == "DynamicLinear"
     assert sum("linear2 left float" in n for n in result.notes) == 6
     with torch.inference_mode():
-        assert mean_cosine(gm(ids), model(ids)) >= 0.99
+        skipped, quantized = mean_cosine(gm(ids), model(ids)), mean_cosine(all_int8(ids), model(ids))
+    # 0.990-0.991 on AMD Zen 4 with VNNI, 0.9899 on another EPYC: the exact figure depends on the CPU's int8
+    # kernel, the gain from keeping linear2 float does not.
+    assert skipped >= 0.985 and skipped > quantized + 0.002
 
 
 def test_trained_like_encoder_min_cosine_keeps_a_few_layers_float():

@@ -125,9 +125,14 @@ class QuantizeInput(_QOutput):
 
 
 class _Packed(_QOutput):
-    """Base for modules holding prepacked weights (``self._packed``)."""
+    """Base for modules holding prepacked weights (``self._packed``).
+
+    ``weight_bits`` is the grid the int8 weights lie on: 8, or fewer for weights trained on a coarser
+    grid (QAT with 4-bit weights: int8 storage, values in ``[-8, 7]``); ``fxopt.report`` notes it.
+    """
 
     engine: str | None = None
+    weight_bits: int = 8
     _kept: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def _prepack(self, weight: torch.Tensor, bias: torch.Tensor | None) -> object:  # pragma: no cover
@@ -162,7 +167,16 @@ class _Packed(_QOutput):
     def fxopt_state(self) -> dict:
         weight, bias = self.weight_bias()
         return {**super().fxopt_state(), "weight": qtensor_state(weight), "bias": bias, "relu": self.relu,
-                "engine": self.engine}
+                "engine": self.engine, "weight_bits": self.weight_bits}
+
+    def _with_weight_bits(self, state: dict) -> "_Packed":
+        """Restore the weight grid recorded by ``fxopt_state`` (files written before it existed: 8)."""
+        bits = state.get("weight_bits", 8)
+        if not isinstance(bits, int) or not 2 <= bits <= 8:
+            raise ValueError(f"weight_bits must be an int in [2, 8], got {bits!r}")
+        if bits != 8:
+            self.weight_bits = bits
+        return self
 
     def _state_tensors(self) -> dict[str, torch.Tensor | None]:
         weight, bias = self.weight_bias()
@@ -221,7 +235,7 @@ class QConv(_Packed):
     def fxopt_from_state(cls, state: dict) -> "QConv":
         return cls(int(state["dim"]), qtensor_from_state(state["weight"]), state["bias"], state["stride"],
                    state["padding"], state["dilation"], int(state["groups"]), float(state["scale"]),
-                   int(state["zero_point"]), relu=bool(state["relu"]), engine=local_engine(state["engine"]))
+                   int(state["zero_point"]), relu=bool(state["relu"]), engine=local_engine(state["engine"]))._with_weight_bits(state)
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
@@ -257,7 +271,7 @@ class QLinear(_Packed):
     @classmethod
     def fxopt_from_state(cls, state: dict) -> "QLinear":
         return cls(qtensor_from_state(state["weight"]), state["bias"], float(state["scale"]),
-                   int(state["zero_point"]), relu=bool(state["relu"]), engine=local_engine(state["engine"]))
+                   int(state["zero_point"]), relu=bool(state["relu"]), engine=local_engine(state["engine"]))._with_weight_bits(state)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}, {super().extra_repr()}"
