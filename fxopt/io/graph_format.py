@@ -270,7 +270,9 @@ def encode_graph(graph: torch.fx.Graph) -> list[dict[str, Any]]:
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 # fx generates Python source from names and targets: only plain identifiers may come from a file.
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PATH_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+# a path part: an identifier, an index, or a name with hyphens (regnet's "block1-0"). fx writes parts that are
+# not identifiers as getattr(obj, "part") -- inside double quotes, which letters, digits, "_" and "-" cannot leave
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
 def is_identifier(name: Any) -> bool:
@@ -278,7 +280,7 @@ def is_identifier(name: Any) -> bool:
 
 
 def is_module_path(target: Any) -> bool:
-    """``"layer1.0.conv1"``: dot-separated identifiers or indices, nothing else."""
+    """``"layer1.0.conv1"``, ``"block1-0.proj"``: dot-separated identifiers, indices or hyphenated names only."""
     return isinstance(target, str) and all(
         _PATH_PART.match(p) and not keyword.iskeyword(p) for p in target.split("."))
 

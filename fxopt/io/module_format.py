@@ -115,6 +115,11 @@ def encode_module(module: nn.Module, where: str) -> dict[str, Any]:
             "children": {k: encode_module(m, f"{where}.{k}") for k, m in module._modules.items() if m is not None},
         }}
     shown = f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__.startswith("fxopt."):  # stubs, observers, fake quant, QAT modules of a prepared graph
+        raise UnsupportedError(
+            f"module {where!r} is a {shown}: a prepared (observed or QAT) graph cannot be saved as a model file; "
+            f"lower it first (fxopt.lower(module, 'x86'), then fxopt.save) or keep its weights with "
+            f"torch.save(module.state_dict(), path)")
     raise UnsupportedError(
         f"module {where!r} is a {shown}, which fxopt cannot store safely: a saved graph holds only fxopt's "
         f"modules, standard torch.nn modules and classes you registered. If its forward needs only its "

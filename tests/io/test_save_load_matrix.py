@@ -308,3 +308,9 @@ def test_fp16_module_and_function_attributes_round_trip():
     rebuilt = decode_module(entry, "enc")
     x = torch.randn(2, 5, 8)
     assert torch.equal(rebuilt(x), wrapped(x))
+
+
+def test_module_paths_allow_hyphens_but_nothing_that_reaches_generated_code():
+    assert graph_format.is_module_path("trunk_output.block1.block1-0.proj.0")  # regnet's names
+    for bad in ('a"b', "a b", "a;b", "a.(b)", "", "a..b", "class", 'x").__class__("'):
+        assert not graph_format.is_module_path(bad), bad
