@@ -54,6 +54,7 @@ class OpLowering:
             self.act_spec = self.config.activation_spec
         self.modules = dict(gm.named_modules())
         self.graph = torch.fx.Graph()
+        self.graph.set_codegen(gm.graph._codegen)  # torch.export's pytree codegen: the output keeps its type
         self.root: dict[str, Any] = {}
         self.env: dict[torch.fx.Node, Any] = {}
         self.quantized: set[torch.fx.Node] = set()

@@ -14,7 +14,8 @@ import torch.fx
 from . import meta, registry
 from .pass_base import PassContext
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
-from .tracing import as_args, trace
+from .tracing import RootTraceError, as_args, trace
+from .untraced_root import keep_untraced
 
 __all__ = ["compile", "lower", "as_args"]
 
@@ -58,7 +59,12 @@ def compile(
 
     _refuse_quantization_state(model)
     work = copy.deepcopy(model)
-    gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    try:
+        gm = trace(work, args if args else None, leaf_modules=leaf_modules, mode=trace_mode)
+    except RootTraceError as exc:
+        if trace_mode != "auto" or not any(getattr(p, "module_level", False) for p in passes):
+            raise
+        gm = keep_untraced(work, str(exc).split(". To fix:")[0])
 
     all_instruments: list[Instrument] = [TimingInstrument()]
     if dump_dir is not None:

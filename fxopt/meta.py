@@ -19,6 +19,7 @@ __all__ = [
     "dtype_of",
     "leaves",
     "set_leaves",
+    "untraced_root",
     "trace_notes",
     "set_trace_notes",
     "records",
@@ -41,10 +42,11 @@ _TRACE_NOTES = "fxopt.trace_notes"
 class LeafInfo:
     """A submodule the tracer kept as an opaque call (a float island), and why."""
 
-    qualname: str
+    qualname: str  # the model's own name: a module path, ``module.method`` for a method island, "" for the root
     type_name: str
     reason: str
     requested: bool = False  # True when the user asked for it via ``leaf_modules``
+    attribute: str | None = None  # where the graph calls it, when that is not ``qualname`` (method islands)
 
     def __str__(self) -> str:
         why = "requested by the user" if self.requested else self.reason
@@ -79,6 +81,12 @@ def leaves(gm: torch.nn.Module) -> list[LeafInfo]:
 
 def set_leaves(gm: torch.fx.GraphModule, infos: list[LeafInfo]) -> None:
     gm.meta[_LEAVES] = list(infos)
+
+
+def untraced_root(gm: torch.nn.Module) -> LeafInfo | None:
+    """The leaf record of the root when no frontend could trace its ``forward`` (``fxopt.untraced(gm) == [""]``:
+    the graph is one opaque call of the model), else None."""
+    return next((info for info in leaves(gm) if info.qualname == ""), None)
 
 
 def trace_notes(gm: torch.nn.Module) -> list[str]:

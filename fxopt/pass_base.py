@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar
 
 import torch.fx
 
+from . import meta
 from .errors import PassContractError, PassError, PostconditionError, PreconditionError, in_pass
 from .verify import verify
 
@@ -65,6 +66,11 @@ class Pass:
     name: ClassVar[str] = ""
     # Debug switch (the test suite turns it on): verify the graph after every call, modified or not.
     debug_verify: ClassVar[bool] = False
+    #: ``True`` for a pass that works on the module tree (replaces or edits submodules by qualified name)
+    #: and needs no graph: it also runs on a model whose root could not be traced, which ``compile``
+    #: then keeps as an untraced root (``fxopt.untraced(gm) == [""]``). A graph pass (``False``)
+    #: given such a module does nothing and says so: ``modified=False`` and a note.
+    module_level: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -98,6 +104,10 @@ class Pass:
         if bound is not self:
             return bound(gm, context)
         label = self.label()
+        root = meta.untraced_root(gm)
+        if root is not None and not self.module_level:
+            return PassResult(gm, False, notes=[
+                f"no graph: {label} works on the graph and did nothing; the model is an {root.reason}"])
         try:
             self.requires(gm)
         except PassError:

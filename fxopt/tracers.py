@@ -240,8 +240,9 @@ class ValueTracer(LeafTracer):
         owner_name, method = found
         what = f"{type(self.root.get_submodule(owner_name)).__name__}.{method}"
         reason = f"method {what} runs on real values: {type(exc).__name__}: {exc} (at {location})"
-        log.info("keeping %s as an island: %s", island, reason)
-        return meta.LeafInfo(island, what, reason)
+        qualname = f"{owner_name}.{method}" if owner_name else method
+        log.info("keeping %s as an island: %s", qualname, reason)
+        return meta.LeafInfo(qualname, what, reason, attribute=island)
 
     # -- computing values ------------------------------------------------------------------------
 

@@ -5,7 +5,11 @@ raised, makes that module a leaf and tries again, each time on a fresh deep copy
 the failing code is the root's own ``forward`` and ``example_inputs`` are given, it traces again
 with proxies that also carry their value on the examples, and module methods that cannot run on
 proxies become "method islands" (see :mod:`fxopt.tracers`). With example inputs, auto mode runs the
-traced graph on them and compares its outputs with the model's.
+traced graph on them and compares its outputs with the model's. When even that fails at the root
+(transformers' keyword and output handling), auto mode exports the model with torch.export instead
+(:mod:`fxopt.export_frontend`: dynamic dims, module calls lifted back); when that fails too, the
+error is a :class:`RootTraceError`, and ``fxopt.compile`` keeps the model as an untraced root for its
+module-level passes (:mod:`fxopt.untraced_root`).
 
 Limits, stated plainly:
 
@@ -34,11 +38,11 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from . import meta
+from . import export_frontend, meta
 from .errors import TraceError
 from .tracers import LeafTracer, ValueTracer, user_location
 
-__all__ = ["MODES", "trace", "untraced"]
+__all__ = ["MODES", "RootTraceError", "trace", "untraced"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ def trace(
         raise ValueError(f"unknown trace mode {mode!r}; choose one of {', '.join(MODES)}")
     args = as_args(example_inputs)
     requested = _requested_leaves(model, leaf_modules)
+    if isinstance(model, torch.fx.GraphModule) and mode != "export" and not requested:
+        return _already_traced(model, args)
     if mode == "export":
         if requested:
             raise TraceError('leaf_modules needs mode="auto" or mode="symbolic"; torch.export has no leaves')
@@ -81,8 +87,19 @@ def trace(
     return gm
 
 
+def _already_traced(gm: torch.fx.GraphModule, args: tuple) -> torch.fx.GraphModule:
+    """A GraphModule (``fxopt.trace``'s, torch.export's) is a graph already: tracing it again would lose
+    what its own code generator does (torch.export's output pytree: the output's type). A copy of it."""
+    copied = copy.deepcopy(gm)
+    if args:
+        _propagate_shapes(copied, args)
+    return copied
+
+
 def untraced(gm: torch.nn.Module) -> list[str]:
-    """Qualified names of the submodules the tracer kept as leaves (see ``fxopt.meta.leaves`` for why)."""
+    """The model's own qualified names of what the tracer kept untraced: module paths, ``module.method``
+    for a method island (``"transform.postprocess"``), ``""`` for an untraced root. Why, and where the
+    graph calls each one, is in ``fxopt.meta.leaves(gm)``."""
     return [info.qualname for info in meta.leaves(gm)]
 
 
@@ -141,8 +158,18 @@ def _untouched(module: torch.nn.Module) -> Iterator[None]:
         finally:
             with torch.no_grad():
                 for name, buf in module.named_buffers():
-                    if name in saved and buf.shape == saved[name].shape:
-                        buf.copy_(saved[name])
+                    if name in saved and buf.shape == saved[name].shape and not torch.equal(buf, saved[name]):
+                        _restore_buffer(module, name, buf, saved[name])
+
+
+def _restore_buffer(module: torch.nn.Module, name: str, buf: torch.Tensor, saved: torch.Tensor) -> None:
+    """Write ``saved`` back into ``buf``; a buffer whose elements share memory (an expanded tensor, such
+    as transformers' ``position_ids``) cannot be written in place and is replaced instead."""
+    if torch._debug_has_internal_overlap(buf) == 0:  # 0: no overlap
+        buf.copy_(saved)
+        return
+    owner_path, _, attr = name.rpartition(".")
+    module.get_submodule(owner_path)._buffers[attr] = saved
 
 
 def _clone_inputs(args: tuple) -> tuple:
@@ -184,7 +211,7 @@ def _export(model: torch.nn.Module, args: tuple) -> torch.fx.GraphModule:
     work = copy.deepcopy(model)
     try:
         with _untouched(work):
-            gm = torch.export.export(work, _clone_inputs(args)).module()
+            gm = export_frontend.export(work, _clone_inputs(args))
     except Exception as exc:
         raise TraceError(
             f"torch.export could not trace {type(work).__name__}: {type(exc).__name__}: {exc}. "
@@ -292,8 +319,39 @@ def _trace_with_leaves(
     try:
         gm = _trace_until_done(job, value_tracer, leaves)
     except _Failure as failure:
-        raise _trace_error(model, failure, auto=True, has_args=True) from failure.exc
+        if failure.module != "" or requested:  # torch.export has no leaves to give the user
+            raise _trace_error(model, failure, auto=True, has_args=True) from failure.exc
+        return _export_instead(job, failure), [], job.notes
     return gm, list(leaves.values()), list(dict.fromkeys(job.notes))
+
+
+def _export_instead(job: _Job, failure: _Failure) -> torch.fx.GraphModule:
+    """Auto mode's last resort when the root's own code defeats torch.fx: the torch.export frontend."""
+    why = f"{type(failure.exc).__name__}: {str(failure.exc).splitlines()[0] if str(failure.exc) else ''}"
+    at = f" at {failure.location}" if failure.location else ""
+    log.info("the forward of %s does not trace with torch.fx (%s); trying torch.export", type(job.model).__name__, why)
+    try:
+        gm = _export(job.model, job.args)
+    except TraceError as exc:
+        raise RootTraceError(
+            f"cannot trace the forward of {type(job.model).__name__}{at}: {why}; torch.export failed too: "
+            f"{str(exc.__cause__ or exc).splitlines()[0]}. To fix: move that code into a submodule (it will "
+            "become a leaf). fxopt.compile still runs module-level passes (QuantizeDynamic, ConvertFP16...) "
+            "on such a model, kept as an untraced root",
+            module="", location=failure.location,
+        ) from failure.exc
+    job.notes[:] = [
+        f"the forward of {type(job.model).__name__} does not trace with torch.fx ({why}{at}); "
+        "traced with torch.export: an aten-level graph whose Linear/Conv/Embedding calls are module calls"
+    ]
+    with _untouched(gm):  # fills shape metadata; a failure or a divergence is noted, as for torch.fx graphs
+        torch.manual_seed(0)
+        out, node, exc = _run_recording(gm, job.args)
+    if exc is not None:
+        job.notes.append(f"the exported graph fails on example_inputs at node {getattr(node, 'name', '?')}: {exc}")
+    elif not _same(out, job.expected):
+        job.notes.append("the exported graph's outputs differ from the model's on example_inputs")
+    return gm
 
 
 def _trace_until_done(
@@ -307,7 +365,7 @@ def _trace_until_done(
     for _ in range(len(list(job.model.modules())) + 1):
         work = copy.deepcopy(job.model)
         modules = dict(work.named_modules())
-        tracer = make_tracer(set(leaves))
+        tracer = make_tracer({info.attribute or name for name, info in leaves.items()})
         try:
             with _untouched(work):
                 graph = tracer.trace(work, concrete_args=dict(job.concrete) or None)
@@ -400,4 +458,10 @@ def _trace_error(model: torch.nn.Module, failure: _Failure, auto: bool, has_args
         hint = "move that code into a submodule (it will become a leaf), or try mode=\"export\""
     at = f" at {failure.location}" if failure.location else ""
     msg = f"cannot trace {where}{at}: {type(failure.exc).__name__}: {failure.exc}. To fix: {hint}"
-    return TraceError(msg, module=failure.module, location=failure.location)
+    kind = RootTraceError if failure.module == "" else TraceError
+    return kind(msg, module=failure.module, location=failure.location)
+
+
+class RootTraceError(TraceError):
+    """The root's own ``forward`` cannot be traced. ``fxopt.compile`` then keeps the model as an untraced
+    root when the pipeline has module-level passes (see :mod:`fxopt.untraced_root`)."""

@@ -58,6 +58,7 @@ class ConvertFP16(Pass):
     """Store weights in fp16; Linear/attention/RNN compute with fp16 kernels, the rest upcasts (see above)."""
 
     name = "convert-fp16"
+    module_level = True  # walks the module tree; runs on an untraced root too
 
     compute: str = "fp32"  # for modules other than Linear/attention/RNN/Embedding: "fp32" (upcast) or "fp16"
 

@@ -4,7 +4,8 @@ The pass walks the **module tree** of the GraphModule, not only its ``call_modul
 inside leaves the tracer kept opaque (float islands) are quantized too. Each module is replaced by
 qualified name (every alias of a shared module gets the same replacement):
 
-* ``nn.Linear`` → :class:`~fxopt.quant.nn.DynamicLinear` (per-channel int8, ``linear_dynamic``);
+* ``nn.Linear`` → :class:`~fxopt.quant.nn.DynamicLinear` (per-channel int8, ``linear_dynamic``), and so
+  does transformers' ``Conv1D`` (GPT-2's Linear with a transposed weight) when ``nn.Linear`` is in ``types``;
 * ``nn.LSTM`` / ``nn.GRU`` → :class:`~fxopt.quant.nn.DynamicLSTM` / ``DynamicGRU`` (per gate row
   int8; the first layer's input projection in fp16 unless ``rnn_first_input_fp16=False``);
 * ``nn.Embedding`` / ``nn.EmbeddingBag`` → 8-bit weight-only rows (per-row scale and offset);
@@ -63,6 +64,7 @@ class QuantizeDynamic(Pass):
     """
 
     name = "quantize-dynamic"
+    module_level = True  # walks the module tree; runs on an untraced root too
 
     dtype: torch.dtype = torch.qint8
     types: tuple = (nn.Linear, nn.LSTM, nn.GRU, nn.Embedding, nn.EmbeddingBag)
@@ -149,6 +151,7 @@ class QuantizeDynamic(Pass):
         replaced: dict[int, nn.Module] = {}  # id(float module) → its replacement (shared modules)
         plan: list[tuple[str, nn.Module, nn.Module]] = []
         skipped_prefixes: list[str] = []
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.target, str)}
         for qualname, module in gm.named_modules(remove_duplicate=False):
             if not qualname or any(qualname.startswith(p + ".") for p in skipped_prefixes):
                 continue
@@ -160,6 +163,8 @@ class QuantizeDynamic(Pass):
                 reason = "kept float by skip=" + repr(self.skip)
             elif qualname in keep:
                 reason = f"kept float by min_cosine={self.min_cosine}"
+            elif any(t.startswith(qualname + ".") for t in read):  # e.g. a module torch.fx traced through
+                reason = "the graph reads its weights directly (its code was traced, not called as a module)"
             if reason is not None:
                 notes.append(f"{qualname} ({type(module).__name__}) left float: {reason}")
                 skipped_prefixes.append(qualname)  # with everything inside it

@@ -187,7 +187,7 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
     ):
         x = node.args[0] if node.args else None
         if isinstance(x, torch.fx.Node) and meta.shape_of(x) is not None and meta.shape_of(x) == meta.shape_of(node):
-            return x
+            return x if _rank_preserving_without_inferred_dim(node, len(meta.shape_of(x))) else None
         return None
     if node.op == "call_method" and node.target == "contiguous" and len(node.args) == 1 and not node.kwargs:
         tm = meta.tensor_meta(node.args[0]) if isinstance(node.args[0], torch.fx.Node) else None
@@ -214,6 +214,27 @@ def _arith_identity(gm, node, neutral, commutes) -> torch.fx.Node | None:
         elif _neutral_scalar(const, neutral, x, division):
             return x
     return None
+
+
+def _rank_preserving_without_inferred_dim(node: torch.fx.Node, rank: int) -> bool:
+    """Equal example shapes prove a no-op only for inputs of the example's rank. A target with ``-1``
+    (``x.view(-1, x.size(-1))``) or another number of dims than the input reshapes inputs of another rank
+    (a 3-D batch through a layer traced on 2-D examples), so such a reshape stays."""
+    dims = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2])
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            dims = [node.kwargs[key]]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = list(dims[0])
+    if len(dims) == 1 and isinstance(dims[0], torch.fx.Node) and _is_whole_shape_of(dims[0], node.args[0]):
+        return True  # x.reshape(x.shape) / x.view(x.size())
+    return len(dims) == rank and not any(isinstance(d, int) and d == -1 for d in dims)
+
+
+def _is_whole_shape_of(dims: torch.fx.Node, x: Any) -> bool:
+    if dims.op == "call_function" and dims.target is getattr and dims.args == (x, "shape"):
+        return True
+    return dims.op == "call_method" and dims.target == "size" and dims.args == (x,) and not dims.kwargs
 
 
 def _flatten_noop(x: Any, start: Any, end: Any) -> torch.fx.Node | None:

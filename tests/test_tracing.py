@@ -258,8 +258,13 @@ def check_detector(name, size):
 def test_detection_ssdlite():
     gm, model = check_detector("ssdlite320_mobilenet_v3_large", 96)
     leaves = {info.qualname: info for info in meta.leaves(gm)}
-    assert set(leaves) == {"fxopt_island_postprocess_detections", "fxopt_island_transform_postprocess"}
-    assert leaves["fxopt_island_postprocess_detections"].type_name == "SSD.postprocess_detections"
+    # the model's own names (root method, module.method); the graph's attribute only in the details
+    assert fxopt.untraced(gm) == ["postprocess_detections", "transform.postprocess"]
+    assert leaves["postprocess_detections"].type_name == "SSD.postprocess_detections"
+    assert leaves["transform.postprocess"].attribute == "fxopt_island_transform_postprocess"
+    assert callable(getattr(model.get_submodule("transform"), "postprocess"))
+    assert callable(getattr(model, "postprocess_detections"))
+    check_untraced_names(gm, model)
     assert any("iteration over images specialized to length 1" in n for n in meta.trace_notes(gm))
     img = torch.rand(3, 96, 96)  # same size, other pixels: the postprocess island keeps its control flow
     copied = copy.deepcopy(gm)  # passes work on copies: islands must survive it
@@ -271,9 +276,40 @@ def test_detection_ssdlite():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn"])
 def test_detection_slow(name):
-    gm, _ = check_detector(name, 128)
+    gm, model = check_detector(name, 128)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert any(t.startswith("backbone.fpn.") for t in targets)
+    check_untraced_names(gm, model)
+
+
+def check_untraced_names(gm, model):
+    """Every name fxopt.untraced lists is found in the model: a submodule, or a method of one."""
+    for name in fxopt.untraced(gm):
+        assert not name.startswith("fxopt_"), name
+        owner, _, method = name.rpartition(".")
+        if name in dict(model.named_modules()):
+            continue
+        assert callable(getattr(model.get_submodule(owner), method)), name
+    for info in meta.leaves(gm):
+        if info.attribute is not None:  # where the graph calls it
+            assert info.attribute in {n.target for n in gm.graph.nodes if n.op == "call_module"}
+
+
+@pytest.mark.slow
+def test_untraced_names_fasterrcnn():
+    """Issue 7.7: the detector's islands by the model's names, not fxopt_island_* (about 40 s here)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights=None,
+                                         weights_backbone=None).eval()
+    img = torch.rand(3, 64, 64)
+    gm = fxopt.trace(model, ([img],))
+    assert fxopt.untraced(gm) == ["rpn", "roi_heads", "transform.postprocess"]
+    info = {i.qualname: i for i in meta.leaves(gm)}["transform.postprocess"]
+    assert info.type_name == "GeneralizedRCNNTransform.postprocess"
+    assert info.attribute == "fxopt_island_transform_postprocess"
+    check_untraced_names(gm, model)
+    with torch.no_grad():
+        assert_same(gm([img]), model([img]))
 
 
 def test_auto_reports_a_graph_that_diverges_from_eager(caplog):

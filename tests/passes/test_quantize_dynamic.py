@@ -392,3 +392,24 @@ def test_min_cosine_errors_and_label():
     conv = fxopt.trace(nn.Sequential(nn.Conv2d(3, 4, 3)).eval())
     result = fp.QuantizeDynamic(calibration=[torch.randn(1, 3, 8, 8)], min_cosine=0.99)(conv)
     assert result.modified is False
+
+
+def test_module_whose_weights_the_graph_reads_stays_float():
+    class ReadsWeight(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.out = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(self.fc(x) + torch.nn.functional.linear(x, self.fc.weight))
+
+    model = ReadsWeight().eval()
+    x = torch.randn(3, 4)
+    q = fxopt.compile(model, [fp.QuantizeDynamic()], example_inputs=(x,))
+    (record,) = fxopt.records(q)
+    assert record.stats == {"Linear": 1}
+    assert any(n.startswith("fc (Linear) left float: the graph reads its weights") for n in record.notes)
+    assert type(q.fc) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), model(x), atol=0.05, rtol=0)

@@ -194,3 +194,22 @@ def test_efficientnet_b0_loses_every_stochastic_depth():
     assert all(n.op != "call_function" or "stochastic_depth" not in str(n.target) for n in out.graph.nodes)
     with torch.no_grad():
         assert torch.equal(out(x), model(x))
+
+
+class _FlattenLeading(nn.Module):
+    """transformers' Conv1D: ``x.view(-1, x.size(-1))`` is a no-op on 2-D inputs only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.fc(x.view(-1, x.size(-1))).view(x.size()[:-1] + (8,))
+
+
+def test_reshape_with_inferred_dim_stays_when_examples_are_2d():
+    model, x = _FlattenLeading().eval(), torch.randn(3, 4)
+    gm, result = run(model, x)
+    assert "view" in ops(gm)
+    y = torch.randn(2, 3, 4)  # another rank than the example
+    torch.testing.assert_close(gm(y), model(y), atol=1e-5, rtol=1e-5)

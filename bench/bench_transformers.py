@@ -1,0 +1,102 @@
+"""Hugging Face BERT (all-MiniLM-L6-v2 size, random init, config in code): float vs fxopt int8.
+
+    python -m bench.bench_transformers [iters] [threads]   # one process: sizes, cosines, interleaved latency
+
+The model: ``transformers.BertModel``, 6 layers, 384 wide, 12 heads, ff 1536, 30522 tokens (the size of
+all-MiniLM-L6-v2; random weights, so no download). Its root forward does not trace with torch.fx; fxopt's
+auto mode exports it with torch.export. Variants:
+
+* ``float``: the transformers model itself;
+* ``fxopt dynamic int8``: ``fxopt.compile(bert, recipes.dynamic_int8(), example_inputs=...)``;
+* ``fxopt static int8 (x86)``: ``recipes.static_int8(calibration)`` lowered to x86 (the Linear layers
+  int8, attention/softmax/layer norm float);
+* ``torch.ao dynamic``: ``torch.ao.quantization.quantize_dynamic`` on the Linear layers (the reference).
+
+Cosine: mean-pooled sentence embeddings (attention-mask weighted) vs float, 32 sentences of 8-64 tokens,
+worst and mean. Latency: batch 1 x 128 tokens and batch 8 x 64, ``threads`` intra-op threads (default 2),
+candidates interleaved (``fxopt.benchmark_many``), median of rounds. On a machine shared with other jobs
+use 1 thread: OpenMP's spinning threads slow down by far more than the load when cores are oversubscribed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+
+import torch
+import transformers
+
+import fxopt
+from fxopt import recipes
+
+warnings.filterwarnings("ignore")
+VOCAB = 30522
+
+
+def bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=VOCAB, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                     intermediate_size=1536, max_position_embeddings=512)
+    return transformers.BertModel(config).eval()
+
+
+def batch(size: int, length: int, seed: int, ragged: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, VOCAB, (size, length), generator=g)
+    mask = torch.ones(size, length, dtype=torch.long)
+    if ragged:
+        for i in range(size):
+            mask[i, int(torch.randint(8, length + 1, (1,), generator=g)):] = 0
+    return ids, mask
+
+
+def pooled(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        out = model(ids, mask)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    w = mask.unsqueeze(-1).float()
+    return (hidden * w).sum(1) / w.sum(1)
+
+
+def float_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def main(iters: int = 10, threads: int = 2) -> None:
+    torch.set_num_threads(threads)
+    model = bert()
+    example = batch(2, 16, seed=0, ragged=False)
+    calibration = [batch(8, 64, seed=s) for s in range(1, 9)]
+    variants: dict[str, torch.nn.Module] = {"float": model}
+    compile_s = {}
+    start = time.perf_counter()
+    variants["fxopt dynamic int8"] = fxopt.compile(model, recipes.dynamic_int8(), example_inputs=example)
+    compile_s["fxopt dynamic int8"] = time.perf_counter() - start
+    start = time.perf_counter()
+    variants["fxopt static int8 (x86)"] = fxopt.compile(model, recipes.static_int8(calibration),
+                                                       example_inputs=example, backend="x86")
+    compile_s["fxopt static int8 (x86)"] = time.perf_counter() - start
+    variants["torch.ao dynamic"] = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, torch.qint8)
+
+    test = [batch(8, 64, seed=100 + s) for s in range(4)]
+    reference = torch.cat([pooled(model, *b) for b in test])
+    print(f"CPU threads: {torch.get_num_threads()}; torch {torch.__version__}; transformers {transformers.__version__}")
+    print(f"{'variant':26s} {'MB':>7s} {'cos min':>8s} {'cos mean':>8s} {'compile s':>9s}")
+    for name, module in variants.items():
+        emb = torch.cat([pooled(module, *b) for b in test])
+        cos = torch.nn.functional.cosine_similarity(emb, reference)
+        size = float_bytes(model) if name == "float" else (
+            fxopt.report(module).total_bytes if name.startswith("fxopt") else float("nan"))
+        print(f"{name:26s} {size / 2**20:7.1f} {cos.min().item():8.5f} {cos.mean().item():8.5f} "
+              f"{compile_s.get(name, float('nan')):9.1f}")
+    for size, length in ((1, 128), (8, 64)):
+        inputs = batch(size, length, seed=7, ragged=False)
+        comparison = fxopt.benchmark_many(variants, inputs, rounds=5, iters=iters, warmup=3, threads=threads)
+        print(f"\nbatch {size} x {length} tokens, {threads} thread(s), interleaved:")
+        for name, timing in comparison.timings.items():
+            print(f"  {name:26s} {timing.median_ms:8.2f} ms  x{comparison.speedup[name]:.2f} vs float")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]))
