@@ -5,8 +5,9 @@ Removed (every use of the op is rewired to its input):
 * ``nn.Identity``;
 * dropout modules (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``, ``FeatureAlphaDropout``) whose
   ``training`` flag is False, and ``F.dropout*``/``torch.dropout`` called with ``training=False``. A dropout
-  in training mode is *not* a no-op: it is kept and a note says so; likewise torchvision's
-  ``stochastic_depth(x, p, mode, training=False)`` (EfficientNet's residual blocks);
+  in training mode is *not* a no-op: it is kept and a note says so. The same for torchvision's stochastic
+  depth (``torchvision.ops.stochastic_depth`` called with ``training=False`` or ``p=0``, and the
+  ``StochasticDepth`` module in eval mode), which efficientnet and convnext call in every block;
 * ``x * 1``, ``1 * x``, ``x + 0``, ``0 + x``, ``x - 0``, ``x / 1`` (operators, ``torch.mul/add/sub/div``
   and the tensor methods) when the constant is a Python scalar and the result has ``x``'s dtype: a float
   ``x`` with any 0/1 literal, an integer ``x`` with an ``int`` literal except for ``/`` (``int_tensor * 1.0``
@@ -47,6 +48,13 @@ _DROPOUT_MODULES = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, to
                     torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
                       torch.dropout}
+
+
+try:  # torchvision is a dependency, but keep the pass usable without it
+    from torchvision.ops import StochasticDepth as _StochasticDepth
+    from torchvision.ops import stochastic_depth as _stochastic_depth
+except ImportError:  # pragma: no cover
+    _StochasticDepth = _stochastic_depth = None
 
 
 def _torch_dropout(input, p, train):  # the signature of the builtin ``torch.dropout``
@@ -143,6 +151,8 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
                              "(call model.eval() first to drop it)")
                 return None
             return node.args[0] if node.args else node.kwargs.get("input")
+        if _StochasticDepth is not None and isinstance(module, _StochasticDepth) and not module.training:
+            return node.args[0] if node.args else node.kwargs.get("input")
         if isinstance(module, torch.nn.Flatten) and node.args:
             return _flatten_noop(node.args[0], module.start_dim, module.end_dim)
         return None
@@ -156,9 +166,12 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
                          f"training={training!r}")
             return None
         return args.get("input")
-    if node.op == "call_function" and _is_stochastic_depth(node.target):
-        args = _bind(node.target, node)
-        if args is None or args.get("training", True) is not False:
+    if node.op == "call_function" and _stochastic_depth is not None and node.target is _stochastic_depth:
+        args = _bind(_stochastic_depth, node)
+        if args is None:
+            return None
+        if args.get("training", True) is not False and args.get("p") != 0:
+            notes.append(f"{node.name}: stochastic_depth kept, called with training={args.get('training', True)!r}")
             return None
         return args.get("input")
     key = node.target if node.op in ("call_function", "call_method") else None
@@ -181,12 +194,6 @@ def _identity_input(gm: torch.fx.GraphModule, node: torch.fx.Node, notes: list[s
         if tm is not None and getattr(tm, "memory_format", None) == torch.contiguous_format:
             return node.args[0]
     return None
-
-
-def _is_stochastic_depth(fn: Any) -> bool:
-    """torchvision's ``stochastic_depth(input, p, mode, training)`` (EfficientNet, ConvNeXt): eval-mode no-op."""
-    return getattr(fn, "__name__", None) == "stochastic_depth" and \
-        getattr(fn, "__module__", "").startswith("torchvision.ops")
 
 
 def _arith_identity(gm, node, neutral, commutes) -> torch.fx.Node | None:

@@ -15,7 +15,7 @@ from torch import nn
 import fxopt
 from fxopt import FxoptError, UnsupportedError, meta
 from fxopt.io.graph_format import check_method, function_name, resolve_function
-from fxopt.io.int8_format import FORMAT_TAG
+from fxopt.io.envelope import FORMAT_TAG
 from fxopt.quant.nn.dynamic import DynamicEmbedding, DynamicLinear
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions", "ignore:.*TypedStorage")
@@ -213,10 +213,11 @@ def test_corrupt_module_state_raises_fxopt_error(small_int8, tmp_path):
         fxopt.load(_tampered(small_int8, tmp_path, edit))
 
 
-def test_int8_to_pt2_says_to_use_pt(small_int8, tmp_path):
-    with pytest.raises(UnsupportedError, match=r"Save it as \.pt"):
-        fxopt.save(small_int8, tmp_path / "m.pt2")
-    assert not (tmp_path / "m.pt2").exists()
+def test_int8_to_pt2_round_trips(small_int8, tmp_path):
+    fxopt.save(small_int8, tmp_path / "m.pt2")
+    loaded = fxopt.load(tmp_path / "m.pt2")
+    x = torch.randn(3, 3, 16, 16)
+    assert isinstance(loaded, QuantizedModel) and torch.equal(loaded(x), small_int8(x))
 
 
 class _Custom(nn.Module):

@@ -1,17 +1,23 @@
 """Saving and loading: ``fxopt.save`` / ``fxopt.load`` and the safe formats behind them.
 
 * :mod:`.dispatch`      ``save``/``load``: picks the format from the path (and a lowered module's backend);
-* :mod:`.int8_format`   the self-contained int8 envelope (graph + modules + constants as plain data);
+* :mod:`.envelope`      the self-contained file of a compiled model (graph + modules + constants as plain data);
 * :mod:`.graph_format`  fx graphs as data, rebuilt from allowlisted functions only;
 * :mod:`.module_format` modules as data, rebuilt from allowlisted classes only;
 * :mod:`.pt2_check`     refuses ``.pt2`` archives that ``torch.export.load`` would run code from.
 
 Imports only the core (``fxopt.meta``, ``fxopt.registry``, ``fxopt.quant.nn``...), never passes or backends.
+
+Public registration hooks: :func:`allow_function` (a function a traced graph calls) and :func:`allow_module`
+(a module class kept as a leaf) let ``save``/``load`` store graphs that use them; register them in the
+saving and in the loading process.
 """
 
 from __future__ import annotations
 
 from .dispatch import FORMAT_TAG, load, save
+from .graph_format import allow_function
+from .module_format import allow_module
 from .pt2_check import check_pt2_archive
 
-__all__ = ["FORMAT_TAG", "check_pt2_archive", "load", "save"]
+__all__ = ["FORMAT_TAG", "allow_function", "allow_module", "check_pt2_archive", "load", "save"]

@@ -2,19 +2,22 @@
 
 Formats, chosen by the path's extension:
 
-``.pt2``  an exported program (``torch.export.save``); ``load`` returns a runnable module. Needs
-          example inputs: given to ``save``, or built from a GraphModule's recorded input shapes.
-          ``torch.export.load`` alone may unpickle and exec data from the file, so ``load`` first checks
-          the archive (:func:`check_pt2_archive`) and refuses any file that would do so.
-``.pt``   for int8 models (a lowered x86/qnnpack ``QuantizedModel``, or a graph of fxopt's dynamic int8
-          modules): a self-contained file of plain data, the graph plus each module's int8 weights and qparams
-          (:mod:`fxopt.io.int8_format`); ``load(path)`` rebuilds the module with no ``model`` argument, from
-          allowlisted functions and classes only. For other modules,
-          weights only: the ``state_dict`` (tensors, no code). A file of tensors cannot describe a
-          module's code, so ``load(path, model=skeleton)`` restores the weights into a copy of
-          ``skeleton``; without ``model`` it raises and says so. Read with ``torch.load(weights_only=True)``:
-          files holding arbitrary pickled objects are refused.
+``.pt``   a self-contained file of plain data for everything ``fxopt.compile`` returns with a PyTorch backend
+          (float, fused, fp16, dynamic int8 graphs and lowered static int8 ``QuantizedModel`` models, x86 and
+          qnnpack): the graph plus each module's class name and weights (:mod:`fxopt.io.envelope`), written
+          with ``torch.save``. ``load(path)`` rebuilds the module with no ``model`` argument, from allowlisted
+          functions and classes only, and refuses anything else with :class:`fxopt.UnsupportedError` before
+          building anything. An eager (untraced) module cannot be described as data: for those ``.pt`` holds
+          the ``state_dict`` and ``load(path, model=skeleton)`` restores the weights into a copy of ``skeleton``.
+``.pt2``  for a compiled module: the same plain-data payload inside a PT2 archive (the zip layout of
+          ``torch.export.save``, entry ``extra/fxopt_model.pt``; int8 modules cannot go through
+          ``torch.export``: their weights are packed C++ objects). For an eager module: an exported program
+          (``torch.export.save``, needs example inputs); ``torch.export.load`` alone may unpickle and exec data
+          from such a file, so ``load`` first checks the archive (:func:`check_pt2_archive`) and refuses any
+          file that would do so.
 ``.onnx`` handed to the ``onnx`` backend; ``.xml`` (+ ``.bin``) to the ``openvino`` backend.
+
+Every ``.pt`` read goes through ``torch.load(weights_only=True)``: files holding pickled objects are refused.
 
 A module lowered by a backend (``fxopt.meta.backend_of(module)``) is saved by that backend's ``save``
 when the backend provides one. Backends are found through :mod:`fxopt.registry` (imported lazily by name).
@@ -23,8 +26,10 @@ when the backend provides one. Backends are found through :mod:`fxopt.registry` 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +39,15 @@ import torch.fx
 from .. import meta, registry
 from ..errors import FxoptError, UnsupportedError
 from ..tracing import as_args
-from . import int8_format
+from . import envelope
 from .pt2_check import check_pt2_archive
 
 __all__ = ["save", "load", "check_pt2_archive", "FORMAT_TAG"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_TAG = "fxopt.state_dict.v1"
+FORMAT_TAG = "fxopt.state_dict.v1"  # weights-only .pt of an eager module
+PT2_ENTRY = "extra/fxopt_model.pt"  # the envelope inside a .pt2 archive
 _BACKEND_FOR_SUFFIX = {".onnx": "onnx", ".xml": "openvino"}
 _SUFFIXES = (".pt2", ".pt", ".onnx", ".xml")
 
@@ -51,7 +57,7 @@ def _suffix(path: Path) -> str:
     if suffix not in _SUFFIXES:
         raise UnsupportedError(
             f"fxopt cannot tell the format of {str(path)!r} (extension {suffix or 'none'!r}); "
-            f"use one of {', '.join(_SUFFIXES)} (.pt2: exported program, .pt: weights only, "
+            f"use one of {', '.join(_SUFFIXES)} (.pt / .pt2: PyTorch, "
             f".onnx: ONNX, .xml: OpenVINO IR)")
     return suffix
 
@@ -66,36 +72,15 @@ def _backend(name: str, purpose: str) -> Any:
             f"`pip install fxopt[{name}]`") from exc
 
 
-def _inputs_from_graph(module: torch.nn.Module) -> tuple | None:
-    """Example inputs rebuilt from the shapes/dtypes recorded on a GraphModule's placeholders."""
-    if not isinstance(module, torch.fx.GraphModule):
-        return None
-    args = []
-    for node in module.graph.find_nodes(op="placeholder"):
-        tm = meta.tensor_meta(node) or node.meta.get("val")  # "val": torch.export's own record
-        shape, dtype = getattr(tm, "shape", None), getattr(tm, "dtype", None)
-        if shape is None or dtype is None:
-            return None
-        shape = [int(d) for d in shape]
-        args.append(torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype))
-    return tuple(args)
-
-
 def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) -> None:
-    """Write ``module`` to ``path`` in the format its extension names (see the module docstring)."""
+    """Write ``module`` to ``path`` in the format its extension names (see the module docstring).
+
+    ``example_inputs`` is only used to export an eager (untraced) module to ``.pt2``.
+    """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"fxopt.save expects a torch.nn.Module, got {type(module).__name__}")
     path = Path(path)
     suffix = _suffix(path)
-    if suffix in (".pt", ".pt2") and int8_format.is_int8_model(module):
-        if suffix == ".pt2":
-            raise UnsupportedError(
-                f"{type(module).__name__} is an int8 model: torch.export cannot export its packed int8 weights to "
-                f"{str(path)!r}. Save it as .pt instead: fxopt.save(model, 'model.pt') writes a self-contained int8 "
-                f"file that fxopt.load(path) rebuilds without the original model")
-        torch.save(int8_format.to_plain(module), path)
-        logger.debug("saved int8 model %s", path)
-        return
     marker = meta.backend_of(module)
     if marker is not None:
         backend = _backend(marker, f"saving a module lowered by backend {marker!r}")
@@ -107,22 +92,49 @@ def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) 
         name = _BACKEND_FOR_SUFFIX[suffix]
         _backend(name, f"saving {suffix} files").save(module, path)
         return
+    if envelope.is_graph_model(module):
+        payload = envelope.to_plain(module)  # raises before the file is touched
+        if suffix == ".pt":
+            torch.save(payload, path)
+        else:
+            _write_pt2_payload(payload, path)
+        logger.debug("saved %s (%s)", path, type(module).__name__)
+        return
     if suffix == ".pt":
         torch.save({"format": FORMAT_TAG, "state_dict": module.state_dict()}, path)
         return
-    args = as_args(example_inputs) if example_inputs is not None else _inputs_from_graph(module)
+    args = as_args(example_inputs) if example_inputs is not None else None
     if args is None:
         raise UnsupportedError(
-            f"saving {str(path)!r} as .pt2 exports the module with torch.export, which needs example inputs; "
-            f"pass save(module, path, example_inputs=...) (or compile the model with example_inputs so its "
-            f"input shapes are recorded)")
+            f"saving the eager module {type(module).__name__} to {str(path)!r} exports it with torch.export, which "
+            f"needs example inputs; pass save(module, path, example_inputs=...), or save what fxopt.compile "
+            f"returns (a graph, stored without inputs)")
     try:
         program = torch.export.export(module, args)
     except Exception as exc:
         raise UnsupportedError(
             f"torch.export could not export {type(module).__name__} for {str(path)!r}: {exc}. Save the weights "
-            f"only with a .pt path, or use a backend format (.onnx/.xml)") from exc
+            f"only with a .pt path, compile it with fxopt first, or use a backend format (.onnx/.xml)") from exc
     torch.export.save(program, path)
+
+
+def _write_pt2_payload(payload: dict, path: Path) -> None:
+    from torch.export.pt2_archive._package import PT2ArchiveWriter
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with PT2ArchiveWriter(str(path)) as archive:
+        archive.write_bytes(PT2_ENTRY, buffer.getvalue())
+
+
+def _read_pt2_payload(path: Path) -> bytes | None:
+    """The envelope bytes of a .pt2 written from a compiled module, or ``None`` for an exported program."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = [n for n in archive.namelist() if n.split("/", 1)[-1] == PT2_ENTRY]
+            return archive.read(entries[0]) if len(entries) == 1 else None
+    except zipfile.BadZipFile as exc:
+        raise FxoptError(f"{str(path)!r} is not a .pt2 archive (not a zip file)") from exc
 
 
 def load(path: str | Path, *, model: torch.nn.Module | None = None) -> torch.nn.Module:
@@ -142,38 +154,41 @@ def load(path: str | Path, *, model: torch.nn.Module | None = None) -> torch.nn.
             raise UnsupportedError(f"backend {name!r} provides no loader for {suffix} files")
         return loader(path)
     if suffix == ".pt2":
+        payload = _read_pt2_payload(path)
+        if payload is not None:
+            return _load_pt(io.BytesIO(payload), str(path), model)
         check_pt2_archive(path)
         try:
             return torch.export.load(path).module()
         except Exception as exc:
             raise FxoptError(f"{str(path)!r} is not a readable exported program (.pt2): {exc}") from exc
-    return _load_weights(path, model)
+    return _load_pt(path, str(path), model)
 
 
-def _load_weights(path: Path, model: torch.nn.Module | None) -> torch.nn.Module:
+def _load_pt(source: Path | io.BytesIO, name: str, model: torch.nn.Module | None) -> torch.nn.Module:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise FxoptError(
-            f"refused to load {str(path)!r}: it holds objects other than tensors, and fxopt.load never runs "
+            f"refused to load {name!r}: it holds objects other than tensors, and fxopt.load never runs "
             f"code from a file (torch.load weights_only=True). Only load files you trust with torch.load "
             f"directly. Details: {exc}") from exc
     except RuntimeError as exc:
-        raise FxoptError(f"{str(path)!r} is not a readable .pt file: {exc}") from exc
-    if isinstance(obj, dict) and obj.get("format") == int8_format.FORMAT_TAG:
+        raise FxoptError(f"{name!r} is not a readable .pt file: {exc}") from exc
+    if isinstance(obj, dict) and obj.get("format") in envelope.FORMAT_TAGS:
         if model is not None:
-            logger.info("%s is a self-contained int8 file: model= is not needed and is ignored", path)
-        return int8_format.from_plain(obj, repr(str(path)))
+            logger.info("%s is a self-contained fxopt file: model= is not needed and is ignored", name)
+        return envelope.from_plain(obj, repr(name))
     state = obj.get("state_dict") if isinstance(obj, dict) and obj.get("format") == FORMAT_TAG else obj
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-        raise FxoptError(f"{str(path)!r} is not a state_dict (a dict of tensors); it cannot be loaded as weights")
+        raise FxoptError(f"{name!r} is not a state_dict (a dict of tensors); it cannot be loaded as weights")
     if model is None:
         raise UnsupportedError(
-            f"{str(path)!r} holds weights only (a .pt file cannot hold a module's code safely); pass the "
-            f"architecture: fxopt.load(path, model=MyModel()), or save to .pt2 to get a self-contained module")
+            f"{name!r} holds weights only (a .pt file cannot hold a module's code safely); pass the "
+            f"architecture: fxopt.load(path, model=MyModel()), or save what fxopt.compile returns, which .pt stores whole")
     restored = copy.deepcopy(model)
     try:
         restored.load_state_dict(state)
     except RuntimeError as exc:
-        raise FxoptError(f"the weights in {str(path)!r} do not fit {type(model).__name__}: {exc}") from exc
+        raise FxoptError(f"the weights in {name!r} do not fit {type(model).__name__}: {exc}") from exc
     return restored

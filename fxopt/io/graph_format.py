@@ -1,6 +1,6 @@
 """An fx Graph as plain data (lists, dicts, strings, numbers), rebuilt only from allowlisted functions.
 
-Used by fxopt's int8 file format (:mod:`fxopt.io.int8_format`). A node is stored as::
+Used by fxopt's model file format (:mod:`fxopt.io.envelope`). A node is stored as::
 
     {"op": "call_function", "name": "erf", "target": "torch.erf", "args": [...], "kwargs": [...]}
 
@@ -8,6 +8,9 @@ Used by fxopt's int8 file format (:mod:`fxopt.io.int8_format`). A node is stored
   ``torch`` (native ops and ``torch.functional``), ``torch.nn.functional``, ``torch.Tensor`` methods,
   arithmetic ``operator``\\ s, ``math`` and ``getattr``/``len``. Anything else (``torch.load``,
   ``torch.from_file``, ``os.system``, private functions) is refused with :class:`fxopt.UnsupportedError`.
+  Two more sources: :data:`KNOWN_FUNCTIONS` (pure tensor functions of torchvision that traced models call,
+  imported by fxopt itself, never by a name from the file) and the functions the user registered in this
+  process with :func:`allow_function`.
 * ``call_method`` names must be public ``torch.Tensor`` methods; those that take callables, expose storage or
   run autograd (:data:`REFUSED_METHODS`) are refused. ``getattr`` reads only :data:`SAFE_ATTRIBUTES`.
 * Arguments are encoded by :func:`encode_value`: every dict in the encoding is a one-key tag
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import importlib
 import keyword
 import math
 import operator
@@ -35,7 +39,9 @@ import torch.nn.functional as F
 from ..errors import FxoptError, UnsupportedError
 
 __all__ = [
+    "KNOWN_FUNCTIONS",
     "REFUSED_METHODS",
+    "allow_function",
     "SAFE_ATTRIBUTES",
     "check_method",
     "decode_graph",
@@ -57,6 +63,12 @@ _OPERATORS = ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "
               "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "xor", "invert", "not_", "lshift", "rshift",
               "iadd", "isub", "imul", "itruediv", "ifloordiv", "contains", "truth")
 _REFUSED_TORCH = frozenset({"from_file"})
+# pure tensor functions outside torch that traced torchvision models call (fx-wrapped, so they stay calls):
+# stored name -> (module fxopt imports, attribute). Only these fixed modules are ever imported.
+KNOWN_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "torchvision.ops.stochastic_depth.stochastic_depth": ("torchvision.ops.stochastic_depth", "stochastic_depth"),
+}
+_REGISTERED: dict[str, Callable] = {}  # allow_function()
 _F_MODULES = ("torch.nn.functional", "torch._C._nn", "torch")
 
 
@@ -81,7 +93,33 @@ def function_table() -> dict[str, Callable]:
     table.update({f"math.{n}": getattr(math, n) for n in dir(math)
                   if not n.startswith("_") and callable(getattr(math, n))})
     table.update({"builtins.getattr": builtins.getattr, "builtins.len": builtins.len})
+    for name, (module_name, attr) in KNOWN_FUNCTIONS.items():
+        try:
+            table[name] = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):  # that library is not installed: its functions are simply unknown
+            pass
     return table
+
+
+def allow_function(fn: Callable, name: str | None = None) -> str:
+    """Let saved graphs call ``fn`` (a function of yours, or of a library, that a traced model calls).
+
+    Register it in the process that saves **and** in the one that loads (``fxopt.load`` looks stored names up
+    in this process's registry only; it never imports or evaluates a name from the file). ``name`` defaults to
+    ``"<module>.<qualname>"`` of ``fn``; returns the name the file stores. Only register functions that are
+    safe to call with any tensor/number arguments: a file can call them with arguments of its choice.
+    """
+    if not callable(fn) or isinstance(fn, type):
+        raise TypeError(f"allow_function expects a function, got {type(fn).__name__}")
+    if name is None:
+        name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', None)}"
+    if not isinstance(name, str) or not all(is_identifier(p) for p in name.split(".")):
+        raise ValueError(f"allow_function: name {name!r} must be a dotted path of identifiers (pass name=...)")
+    taken = function_table().get(name) or _REGISTERED.get(name)
+    if taken is not None and taken is not fn:
+        raise ValueError(f"allow_function: {name!r} already names another function; pass name=...")
+    _REGISTERED[name] = fn
+    return name
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,19 +139,25 @@ def function_name(target: Callable) -> str:
     """The stored name of a ``call_function`` target; :class:`UnsupportedError` if it is not allowlisted."""
     name = _names_by_id().get(id(target))
     if name is None:
+        name = next((n for n, fn in _REGISTERED.items() if fn is target), None)
+    if name is None:
         shown = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
         raise UnsupportedError(
             f"function {shown} is not in fxopt's allowlist of functions a saved graph may call (tensor ops of "
-            f"torch, torch.nn.functional, torch.Tensor methods, operator, math); keep it out of the model or "
-            f"save the weights only with torch.save(model.state_dict())")
+            f"torch, torch.nn.functional, torch.Tensor methods, operator, math). If it is a pure tensor function "
+            f"you trust, register it before saving and before loading: fxopt.io.allow_function({shown}); or keep "
+            f"it out of the traced graph (e.g. as a leaf module registered with fxopt.io.allow_module)")
     return name
 
 
 def resolve_function(name: Any) -> Callable:
-    fn = function_table().get(name) if isinstance(name, str) else None
+    fn = None
+    if isinstance(name, str):
+        fn = function_table().get(name) or _REGISTERED.get(name)
     if fn is None:
         raise UnsupportedError(f"the file calls function {str(name)[:100]!r}, which is not in fxopt's allowlist; "
-                               f"refusing to load it (fxopt.load never runs code from a file)")
+                               f"refusing to load it (fxopt.load never runs code from a file). If you trust that "
+                               f"function, register it first with fxopt.io.allow_function(fn)")
     return fn
 
 
@@ -148,6 +192,8 @@ def encode_value(value: Any, where: str = "") -> Any:
         return {"device": str(value)}
     if isinstance(value, (torch.memory_format, torch.layout)):
         return {type(value).__name__: str(value).removeprefix("torch.")}
+    if callable(value) and not isinstance(value, (type, torch.nn.Module)):  # e.g. an activation attribute
+        return {"function": function_name(value)}
     raise UnsupportedError(f"{where}: a value of type {type(value).__name__} cannot be stored in an fxopt file "
                            f"(only numbers, strings, tuples/lists/dicts, slices, dtypes and devices)")
 
@@ -161,6 +207,7 @@ _TAGS = {
     "device": lambda v, d: torch.device(_str(v)),
     "memory_format": lambda v, d: _typed(torch, _str(v), torch.memory_format),
     "layout": lambda v, d: _typed(torch, _str(v), torch.layout),
+    "function": lambda v, d: resolve_function(_str(v)),
 }
 
 
@@ -223,7 +270,9 @@ def encode_graph(graph: torch.fx.Graph) -> list[dict[str, Any]]:
 _OPS = ("placeholder", "get_attr", "call_function", "call_method", "call_module", "output")
 # fx generates Python source from names and targets: only plain identifiers may come from a file.
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PATH_PART = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+# a path part: an identifier, an index, or a name with hyphens (regnet's "block1-0"). fx writes parts that are
+# not identifiers as getattr(obj, "part") -- inside double quotes, which letters, digits, "_" and "-" cannot leave
+_PATH_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 
 
 def is_identifier(name: Any) -> bool:
@@ -231,7 +280,7 @@ def is_identifier(name: Any) -> bool:
 
 
 def is_module_path(target: Any) -> bool:
-    """``"layer1.0.conv1"``: dot-separated identifiers or indices, nothing else."""
+    """``"layer1.0.conv1"``, ``"block1-0.proj"``: dot-separated identifiers, indices or hyphenated names only."""
     return isinstance(target, str) and all(
         _PATH_PART.match(p) and not keyword.iskeyword(p) for p in target.split("."))
 

@@ -1,15 +1,18 @@
-"""Modules as plain data, rebuilt only from an allowlist of classes (for fxopt's int8 file format).
+"""Modules as plain data, rebuilt only from an allowlist of classes (for fxopt's graph file format).
 
-Two kinds of classes can be stored:
+Three kinds of classes can be stored:
 
 * fxopt's int8 / dynamic modules (:data:`fxopt.quant.nn.STORABLE`): each gives its constructor state with
   ``fxopt_state()`` (int8 weights as integer values + qparams, plain numbers) and is rebuilt with
   ``cls.fxopt_from_state(state)``, which packs the weights again under the module's engine;
 * standard ``torch.nn`` modules (``torch.nn.<Name>`` defined in ``torch.nn.modules``): their plain attributes
   (numbers, strings, tuples...), parameters, buffers and children. They are rebuilt with ``nn.Module.__init__``
-  and those attributes, without running the class's ``__init__``.
+  and those attributes, without running the class's ``__init__``. fxopt's float modules
+  (:data:`fxopt.quant.nn.PLAIN_STORABLE`: fused conv/linear/add, fp16 storage) are stored the same way;
+* classes the user registered in this process with :func:`allow_module` (stored the same way too).
 
-Any other class, in ``save`` or in a file, raises :class:`fxopt.UnsupportedError` naming it.
+Any other class, in ``save`` or in a file, raises :class:`fxopt.UnsupportedError` naming it and saying how to
+register it. :func:`check_entry` validates every class name of a stored module tree before anything is built.
 """
 
 from __future__ import annotations
@@ -21,13 +24,54 @@ import torch
 from torch import nn
 
 from ..errors import FxoptError, UnsupportedError
-from ..quant.nn import STORABLE
+from ..quant.nn import PLAIN_STORABLE, STORABLE
 from .graph_format import decode_value, encode_value, is_identifier, is_module_path
 
-__all__ = ["decode_module", "encode_module", "fxopt_classes", "is_fxopt_module"]
+__all__ = ["allow_module", "check_entry", "decode_module", "encode_module", "fxopt_classes", "is_fxopt_module"]
 
 _FXOPT_PREFIX = "fxopt."
 _TORCH_PREFIX = "torch.nn."
+_USER_PREFIX = "user:"
+_REGISTERED: dict[str, type] = {}  # allow_module(): stored name (without the prefix) -> class
+
+
+def allow_module(cls: type, name: str | None = None) -> str:
+    """Let ``fxopt.save``/``fxopt.load`` store modules of class ``cls`` (e.g. a leaf the tracer kept).
+
+    Such a module is stored like a ``torch.nn`` module: its plain attributes (numbers, strings, tuples,
+    dtypes, allowlisted functions), parameters, buffers and child modules; ``load`` rebuilds it without
+    running ``cls.__init__``, so its ``forward`` must need nothing else. Register the class in the process that
+    saves **and** in the one that loads: ``fxopt.load`` looks the stored name up in this registry only, it never
+    imports a name from the file. ``name`` defaults to ``"<module>.<qualname>"``; returns the stored name.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"allow_module expects an nn.Module subclass, got {cls!r}")
+    if name is None:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+    if not isinstance(name, str) or not all(is_identifier(p) for p in name.split(".")):
+        raise ValueError(f"allow_module: name {name!r} must be a dotted path of identifiers (pass name=...)")
+    if _REGISTERED.get(name, cls) is not cls:
+        raise ValueError(f"allow_module: {name!r} already names another class; pass name=...")
+    _REGISTERED[name] = cls
+    return name
+
+
+def _plain_name(cls: type) -> str | None:
+    """The stored name of a class stored as attributes/parameters/buffers/children, or ``None``."""
+    if _torch_class(cls.__name__) is cls:
+        return _TORCH_PREFIX + cls.__name__
+    if cls in PLAIN_STORABLE:
+        return _FXOPT_PREFIX + cls.__name__
+    name = next((n for n, known in _REGISTERED.items() if known is cls), None)
+    return None if name is None else _USER_PREFIX + name
+
+
+def _plain_class(name: str) -> type | None:
+    if name.startswith(_TORCH_PREFIX):
+        return _torch_class(name[len(_TORCH_PREFIX):])
+    if name.startswith(_USER_PREFIX):
+        return _REGISTERED.get(name[len(_USER_PREFIX):])
+    return next((c for c in PLAIN_STORABLE if _FXOPT_PREFIX + c.__name__ == name), None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,8 +84,12 @@ def is_fxopt_module(module: nn.Module) -> bool:
     return type(module) in fxopt_classes().values()
 
 
+# torch.nn module classes that torch.nn does not export by name but its own modules build
+_TORCH_INTERNAL = {"NonDynamicallyQuantizableLinear": nn.modules.linear.NonDynamicallyQuantizableLinear}
+
+
 def _torch_class(name: str) -> type | None:
-    cls = getattr(nn, name, None) if name.isidentifier() else None
+    cls = (getattr(nn, name, None) or _TORCH_INTERNAL.get(name)) if name.isidentifier() else None
     if isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith("torch.nn.modules."):
         return cls
     return None
@@ -56,38 +104,58 @@ def encode_module(module: nn.Module, where: str) -> dict[str, Any]:
     for name, known in fxopt_classes().items():
         if cls is known:
             return {"class": name, "state": module.fxopt_state()}
-    if _torch_class(cls.__name__) is cls:
+    plain = _plain_name(cls)
+    if plain is not None:
         attrs = {k: encode_value(v, f"{where}.{k}") for k, v in vars(module).items() if k not in _MODULE_BASE_KEYS}
-        return {"class": _TORCH_PREFIX + cls.__name__, "state": {
+        return {"class": plain, "state": {
             "attrs": attrs,
             "parameters": {k: None if p is None else p.detach() for k, p in module._parameters.items()},
             "buffers": {k: b for k, b in module._buffers.items()},
             "non_persistent": sorted(module._non_persistent_buffers_set),
             "children": {k: encode_module(m, f"{where}.{k}") for k, m in module._modules.items() if m is not None},
         }}
+    shown = f"{cls.__module__}.{cls.__qualname__}"
+    if cls.__module__.startswith("fxopt."):  # stubs, observers, fake quant, QAT modules of a prepared graph
+        raise UnsupportedError(
+            f"module {where!r} is a {shown}: a prepared (observed or QAT) graph cannot be saved as a model file; "
+            f"lower it first (fxopt.lower(module, 'x86'), then fxopt.save) or keep its weights with "
+            f"torch.save(module.state_dict(), path)")
     raise UnsupportedError(
-        f"module {where!r} is a {cls.__module__}.{cls.__qualname__}, which fxopt cannot store safely: an int8 file "
-        f"holds only fxopt's int8/dynamic modules and standard torch.nn modules. Keep custom modules out of the "
-        f"quantized model (e.g. make them traceable) or save the weights only")
+        f"module {where!r} is a {shown}, which fxopt cannot store safely: a saved graph holds only fxopt's "
+        f"modules, standard torch.nn modules and classes you registered. If its forward needs only its "
+        f"attributes, parameters, buffers and children, register it before saving and before loading: "
+        f"fxopt.io.allow_module({shown}); otherwise make it traceable, or save the weights only")
+
+
+def check_entry(entry: Any, where: str) -> None:
+    """Refuse a stored module tree naming any class outside the allowlist (nothing is built)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("class"), str) or not isinstance(
+            entry.get("state"), dict):
+        raise FxoptError(f"malformed module entry for {where!r}")
+    name = entry["class"]
+    if fxopt_classes().get(name) is not None:
+        return
+    if _plain_class(name) is None:
+        raise UnsupportedError(f"module {where!r} has class {name[:100]!r}, which is not in fxopt's allowlist of "
+                               f"storable modules; refusing to load it (fxopt.load never runs code from a file). "
+                               f"If it is a class of yours, register it first with fxopt.io.allow_module(cls)")
+    children = entry["state"].get("children", {})
+    if not isinstance(children, dict):
+        raise FxoptError(f"malformed children for {where!r}")
+    for key, child in children.items():
+        check_entry(child, f"{where}.{key}")
 
 
 def decode_module(entry: Any, where: str) -> nn.Module:
     """Rebuild a module from :func:`encode_module`'s output, only from the allowlisted classes."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("class"), str) or not isinstance(
-            entry.get("state"), dict):
-        raise FxoptError(f"malformed module entry for {where!r}")
+    check_entry(entry, where)
     name, state = entry["class"], entry["state"]
     cls = fxopt_classes().get(name)
-    if cls is None and name.startswith(_TORCH_PREFIX):
-        cls = _torch_class(name[len(_TORCH_PREFIX):])
-        if cls is not None:
-            try:
-                return _rebuild_torch(cls, state, where)
-            except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
-                raise FxoptError(f"the stored state of {where!r} ({name}) is invalid: {exc}") from exc
     if cls is None:
-        raise UnsupportedError(f"module {where!r} has class {name[:100]!r}, which is not in fxopt's allowlist of "
-                               f"storable modules; refusing to load it (fxopt.load never runs code from a file)")
+        try:
+            return _rebuild_plain(_plain_class(name), state, where)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise FxoptError(f"the stored state of {where!r} ({name}) is invalid: {exc}") from exc
     try:
         module = cls.fxopt_from_state(state)
     except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
@@ -101,7 +169,7 @@ def _tensor_or_none(value: Any, what: str) -> torch.Tensor | None:
     return value
 
 
-def _rebuild_torch(cls: type, state: dict, where: str) -> nn.Module:
+def _rebuild_plain(cls: type, state: dict, where: str) -> nn.Module:
     module = cls.__new__(cls)
     nn.Module.__init__(module)
     attrs = state.get("attrs", {})

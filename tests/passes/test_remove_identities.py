@@ -160,6 +160,42 @@ def test_torchvision_mobilenet_dropout_through_compile():
         torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+class _Block(nn.Module):
+    """An efficientnet-style residual block: torchvision's StochasticDepth before the skip add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.drop = torchvision.ops.StochasticDepth(0.2, "row")
+
+    def forward(self, x):
+        return self.drop(self.conv(x)) + x
+
+
+def test_stochastic_depth_is_dropped_in_eval_and_kept_in_training():
+    from torchvision.ops import stochastic_depth
+
+    x = torch.randn(2, 3, 6, 6)
+    model = _Block().eval()
+    gm, result = run(model, x)
+    assert result.stats == {"stochastic_depth": 1}
+    assert not any(n.target is stochastic_depth for n in gm.graph.nodes)
+    assert torch.equal(gm(x), model(x))
+    trained, result = run(_Block().train(), x)
+    assert not result.modified and any(n.target is stochastic_depth for n in trained.graph.nodes)
+    assert "stochastic_depth kept, called with training=True" in result.notes[0]
+
+
+def test_efficientnet_b0_loses_every_stochastic_depth():
+    model = torchvision.models.efficientnet_b0(weights=None).eval()
+    x = torch.randn(1, 3, 48, 48)
+    out = fxopt.compile(model, passes=[fp.RemoveIdentities()], example_inputs=(x,))
+    assert fxopt.records(out)[0].stats["stochastic_depth"] == 9
+    assert all(n.op != "call_function" or "stochastic_depth" not in str(n.target) for n in out.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(out(x), model(x))
+
+
 class _FlattenLeading(nn.Module):
     """transformers' Conv1D: ``x.view(-1, x.size(-1))`` is a no-op on 2-D inputs only."""
 

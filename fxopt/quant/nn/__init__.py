@@ -5,6 +5,8 @@ them; none of those import one another for it. Imports only ``fxopt.errors`` and
 
 from __future__ import annotations
 
+from torch import nn
+
 from .base import DescribesWeights, FusedModule, QuantizedModule
 from .dynamic import DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear
 from .dynamic_attention import DynamicMultiheadAttention, DynamicTransformerEncoderLayer
@@ -21,7 +23,7 @@ __all__ = [
     "DynamicMultiheadAttention", "DynamicRNN", "DynamicTransformerEncoderLayer", "FP16Module", "FusedAdd",
     "FusedConv", "FusedLinear", "FusedModule", "QAdd", "QBatchNorm", "QCat", "QConv", "QHardswish", "QLayerNorm",
     "QLinear", "QMul", "QuantizeInput", "QuantizedModel", "QuantizedModule", "engine_scope", "local_engine",
-    "STORABLE",
+    "PLAIN_STORABLE", "STORABLE",
     "QConvPointwise",
 ]
 
@@ -31,3 +33,6 @@ STORABLE: tuple[type[QuantizedModule], ...] = (
     QuantizeInput, QConv, QLinear, QAdd, QMul, QCat, QHardswish, QLayerNorm, QBatchNorm,
     DynamicLinear, DynamicEmbedding, DynamicEmbeddingBag, QConvPointwise,
 )
+# fxopt's float modules, stored like torch.nn modules (attributes, parameters, buffers, children) and rebuilt
+# without running __init__ (fxopt.io.module_format)
+PLAIN_STORABLE: tuple[type[nn.Module], ...] = (FusedConv, FusedLinear, FusedAdd, FP16Module)

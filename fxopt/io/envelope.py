@@ -1,9 +1,10 @@
-"""fxopt's self-contained file format for int8 models (``fxopt.save(int8_model, "m.pt")``).
+"""fxopt's self-contained file format for compiled models (``fxopt.save(module, "m.pt")`` / ``"m.pt2"``).
 
-A lowered static-int8 model (:class:`fxopt.quant.nn.QuantizedModel`, x86 or qnnpack) or a graph with
-fxopt's dynamic int8 modules is written with ``torch.save`` of plain data only::
+Everything ``fxopt.compile`` returns with a PyTorch backend -- a float or fused ``GraphModule``, fp16 and
+dynamic int8 graphs, a lowered static-int8 :class:`fxopt.quant.nn.QuantizedModel` (x86 or qnnpack) -- is
+written as plain data only (``.pt``: with ``torch.save``; ``.pt2``: the same bytes inside a PT2 archive)::
 
-    {"format": "fxopt.int8_graph.v1", "wrapper": "QuantizedModel" | "GraphModule", "engine": "x86",
+    {"format": "fxopt.graph.v1", "wrapper": "QuantizedModel" | "GraphModule", "engine": "x86",
      "backend": "x86" | None, "float_islands": [[node, op, reason], ...],
      "graph": [node entries],                  # fxopt.io.graph_format
      "modules": {target: {"class": name, "state": ...}},   # fxopt.io.module_format
@@ -29,21 +30,20 @@ from ..graph_utils import get_attr_path
 from ..quant.nn import QuantizedModel, engine_scope, local_engine
 from ..quant.qstate import qtensor_from_state, qtensor_state
 from .graph_format import decode_graph, encode_graph, is_module_path
-from .module_format import decode_module, encode_module, is_fxopt_module
+from .module_format import check_entry, decode_module, encode_module
 
-__all__ = ["FORMAT_TAG", "from_plain", "is_int8_model", "to_plain"]
+__all__ = ["FORMAT_TAG", "FORMAT_TAGS", "from_plain", "is_graph_model", "to_plain"]
 
 logger = logging.getLogger(__name__)
 
-FORMAT_TAG = "fxopt.int8_graph.v1"
+FORMAT_TAG = "fxopt.graph.v1"
+FORMAT_TAGS = (FORMAT_TAG, "fxopt.int8_graph.v1")  # the int8-only name of the same format, read too
 _WRAPPERS = ("QuantizedModel", "GraphModule")
 
 
-def is_int8_model(module: nn.Module) -> bool:
-    """A lowered int8 model, or a GraphModule holding fxopt's int8/dynamic modules."""
-    if isinstance(module, QuantizedModel):
-        return True
-    return isinstance(module, torch.fx.GraphModule) and any(is_fxopt_module(m) for m in module.modules())
+def is_graph_model(module: nn.Module) -> bool:
+    """What this format stores: a GraphModule (what ``compile`` returns) or a lowered ``QuantizedModel``."""
+    return isinstance(module, (QuantizedModel, torch.fx.GraphModule))
 
 
 def to_plain(module: nn.Module) -> dict[str, Any]:
@@ -53,18 +53,22 @@ def to_plain(module: nn.Module) -> dict[str, Any]:
     elif isinstance(module, torch.fx.GraphModule):
         gm, engine, wrapper = module, torch.backends.quantized.engine, "GraphModule"
     else:
-        raise UnsupportedError(f"fxopt's int8 format stores fx graphs; got a {type(module).__name__}")
+        raise UnsupportedError(f"fxopt's graph format stores fx graphs; got a {type(module).__name__}")
     modules: dict[str, Any] = {}
     attrs: dict[str, Any] = {}
+    graph = encode_graph(gm.graph)  # refuses non-allowlisted functions first
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in modules:
             modules[node.target] = encode_module(gm.get_submodule(node.target), node.target)
-        elif node.op == "get_attr" and node.target not in attrs:
+    for node in gm.graph.nodes:
+        # a constant inside a stored module (e.g. a conv's weight read directly) travels with that module
+        if node.op == "get_attr" and node.target not in attrs and not any(
+                node.target.startswith(m + ".") for m in modules):
             attrs[node.target] = _encode_attr(get_attr_path(gm, node.target), node.target)
     islands = [[str(i.node), str(i.op), str(i.reason)] for i in meta.float_islands(gm)]
     return {
         "format": FORMAT_TAG, "wrapper": wrapper, "engine": engine, "backend": meta.backend_of(gm),
-        "float_islands": islands, "graph": encode_graph(gm.graph), "modules": modules, "attrs": attrs,
+        "float_islands": islands, "graph": graph, "modules": modules, "attrs": attrs,
         "torch_version": str(torch.__version__),
     }
 
@@ -108,17 +112,27 @@ def _place_at(root: nn.Module, target: str, value: nn.Module | torch.Tensor) -> 
         owner.register_buffer(last, value)
 
 
+def _holds(root: nn.Module, target: str) -> bool:
+    try:
+        return isinstance(get_attr_path(root, target), torch.Tensor)
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
 def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
     """The module stored in ``obj`` (already read with ``weights_only=True``)."""
     wrapper, graph_data = obj.get("wrapper"), obj.get("graph")
     modules, attrs = obj.get("modules"), obj.get("attrs")
     if wrapper not in _WRAPPERS or not isinstance(modules, dict) or not isinstance(attrs, dict):
-        raise FxoptError(f"{where} is not a valid fxopt int8 file (missing or malformed 'wrapper'/'modules'/'attrs')")
+        raise FxoptError(f"{where} is not a valid fxopt model file (missing or malformed 'wrapper'/'modules'/'attrs')")
     engine = obj.get("engine")
     if not isinstance(engine, str):
-        raise FxoptError(f"{where} is not a valid fxopt int8 file (no engine named)")
+        raise FxoptError(f"{where} is not a valid fxopt model file (no engine named)")
+    # every check before anything is built: functions and methods of the graph, then every module class
+    graph = decode_graph(graph_data)
+    for target, entry in modules.items():
+        check_entry(entry, str(target)[:80])
     engine = local_engine(engine)
-    graph = decode_graph(graph_data)  # refuses non-allowlisted functions before any module is built
     root = nn.Module()
     with engine_scope(engine), torch.no_grad():
         for target in sorted(modules, key=lambda t: str(t).count(".")):
@@ -130,10 +144,12 @@ def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
                 raise FxoptError(f"constant path {str(target)[:80]!r} in {where} is not a dotted identifier path")
             _place(root, target, _decode_attr(value, target), where)
     for node in graph.nodes:
-        table = modules if node.op == "call_module" else attrs if node.op == "get_attr" else None
-        if table is not None and node.target not in table:
+        if node.op == "call_module" and node.target not in modules:
             raise FxoptError(f"node {node.name!r} of {where} uses {node.target!r}, which the file does not hold")
-    gm = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule")
+        if node.op == "get_attr" and node.target not in attrs and not _holds(root, node.target):
+            raise FxoptError(f"node {node.name!r} of {where} reads {node.target!r}, which the file does not hold")
+    gm = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule" if wrapper == "QuantizedModel"
+                              else "FxoptGraphModule")
     backend = obj.get("backend")
     if isinstance(backend, str):
         meta.set_backend(gm, backend)
