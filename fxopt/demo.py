@@ -198,6 +198,14 @@ def _finetuned(ctx: DemoContext, family: str, module: nn.Module, epochs: int = 1
     return (out if isinstance(out, nn.Module) else module).eval()
 
 
+def _baked(module: nn.Module) -> nn.Module:
+    """Masks and clusters baked into plain weights (``fp.ApplyMasks``): the deployable, savable form."""
+    from fxopt import passes as fp
+
+    fp.ApplyMasks().apply(module)
+    return module
+
+
 def _qat(ctx: DemoContext) -> nn.Module:
     import fxopt
 
@@ -231,12 +239,12 @@ ROWS: list[DemoRow] = [
     DemoRow("qat", "x86", "cnn", _qat, requires=("recipes.qat", "backend:x86"),
             loses=f"same int8 kernels as static int8; {_SMALL_MODEL}"),
     DemoRow("prune 50%", "eager", "cnn",
-            lambda ctx: _finetuned(ctx, "cnn", _compile(ctx, "cnn", "prune", 0.5)), requires=("recipes.prune",),
+            lambda ctx: _baked(_finetuned(ctx, "cnn", _compile(ctx, "cnn", "prune", 0.5))), requires=("recipes.prune",),
             loses="unstructured zeros shrink the compressed file, not the dense kernels' work"),
     DemoRow("channels 30%", "eager", "cnn",
             lambda ctx: _finetuned(ctx, "cnn", _compile(ctx, "cnn", "prune", 0.3, structured=True)),
             requires=("recipes.prune",), loses="removing channels costs accuracy until fine-tuned longer"),
-    DemoRow("cluster 16", "eager", "cnn", lambda ctx: _compile(ctx, "cnn", "cluster", 16),
+    DemoRow("cluster 16", "eager", "cnn", lambda ctx: _baked(_compile(ctx, "cnn", "cluster", 16)),
             requires=("recipes.cluster",),
             loses="16 shared values per layer compress well on disk but run as ordinary float weights"),
     DemoRow("low_rank", "eager", "cnn", lambda ctx: _compile(ctx, "cnn", "low_rank", energy=0.95),

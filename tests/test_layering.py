@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # source folder -> package it is installed as (pyproject.toml's package-dir)
 PACKAGES = {"fxopt": "fxopt", "passes": "fxopt.passes", "backends": "fxopt.backends"}
 # the facade: the only part of fxopt/ that may import fxopt.passes / fxopt.backends
-FACADE = {"fxopt", "fxopt.compiler", "fxopt.recipes", "fxopt.cli", "fxopt.demo"}
+FACADE = {"fxopt", "fxopt.compiler", "fxopt.recipes", "fxopt.cli", "fxopt.recipe_args", "fxopt.demo"}
 
 
 def _modules() -> dict[str, Path]:

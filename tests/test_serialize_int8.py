@@ -1,4 +1,4 @@
-"""fxopt.save / fxopt.load of int8 models: the self-contained, data-only format (fxopt/io/int8_format.py)."""
+"""fxopt.save / fxopt.load of int8 models: the self-contained, data-only format (fxopt/io/envelope.py)."""
 
 import operator
 import os
