@@ -19,12 +19,7 @@ from bench.zoo import CNNS, SMOKE, build, extra_info, inputs, lowering_backends,
 ROUNDS = 1 if SMOKE else 3
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.mark.parametrize("name", CNNS + ["encoder"])

@@ -69,12 +69,7 @@ def fp16_variants() -> tuple[dict[str, torch.nn.Module], torch.Tensor]:
     }, x
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.mark.parametrize("variant", ["float", "fxopt", "torch.ao"])

@@ -21,12 +21,7 @@ from bench.zoo import BATCHES, MODELS, built, extra_info, inputs, variant_id, va
 CASES = [(m, r, b) for m in MODELS for r, b in variants(m)]
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.mark.parametrize("batch", BATCHES)

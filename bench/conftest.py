@@ -12,6 +12,9 @@ so the suites cannot rot.
 import os
 from pathlib import Path
 
+import pytest
+import torch
+
 SMOKE = os.environ.get("FXOPT_BENCH_SMOKE", "") not in ("", "0")
 # In smoke mode, the reference-comparison suites (bench_static, bench_dynamic) keep these parametrizations.
 _SMOKE_KEEP = {"bench_static.py": {"name": {"resnet18"}}, "bench_dynamic.py": {"case": {"lstm"}}}
@@ -29,3 +32,12 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+@pytest.fixture
+def two_threads():
+    """Benchmarks time 2 intra-op threads (the machine's cores), restoring the caller's setting after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)

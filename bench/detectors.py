@@ -17,7 +17,6 @@ import argparse
 import copy
 import time
 import warnings
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -27,17 +26,11 @@ from torchvision.ops import box_iou
 import fxopt
 from fxopt import recipes
 
+from bench.quant_reference import engine as quantized_engine
+
 DETECTORS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320_fpn")
 
 
-@contextmanager
-def _engine(name: str):
-    old = torch.backends.quantized.engine
-    torch.backends.quantized.engine = name
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = old
 
 
 def scenes(n: int, size: int = 320, seed: int = 0) -> list[torch.Tensor]:
@@ -152,7 +145,7 @@ def torchao_backbone_int8(model: nn.Module, calib: list[torch.Tensor], backend: 
     model = copy.deepcopy(model)
     with torch.no_grad():
         batches = [model.transform([img])[0].tensors for img in calib]
-    with warnings.catch_warnings(), _engine(engine):
+    with warnings.catch_warnings(), quantized_engine(engine):
         warnings.simplefilter("ignore")
         prepared = prepare_fx(model.backbone, get_default_qconfig_mapping(engine), (batches[0],))
         with torch.no_grad():
@@ -168,7 +161,7 @@ def torchao_backbone_int8(model: nn.Module, calib: list[torch.Tensor], backend: 
                 self.out_channels = model.backbone.out_channels
 
         def forward(self, x):
-            with _engine(engine):
+            with quantized_engine(engine):
                 return self.inner(x)
 
     model.backbone = _InEngine(quantized)

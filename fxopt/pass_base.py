@@ -54,6 +54,21 @@ class PassContext:
         """The backend to prepare for: the one named, else ``"x86"``."""
         return self.backend if self.backend is not None else self.DEFAULT_BACKEND
 
+    def resolve(self, p: "Pass", follows: str) -> "Pass":
+        """``p`` with its ``backend`` option bound: ``None`` follows the pipeline's target; an explicit backend
+        that contradicts the one compile/lower was asked for is a ``ValueError`` (``follows`` names the recipe
+        or option that would have followed it)."""
+        from . import registry
+
+        if p.backend is None:
+            return dataclasses.replace(p, backend=self.target_backend)
+        if self.backend is not None and not registry.same(p.backend, self.backend):
+            raise ValueError(
+                f"pass {p.name!r} prepares the graph for backend {p.backend!r} but compile was asked for "
+                f"backend={registry.get(self.backend).name!r}; name the backend once, in compile ({follows} "
+                f"follows it), or use the same one in both")
+        return p
+
 
 @dataclass(frozen=True)
 class Pass:

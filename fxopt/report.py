@@ -316,7 +316,6 @@ def report(module: torch.nn.Module, example_inputs: Any = None) -> Report:
     rows: list[dict[str, Any]] = []
     owners: dict[str, torch.nn.Module] = {}
     covered: list[str] = []
-    kept: list[torch.Tensor] = []  # every stored tensor once, for the compressed size
     for qualname, mod in module.named_modules():
         if any(p == "" or qualname.startswith(p + ".") for p in covered):
             continue

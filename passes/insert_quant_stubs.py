@@ -12,13 +12,13 @@ so a lone ``add`` between float islands is not wrapped in a pointless quant/dequ
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.fx
 
-from fxopt import meta, registry
+from fxopt import meta
 from fxopt.backends.lowering import int8_spec
 from fxopt.backends.spec import SHAPE_READERS, op_key
 from fxopt.errors import UnsupportedError
@@ -57,14 +57,7 @@ class InsertQuantStubs(Pass):
     backend: Any = None
 
     def with_context(self, context: PassContext) -> "InsertQuantStubs":
-        if self.backend is None:
-            return replace(self, backend=context.target_backend)
-        if context.backend is not None and not registry.same(self.backend, context.backend):
-            raise ValueError(
-                f"pass {self.name!r} prepares the graph for backend {self.backend!r} but compile was asked for "
-                f"backend={registry.get(context.backend).name!r}; name the backend once, in compile (recipes and "
-                f"InsertQuantStubs(backend=None) follow it), or use the same one in both")
-        return self
+        return context.resolve(self, "recipes and InsertQuantStubs(backend=None)")
 
     def _spec(self):
         return int8_spec(self.backend)

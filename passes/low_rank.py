@@ -121,7 +121,7 @@ class LowRankFactorize(Pass):
             if self.rank is not None and self.rank > full:
                 raise ValueError(f"rank={self.rank} is larger than the full rank {full} of {name} "
                                  f"(weight {tuple(layer.weight.shape)}); use rank <= {full} or exclude={name!r}")
-            why = _why_not(name, layer, graph_reads)
+            why = _why_not(root, name, layer, graph_reads)
             if why:
                 notes.append(f"{name}: not factorized, {why}")
                 continue
@@ -150,7 +150,16 @@ def _graph_reads(root: nn.Module) -> set[str]:
     return {n.target for n in root.graph.nodes if n.op == "get_attr" and isinstance(n.target, str)}
 
 
-def _why_not(name: str, layer: nn.Module, graph_reads: set[str]) -> str:
+# Parents whose forward reads a child Linear's weight itself (F.multi_head_attention_forward, the encoder and
+# decoder layers' fast path) instead of calling it: a factorized child would break them.
+_READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _why_not(root: nn.Module, name: str, layer: nn.Module, graph_reads: set[str]) -> str:
+    parent = root.get_submodule(name.rpartition(".")[0]) if "." in name else None
+    if isinstance(parent, _READS_CHILD_WEIGHTS):
+        return (f"{type(parent).__name__} reads its weight and bias directly (fused attention / fast-path "
+                "kernels); quantize it with dynamic int8 instead")
     if isinstance(layer, nn.Conv2d) and layer.groups != 1:
         return f"grouped convolution (groups={layer.groups})"
     if parametrize.is_parametrized(layer):

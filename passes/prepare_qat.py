@@ -31,9 +31,8 @@ from torch import nn
 
 from fxopt import meta
 from fxopt.errors import UnsupportedError
-from fxopt import registry
 from fxopt.pass_base import Pass, PassContext, PassResult
-from fxopt.quant.stubs import DeQuantStub, QuantConfig, QuantStub
+from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from fxopt.graph_utils import (call_sites, delete_if_unreferenced, module_of, referenced_targets, set_attr_path,
                                 unique_attr_name)
@@ -109,14 +108,7 @@ class PrepareQAT(Pass):
                 raise ValueError(f"{what} must be None or an int >= 0, got {n!r}")
 
     def with_context(self, context: PassContext) -> "PrepareQAT":
-        if self.backend is None:
-            return replace(self, backend=context.target_backend)
-        if context.backend is not None and not registry.same(self.backend, context.backend):
-            raise ValueError(
-                f"pass {self.name!r} prepares the graph for backend {self.backend!r} but compile was asked for "
-                f"backend={registry.get(context.backend).name!r}; name the backend once, in compile (recipes.qat() "
-                "follows it), or use the same one in both")
-        return self
+        return context.resolve(self, "recipes.qat()")
 
     @property
     def target(self) -> Any:

@@ -11,8 +11,9 @@ import torch.nn as nn
 import torchvision
 
 import fxopt
-from fxopt import backends, recipes
+from fxopt import recipes
 from fxopt.errors import CalibrationError, UnsupportedError
+from fxopt.graph_utils import is_observer
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -110,7 +111,7 @@ def test_static_int8_is_qdq_with_fxopt_scales(small):
     first_q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "x")
     consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in proto.graph.node if n.op_type == "Constant"}
     consts.update(inits)
-    obs = next(m for m in prepared.modules() if fxopt.backends.lowering.is_observer(m) and "x" in m.name.split("after ")[1])
+    obs = next(m for m in prepared.modules() if is_observer(m) and "x" in m.name.split("after ")[1])
     scale, zp = obs.calculate_qparams()
     assert float(consts[first_q.input[1]]) == pytest.approx(float(scale), rel=1e-6)
     assert int(consts[first_q.input[2]]) == int(zp) and consts[first_q.input[2]].dtype == np.uint8

@@ -136,3 +136,16 @@ def test_bert_through_compile():
     assert baked.stats["baked"] == 26
     out = gm(ids)
     assert out.last_hidden_state.shape == (2, 12, 32) and torch.isfinite(out.last_hidden_state).all()
+
+
+def test_attention_and_encoder_layer_weights_are_left_alone_with_a_note():
+    """nn.MultiheadAttention reads out_proj.weight itself, and the encoder layer's fast path reads
+    linear1/linear2 weights: factorizing them would break the layer, so only the head is factorized."""
+    model = nn.Sequential(nn.TransformerEncoderLayer(64, 4, 128, batch_first=True), nn.Linear(64, 64)).eval()
+    x = torch.randn(2, 5, 64)
+    modified, stats, notes = fp.LowRankFactorize(rank_ratio=0.3).apply(model)
+    assert modified and stats["layers"] == 1 and isinstance(model[1], nn.Sequential)
+    for child in ("0.self_attn.out_proj", "0.linear1", "0.linear2"):
+        assert any(n.startswith(f"{child}: not factorized") for n in notes), notes
+    with torch.no_grad():
+        assert model(x).shape == x.shape
