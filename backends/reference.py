@@ -33,7 +33,7 @@ from fxopt.quant.simulate import QuantDequant
 from fxopt.quant.spec import qparams_from_range
 from fxopt.quant.stubs import QuantStub
 
-from fxopt.graph_utils import is_observer
+from fxopt.graph_utils import bypass_node, is_observer
 from fxopt.registry import Backend, Support
 
 from ._lower_ops import is_depthwise, weight_qparams, weight_spec
@@ -127,6 +127,11 @@ class _Simulation:
             if node in self.done or node.op not in ("call_module", "call_function", "call_method"):
                 continue
             module = self.modules.get(node.target) if node.op == "call_module" else None
+            if module is not None and getattr(module, "fxopt_lowered_as_identity", False):
+                # QAT's grid rounding (avg-pool onto its input's grid, fixed-range ops): the int8 kernel rounds,
+                # and so does this simulation where it handles that op, as lowering does
+                bypass_node(self.gm, node, node.args[0])
+                continue
             if module is not None and is_observer(module):
                 self._observer(node, module)
                 continue
@@ -204,6 +209,8 @@ class _Simulation:
         return fake_quantize(weight.detach().float(), scale, zero_point, wspec)
 
     def _weights(self, node: torch.fx.Node, key: str, module: nn.Module | None) -> None:
+        if module is not None and callable(getattr(module, "fxopt_lowering", None)):
+            return  # a QAT layer: in eval mode it already runs its folded weights on the grid lowering packs
         if module is not None:
             inner_name = "linear" if key == "linear" else "conv"
             sim = copy.deepcopy(module)

@@ -48,7 +48,7 @@ def _qat_then_lower(name: str, backend: str):
     fxopt.finetune(qat, data, steps=3, teacher=model, progress=False)
     assert not torch.equal(before, qat.get_submodule("fc" if name == "resnet18" else "classifier.1").linear.weight)
     assert all(m.bn_frozen for m in qat.modules() if isinstance(m, QATConv) and m.bn is not None)
-    lowered = fxopt.lower(qat, backend)
+    lowered = fxopt.lower(qat, backend, check=True)  # and within 3 steps of the reference simulation, layer by layer
     x = torch.randn(8, 3, PX, PX, generator=g)
     with torch.no_grad():
         return model, qat, lowered, sqnr_db(qat(x), lowered(x))
