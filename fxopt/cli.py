@@ -444,13 +444,49 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         if len(islands) > args.max_islands:
             print(f"  ... and {len(islands) - args.max_islands} more")
     if args.sensitivity:
-        print("\n== sensitivity ==")
-        if importlib.util.find_spec("fxopt.quant.sensitivity") is None:
-            print("per-layer sensitivity ranking is not available in this fxopt version "
-                  "(it needs fxopt.quant.sensitivity from the accuracy-aware PTQ work)")
-        else:
-            print("fxopt.quant.sensitivity is installed, but this command does not drive it yet")
+        _print_sensitivity(model, example, shape, args)
     return 0
+
+
+def _print_sensitivity(model: torch.nn.Module, example: torch.Tensor, shape: tuple[int, ...],
+                       args: argparse.Namespace) -> None:
+    """Static int8 (x86) on the calibration data, then each int8 op quantized alone: the output SQNR it leaves
+    (``fxopt.passes.float_fallback.rank_sensitivity``), worst first; ``--sensitivity-png`` draws the bars."""
+    import fxopt
+    from fxopt import recipes
+    from fxopt.passes.float_fallback import rank_sensitivity
+
+    calibration = load_calibration(args.calib, shape, args.calib_batches)
+    prepared = fxopt.compile(model, recipes.static_int8(calibration), example_inputs=(example,))
+    rows = rank_sensitivity(prepared, calibration[:2])
+    print(f"\n== sensitivity: each int8 op quantized alone (x86, {args.calib} calibration), worst first ==")
+    table = [[r["node"], r["op"], r["target"], f"{r['sqnr_db']:.1f}"] for r in rows[: args.max_islands]]
+    print(_table(table, ["node", "op", "layer", "output SQNR dB"], args.format))
+    if len(rows) > args.max_islands:
+        print(f"... and {len(rows) - args.max_islands} more (--max-islands)")
+    if args.sensitivity_png:
+        _sensitivity_chart(rows[: args.max_islands], args.sensitivity_png)
+        print(f"wrote {args.sensitivity_png}")
+
+
+def _sensitivity_chart(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise FxoptError("the sensitivity chart needs matplotlib: pip install 'fxopt[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5), dpi=110)
+    labels = [r["target"] for r in rows][::-1]
+    values = [r["sqnr_db"] for r in rows][::-1]
+    ax.barh(labels, values, color=["tab:red" if v == min(values) else "tab:blue" for v in values])
+    ax.set_xlabel("output SQNR with only this op in int8 (dB; lower = more sensitive)")
+    ax.set_ylabel("layer")
+    ax.set_title("per-layer int8 sensitivity (worst at the top)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -522,7 +558,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", parents=[common, model_args],
                        help="graph summary, float islands, per-backend support, params/FLOPs")
     p.add_argument("--backends", help="backends to check (default: all available)")
-    p.add_argument("--sensitivity", action="store_true", help="per-layer sensitivity ranking (where available)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="per-layer int8 sensitivity ranking (static int8 on the calibration data)")
+    p.add_argument("--sensitivity-png", help="also draw the ranking as a bar chart (needs matplotlib)")
+    p.add_argument("--calib", default="random", help="random | folder:PATH | npz:PATH (default random)")
+    p.add_argument("--calib-batches", type=int, default=4)
     p.add_argument("--max-islands", type=int, default=20, help="float islands listed per backend")
     p.set_defaults(func=_cmd_inspect)
 

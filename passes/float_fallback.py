@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 import torch.fx
@@ -40,6 +40,50 @@ from .calibrate import as_call
 __all__ = ["FloatFallback"]
 
 logger = logging.getLogger(__name__)
+
+
+def simulation_of(gm: torch.fx.GraphModule) -> Simulation:
+    """The switchable float simulation of a calibrated static-int8 graph, its units classified by the spec of
+    the backend the graph was prepared for."""
+    from fxopt import backends  # noqa: PLC0415 - passes may read a backend's spec
+    from fxopt.backends.spec import op_key  # noqa: PLC0415
+
+    spec = backends.get(meta.backend_of(gm)).spec
+    config = meta.quant_config(gm)
+
+    def is_compute(node: torch.fx.Node) -> bool:
+        rule = spec.rule(op_key(node, node.graph.owning_module))
+        return rule is not None and rule.kind == "compute"
+
+    def per_channel(node: torch.fx.Node) -> bool:
+        rule = spec.rule(op_key(node, node.graph.owning_module))
+        return bool(rule and rule.per_channel and config.per_channel)
+
+    return Simulation(gm, is_compute, per_channel)
+
+
+def rank_sensitivity(gm: torch.fx.GraphModule, data: Iterable[Any]) -> list[dict[str, Any]]:
+    """Every int8 compute op of a calibrated graph, quantized alone (all others float) on ``data``: its node,
+    op and the output SQNR vs the float simulation, most damaging first. What ``FloatFallback`` keeps float
+    first, and what ``fxopt inspect --sensitivity`` shows."""
+    from fxopt.backends.spec import op_key  # noqa: PLC0415
+
+    batches = [as_call(item, i) for i, item in enumerate(data)]
+    if not batches:
+        raise CalibrationError("a sensitivity ranking needs at least one batch of data")
+    sim = simulation_of(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    sim.configure([])
+    reference = sim.run(batches)
+    rows = []
+    for unit in sim.units:
+        sim.configure([unit])
+        node = nodes[unit]
+        target = node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
+        rows.append({"node": unit, "op": op_key(node, gm) or "op", "target": str(target),
+                     "sqnr_db": float(sqnr_db(sim.run(batches), reference))})
+    sim.configure(sim.units)
+    return sorted(rows, key=lambda r: r["sqnr_db"])
 
 
 @dataclass(frozen=True)
@@ -72,26 +116,14 @@ class FloatFallback(Pass):
         return self.metric(outputs, reference) if self.metric is not None else sqnr_db(outputs, reference)
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
-        from fxopt import backends  # noqa: PLC0415 - passes may read a backend's spec
         from fxopt.backends.spec import op_key  # noqa: PLC0415
-
-        spec = backends.get(meta.backend_of(gm)).spec
-        config = meta.quant_config(gm)
-
-        def is_compute(node: torch.fx.Node) -> bool:
-            rule = spec.rule(op_key(node, node.graph.owning_module))
-            return rule is not None and rule.kind == "compute"
-
-        def per_channel(node: torch.fx.Node) -> bool:
-            rule = spec.rule(op_key(node, node.graph.owning_module))
-            return bool(rule and rule.per_channel and config.per_channel)
 
         batches = [as_call(item, i) for i, item in enumerate(self.data)]
         if self.num_batches is not None:
             batches = batches[: self.num_batches]
         if not batches:
             raise CalibrationError("FloatFallback got empty data: give at least one batch")
-        sim = Simulation(gm, is_compute, per_channel)
+        sim = simulation_of(gm)
         units = sim.units
         target = self.min_sqnr if self.min_sqnr is not None else self.min_metric
         what = "SQNR dB" if self.metric is None else "metric"

@@ -105,7 +105,12 @@ def test_inspect_shows_support_islands_params_flops_and_sensitivity(model_file):
     conv_row = next(line for line in out.stdout.splitlines() if line.startswith("conv2d"))
     assert conv_row.split()[1] == "2" and "int8" in conv_row
     assert "float islands" in out.stdout and "untraced: none" in out.stdout
-    assert "sensitivity" in out.stdout
+    # the ranking: every int8 compute op (two convs, the linear), each with the output SQNR it leaves alone
+    ranking = out.stdout.split("== sensitivity")[1].splitlines()
+    rows = [line.split() for line in ranking if line.split()[:1] and line.split()[-1].replace(".", "").isdigit()]
+    assert sorted(r[1] for r in rows) == ["conv2d", "conv2d", "linear"], ranking
+    sqnrs = [float(r[-1]) for r in rows]
+    assert sqnrs == sorted(sqnrs) and all(s > 10 for s in sqnrs)
 
 
 def test_bench_prints_an_interleaved_table_for_recipes_x_backends(model_file):
