@@ -318,3 +318,30 @@ def test_standard_torch_modules_round_trip_without_init():
     assert torch.equal(rebuilt(x), seq(x))
     with pytest.raises(UnsupportedError, match="not in fxopt's allowlist"):
         decode_module({"class": "torch.nn.functional", "state": {}}, "m")
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls, bidirectional: bool):
+        super().__init__()
+        self.rnn = cls(8, 16, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.fc = nn.Linear(32 if bidirectional else 16, 4)
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.fc(y[:, -1])
+
+
+@pytest.mark.parametrize("cls,bidirectional", [(nn.LSTM, False), (nn.GRU, True)])
+@pytest.mark.parametrize("recipe", ["dynamic_int8", "fp16"])
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_dynamic_rnn_models_round_trip_bit_exact(tmp_path, cls, bidirectional, recipe, suffix):
+    torch.manual_seed(0)
+    model = _Recurrent(cls, bidirectional).eval()
+    q = fxopt.compile(model, getattr(fxopt.recipes, recipe)(), example_inputs=(torch.randn(3, 5, 8),))
+    assert type(q.rnn).__name__ == f"Dynamic{cls.__name__}"
+    path = tmp_path / f"rnn{suffix}"
+    fxopt.save(q, path)
+    restored = fxopt.load(path)
+    x = torch.randn(2, 7, 8)  # another batch and length
+    assert type(restored.rnn) is type(q.rnn)
+    assert torch.equal(restored(x), q(x))

@@ -31,7 +31,7 @@ __all__ = [
 # the allowlist of classes fxopt.save writes as plain data and fxopt.load rebuilds (explicit on purpose)
 STORABLE: tuple[type[QuantizedModule], ...] = (
     QuantizeInput, QConv, QLinear, QAdd, QMul, QCat, QHardswish, QLayerNorm, QBatchNorm,
-    DynamicLinear, DynamicEmbedding, DynamicEmbeddingBag, QConvPointwise,
+    DynamicLinear, DynamicEmbedding, DynamicEmbeddingBag, QConvPointwise, DynamicLSTM, DynamicGRU,
 )
 # fxopt's float modules, stored like torch.nn modules (attributes, parameters, buffers, children) and rebuilt
 # without running __init__ (fxopt.io.module_format)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ..qstate import dtype_from_name, dtype_name, qtensor_from_state, qtensor_state
 from .base import QuantizedModule
 from .dynamic import _check_dtype, fp16_linear_available, needs_reduce_range, pack_linear, pack_stored, unpack_linear
 
@@ -118,6 +119,34 @@ class DynamicRNN(QuantizedModule):
             packed.append((name, pack_stored(weight, bias if self.bias else None), store))
             self._biases[name] = bias.detach().float().clone()
         self._packed = packed
+
+    # fxopt.save / fxopt.load: the stored weights (int8 or fp16, per matrix) as plain data, packed again on load
+    _CONFIG = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "bidirectional", "reduce_range")
+
+    def fxopt_state(self) -> dict:
+        matrices = []
+        for name, packed, store in self._packed:
+            weight = unpack_linear(packed, store)[0]
+            matrices.append({"name": name, "store": dtype_name(store), "bias": self._biases[name],
+                             "weight": qtensor_state(weight) if store == torch.qint8 else weight})
+        return {**{k: getattr(self, k) for k in self._CONFIG}, "dtype": dtype_name(self.dtype), "matrices": matrices}
+
+    @classmethod
+    def fxopt_from_state(cls, state: dict) -> "DynamicRNN":
+        module = cls.__new__(cls)
+        QuantizedModule.__init__(module)
+        for key in cls._CONFIG:
+            setattr(module, key, state[key])
+        module.dtype = dtype_from_name(state["dtype"])
+        _check_dtype(module.dtype)
+        module._packed, module._biases = [], {}
+        for entry in state["matrices"]:
+            store = dtype_from_name(entry["store"])
+            weight = qtensor_from_state(entry["weight"]) if store == torch.qint8 else entry["weight"]
+            bias = entry["bias"]
+            module._packed.append((entry["name"], pack_stored(weight, bias if module.bias else None), store))
+            module._biases[entry["name"]] = bias
+        return module
 
     # -- running ---------------------------------------------------------------------------------
 
