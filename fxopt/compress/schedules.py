@@ -13,13 +13,14 @@ they are at that step. The final sparsity is the pass's ``sparsity`` (one source
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 __all__ = ["PruningSchedule", "ConstantSparsity", "PolynomialDecay"]
 
 
 @dataclass(frozen=True)
-class PruningSchedule:
+class PruningSchedule(abc.ABC):
     """Base class: ``sparsity_at(step, final) -> float | None``."""
 
     begin_step: int = 0
@@ -39,8 +40,9 @@ class PruningSchedule:
             return False
         return (step - self.begin_step) % self.frequency == 0 or step == self.end_step
 
-    def sparsity_at(self, step: int, final: float) -> float | None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    @abc.abstractmethod
+    def sparsity_at(self, step: int, final: float) -> float | None:
+        """The sparsity to prune to at ``step`` (``None``: leave the masks as they are at this step)."""
 
 
 @dataclass(frozen=True)

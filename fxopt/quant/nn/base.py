@@ -15,10 +15,13 @@ rely on a declared contract instead of reading attributes by name.
 
 from __future__ import annotations
 
+import abc
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
+
+from fxopt.errors import UnsupportedError
 
 __all__ = ["DescribesWeights", "FusedModule", "QuantizedModule"]
 
@@ -65,32 +68,35 @@ class QuantizedModule(nn.Module):
                                       error_msgs)
 
     def fxopt_state(self) -> dict[str, Any]:
-        """Constructor state as plain data (tensors, numbers, strings) for fxopt's int8 file format."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be stored as plain data")
+        """Constructor state as plain data (tensors, numbers, strings) for fxopt's int8 file format. Only the
+        classes in ``fxopt.quant.nn.STORABLE`` have one; the others are refused with a typed error."""
+        raise UnsupportedError(f"{type(self).__name__} is not in fxopt.quant.nn.STORABLE: fxopt.save cannot store "
+                               "it as plain data; save its state_dict() instead")
 
     @classmethod
     def fxopt_from_state(cls, state: dict[str, Any]) -> "QuantizedModule":
         """Rebuild the module from :meth:`fxopt_state`'s output (packing weights again where needed)."""
-        raise NotImplementedError(f"{cls.__name__} cannot be rebuilt from plain data")
+        raise UnsupportedError(f"{cls.__name__} is not in fxopt.quant.nn.STORABLE: it cannot be rebuilt from "
+                               "plain data")
 
 
 _ACTIVATION_KINDS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 
 
-class FusedModule(nn.Module):
+class FusedModule(nn.Module, abc.ABC):
     """``activation(inner(...))`` as one module (float numerics unchanged)."""
 
     activation: nn.Module
 
     @property
-    def op_key(self) -> str:  # pragma: no cover - overridden
+    @abc.abstractmethod
+    def op_key(self) -> str:
         """The op backends see (``fxopt.backends.spec.op_key``): the inner op, with the activation fused."""
-        raise NotImplementedError
 
     @property
-    def inner(self) -> nn.Module | None:  # pragma: no cover - overridden
+    @abc.abstractmethod
+    def inner(self) -> nn.Module | None:
         """The module whose output the activation reads (conv / linear); ``None`` for an add."""
-        raise NotImplementedError
 
     @property
     def activation_kind(self) -> str:
