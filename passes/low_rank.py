@@ -83,6 +83,7 @@ class LowRankFactorize(Pass):
     """Truncated-SVD factorization of Linear and Conv2d layers."""
 
     name = "low-rank"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
     module_level: ClassVar[bool] = True
 
     rank_ratio: float | None = None

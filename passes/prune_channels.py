@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.fx
@@ -57,6 +57,7 @@ class PruneChannels(Pass):
     """Remove the least important channels of every prunable dependency group."""
 
     name = "prune-channels"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
 
     ratio: float = 0.3
     importance: str = "l1"

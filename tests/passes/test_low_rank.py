@@ -8,6 +8,7 @@ from torch import nn
 
 import fxopt
 from fxopt import passes as fp
+from fxopt.compress.eager import graph_form
 from fxopt.passes.low_rank import choose_rank, factorize
 
 
@@ -45,7 +46,9 @@ def test_conv_becomes_kxk_then_1x1_with_the_truncated_weight():
 
 def test_graph_calls_two_layers_and_rank_ratio_halves_params():
     m = _mlp()
-    gm = fxopt.compile(m, [fp.LowRankFactorize(rank_ratio=0.5)], example_inputs=(torch.randn(2, 64),))
+    out = fxopt.compile(m, [fp.LowRankFactorize(rank_ratio=0.5)], example_inputs=(torch.randn(2, 64),))
+    assert type(out) is nn.Sequential and isinstance(out[0], nn.Sequential)  # the eager model, layers swapped
+    gm = graph_form(out)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert targets == ["0.0", "0.1", "1", "2.0", "2.1"]
     stats = fxopt.records(gm)[0].stats
