@@ -9,8 +9,8 @@ per batch-1 call of regnet_x_400mf, 4-5% of its single-thread latency, whoever p
 
 - every pass that modified the graph declares ``swaps_modules = True`` (it only replaces submodules or
   attributes by qualified name, and any graph edit it makes is what calling the replacement does),
-- the graph still has the same placeholders, functions, methods and output, and every ``call_module`` target
-  is an original target or a child of one (the structure check below), and
+- the graph still has the same placeholders, functions, methods (with the same literal arguments) and output,
+  and every ``call_module`` target is an original target or a child of one (the structure check below), and
 - the eager copy gives the same outputs as the GraphModule on the example inputs,
 
 ``compile`` returns a deep copy of the user's model with each called submodule (every alias of it) and each
@@ -28,6 +28,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx
+from torch.fx.node import map_aggregate
 from torch.utils._pytree import tree_flatten
 
 from fxopt import meta
@@ -46,7 +47,7 @@ class GraphShape:
 
     calls: tuple[str, ...]  # call_module targets, in order
     attrs: tuple[str, ...]  # get_attr targets, in order
-    others: tuple[tuple[str, str], ...]  # (op, target) of every other node, in order
+    others: tuple[tuple[str, str, str], ...]  # (op, target, literal arguments) of every other node, in order
 
 
 def graph_shape(gm: torch.fx.GraphModule) -> GraphShape:
@@ -57,7 +58,8 @@ def graph_shape(gm: torch.fx.GraphModule) -> GraphShape:
         elif node.op == "get_attr":
             attrs.append(str(node.target))
         else:
-            others.append((node.op, str(getattr(node.target, "__qualname__", node.target))))
+            literals = map_aggregate((node.args, node.kwargs), lambda a: "%" if isinstance(a, torch.fx.Node) else a)
+            others.append((node.op, str(getattr(node.target, "__qualname__", node.target)), repr(literals)))
     return GraphShape(tuple(calls), tuple(attrs), tuple(others))
 
 
@@ -69,7 +71,7 @@ def graph_form(module: torch.nn.Module) -> torch.fx.GraphModule | None:
 
 def _structure_kept(before: GraphShape, after: GraphShape) -> str:
     if before.others != after.others or before.attrs != after.attrs:
-        return "the passes changed the graph's functions, methods or constants"
+        return "the passes changed the graph's functions, methods, their literal arguments or constants"
     old = set(before.calls)
     for target in after.calls:
         if target not in old and not any(target.startswith(t + ".") for t in old):
