@@ -110,3 +110,18 @@ def test_outputs_that_differ_from_the_graph_fall_back_to_the_graph():
 
     out = fxopt.compile(AddOne(), [_LyingSwap()], example_inputs=(torch.randn(1, 4),))
     assert isinstance(out, torch.fx.GraphModule)
+
+
+def test_graph_form_follows_layers_swapped_after_compile(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    pruned = fxopt.compile(model, [fp.PruneMagnitude(0.5)], example_inputs=(x,))
+    assert type(pruned) is nn.Sequential
+    fp.ApplyMasks().apply(pruned)  # bakes the masks by swapping layers of the eager model itself
+    form = graph_form(pruned)
+    assert form.get_submodule("0") is pruned[0] and not hasattr(pruned[0], "parametrizations")
+    path = tmp_path / "baked.pt"
+    fxopt.save(pruned, path)  # stores the graph over the baked layers (parametrized ones cannot be stored)
+    with torch.no_grad():
+        torch.testing.assert_close(fxopt.load(path)(x), pruned(x), rtol=0, atol=0)

@@ -15,8 +15,8 @@ per batch-1 call of regnet_x_400mf, 4-5% of its single-thread latency, whoever p
 
 ``compile`` returns a deep copy of the user's model with each called submodule (every alias of it) and each
 graph attribute replaced by the GraphModule's. The GraphModule's ``meta`` (pass records, per-layer notes,
-example inputs) goes with it, and :func:`graph_form` gives the GraphModule back (the two share every
-parameter), which ``fxopt.save`` stores for ``.pt`` files.
+example inputs) goes with it, with the graph: :func:`graph_form` rebuilds a GraphModule over the module's current
+layers (sharing every parameter), which is what ``fxopt.save`` stores for ``.pt`` / ``.pt2`` files.
 """
 
 from __future__ import annotations
@@ -64,9 +64,18 @@ def graph_shape(gm: torch.fx.GraphModule) -> GraphShape:
 
 
 def graph_form(module: torch.nn.Module) -> torch.fx.GraphModule | None:
-    """The GraphModule an eager ``compile`` result stands for (``None`` for any other module)."""
-    form = meta._gm_meta(module).get(_GRAPH_FORM)
-    return form if isinstance(form, torch.fx.GraphModule) else None
+    """The GraphModule an eager ``compile`` result stands for (``None`` for any other module).
+
+    Built on each call from the graph ``compile`` kept and the module's *current* layers (the graph's targets are
+    looked up in ``module``), so layers swapped later (``fp.ApplyMasks().apply(module)``) are the ones it holds;
+    the two share every parameter."""
+    info = meta._gm_meta(module)
+    graph = info.get(_GRAPH_FORM)
+    if not isinstance(graph, torch.fx.Graph):
+        return None
+    gm = torch.fx.GraphModule(module, copy.deepcopy(graph), class_name=type(module).__name__)
+    gm.meta.update({k: v for k, v in info.items() if k != _GRAPH_FORM})
+    return gm
 
 
 def _structure_kept(before: GraphShape, after: GraphShape) -> str:
@@ -150,5 +159,5 @@ def eager_model(model: torch.nn.Module, gm: torch.fx.GraphModule, before: GraphS
     if not same:
         return None, "the eager model with the new layers does not match the graph on the example inputs"
     eager.meta = dict(gm.meta)
-    eager.meta[_GRAPH_FORM] = gm
+    eager.meta[_GRAPH_FORM] = gm.graph
     return eager, ""
