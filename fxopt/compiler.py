@@ -12,7 +12,7 @@ import torch
 import torch.fx
 
 from . import meta, registry
-from .compress.eager import eager_model, graph_shape
+from .compress.eager import eager_model, graph_form, graph_shape
 from .pass_base import PassContext
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
 from .tracing import RootTraceError, as_args, trace
@@ -146,6 +146,8 @@ def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
     float the regions that run faster in float (``fxopt.backends.tune``).
     """
     backend_obj = registry.get(backend)
+    if not isinstance(module, torch.fx.GraphModule) and graph_form(module) is not None:
+        module = graph_form(module)  # an eager compile result (layers swapped in): lower its graph
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(
             f"fxopt.lower expects the GraphModule returned by fxopt.compile(..., backend=None), "

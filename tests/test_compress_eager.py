@@ -7,6 +7,7 @@ import dataclasses
 import operator
 from typing import ClassVar
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -125,3 +126,18 @@ def test_graph_form_follows_layers_swapped_after_compile(tmp_path):
     fxopt.save(pruned, path)  # stores the graph over the baked layers (parametrized ones cannot be stored)
     with torch.no_grad():
         torch.testing.assert_close(fxopt.load(path)(x), pruned(x), rtol=0, atol=0)
+
+
+def test_an_eager_result_compiles_again_and_goes_to_lower_as_its_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    masked = fxopt.compile(model, [fp.PruneMagnitude(0.5)], example_inputs=(x,))
+    baked = fxopt.compile(masked, [fp.ApplyMasks()], example_inputs=(x,))
+    assert type(baked) is nn.Sequential and not hasattr(baked[0], "parametrizations")
+    assert [r.name for r in fxopt.records(baked)] == ["apply-masks"]
+    with torch.no_grad():
+        torch.testing.assert_close(baked(x), masked(x))
+    # lower takes an eager result through its graph form: a float graph gets the backend's own advice
+    with pytest.raises(fxopt.UnsupportedError, match="no quant stubs"):
+        fxopt.lower(baked, "reference")

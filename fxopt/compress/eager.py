@@ -136,8 +136,11 @@ def eager_model(model: torch.nn.Module, gm: torch.fx.GraphModule, before: GraphS
         return None, f"pass {others[0]!r} rewrites the graph"
     if not args:
         return None, "no example inputs to check the eager model against the graph"
-    if meta.untraced_root(gm) is not None or hasattr(model, "meta"):
-        return None, "the model's root is untraced or has its own 'meta' attribute"
+    if meta.untraced_root(gm) is not None:
+        return None, "the model's root is untraced"
+    own = getattr(model, "meta", None)
+    if own is not None and not (isinstance(own, dict) and _GRAPH_FORM in own):  # ours: an earlier eager result
+        return None, "the model has its own 'meta' attribute"
     why = _structure_kept(before, graph_shape(gm))
     if why:
         return None, why
