@@ -29,7 +29,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fxopt import meta
 from fxopt.graph_utils import get_attr_path, set_attr_path
@@ -109,6 +109,11 @@ def _same_outputs(a: Any, b: Any) -> bool:
     return True
 
 
+def _fresh(args: tuple) -> tuple:
+    """Copies of the example tensors (a model that writes into its input must not change the other run's input)."""
+    return tree_map(lambda a: a.clone() if isinstance(a, torch.Tensor) else a, args)
+
+
 class _eval:
     """Both models in eval mode for the comparison (no BatchNorm statistics update, no dropout); flags restored."""
 
@@ -148,15 +153,18 @@ def eager_model(model: torch.nn.Module, gm: torch.fx.GraphModule, before: GraphS
     aliases: dict[int, list[str]] = {}
     for name, module in eager.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(name)
-    for target in dict.fromkeys(before.calls):
-        new = gm.get_submodule(target)
-        for name in aliases.get(id(eager.get_submodule(target)), [target]):
-            set_attr_path(eager, name, new)
-    for target in dict.fromkeys(before.attrs):
-        set_attr_path(eager, target, get_attr_path(gm, target))
+    try:
+        for target in dict.fromkeys(before.calls):
+            new = gm.get_submodule(target)
+            for name in aliases.get(id(eager.get_submodule(target)), [target]):
+                set_attr_path(eager, name, new)
+        for target in dict.fromkeys(before.attrs):
+            set_attr_path(eager, target, get_attr_path(gm, target))
+    except (AttributeError, TypeError) as exc:  # a traced name the user's model does not have as such
+        return None, f"the graph's layers cannot be placed into the model ({exc})"
     try:
         with torch.no_grad(), _eval([eager, gm]):
-            same = _same_outputs(eager(*args), gm(*args))
+            same = _same_outputs(eager(*_fresh(args)), gm(*_fresh(args)))
     except Exception as exc:  # the eager forward reads something the passes changed
         return None, f"the eager model with the new layers fails ({type(exc).__name__}: {exc})"
     if not same:
