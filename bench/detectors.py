@@ -210,6 +210,13 @@ def retention(float_outs: list[dict], int8_outs: list[dict], k: int = 10, iou: f
     return kept / max(total, 1)
 
 
+def noisy(images: list[torch.Tensor], step: float = 1 / 255, seed: int = 7) -> list[torch.Tensor]:
+    """``images`` with Gaussian noise of one 8-bit intensity step (std ``step``): a perturbation no camera
+    pipeline would notice, to measure how much of the float top-10 survives a change that small."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(img + step * torch.randn(img.shape, generator=gen)).clamp(0, 1) for img in images]
+
+
 def run(model: nn.Module, images: list[torch.Tensor]) -> list[dict]:
     with torch.no_grad():
         return [model([img])[0] for img in images]
@@ -256,7 +263,9 @@ def torchao_backbone_int8(model: nn.Module, calib: list[torch.Tensor], backend: 
 def measure(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 8, check: bool = True) -> dict:
     """Retention of the float top-10 by fxopt (whole traced part int8, lowering checked against the
     reference simulation) and by torch.ao (backbone only); ``chance`` is the float model's own retention
-    across two different image sets (how much of the top-10 does not depend on the image at all)."""
+    across two different image sets (how much of the top-10 does not depend on the image at all);
+    ``float, input noise`` the float model's retention when the images get one 8-bit step of noise
+    (:func:`noisy`): how fragile the top-10 ranking itself is."""
     model = detector(name)
     calib, test = scenes(n_calib, seed=1), scenes(n_test, seed=2)
     ref = run(model, test)
@@ -270,6 +279,7 @@ def measure(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 8, 
             "fxopt, float score >= 0.5": retention(ref, ours_out, min_score=0.5),
             "torch.ao, float score >= 0.5": retention(ref, ao_out, min_score=0.5),
             "chance": retention(ref, run(model, scenes(n_test, seed=3))),
+            "float, input noise": retention(ref, run(model, noisy(test))),
             "float_top_score": float(sum(float(r["scores"].max()) if len(r["scores"]) else 0.0 for r in ref) / len(ref)),
             "compile_s": round(seconds, 1)}
 

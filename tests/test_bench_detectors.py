@@ -42,3 +42,11 @@ def test_retention_counts_matching_boxes_with_the_same_label():
     twice = [_out([[0, 0, 10, 10], [0, 0, 10, 10]], [1, 1], [0.9, 0.8])]
     assert D.retention(twice, [_out([[0, 0, 10, 10]], [1], [0.9])]) == 0.5
     assert D.retention(ref, [_out([], [], [])]) == 0.0
+
+
+def test_noisy_images_move_by_about_one_intensity_step():
+    images = D.scenes(2, size=32, seed=4)
+    moved = D.noisy(images)
+    assert all(m.shape == i.shape for m, i in zip(moved, images))
+    diff = torch.cat([(m - i).flatten() for m, i in zip(moved, images)])
+    assert 0.5 / 255 < float(diff.std()) < 1.5 / 255 and float(diff.abs().max()) < 6 / 255
