@@ -154,6 +154,7 @@ FUNCTION_KEYS: dict[Any, str] = {
     F.pad: "pad",
     torch.chunk: "chunk",
     torch.split: "split",
+    torch.mean: "mean",
 }
 
 METHOD_KEYS: dict[str, str] = {
@@ -176,6 +177,7 @@ METHOD_KEYS: dict[str, str] = {
     "chunk": "chunk",
     "split": "split",
     "size": "size",
+    "mean": "mean",
 }
 
 
