@@ -15,6 +15,10 @@ each with its reason, following Coral's published model requirements:
 * **ops outside the EdgeTPU's supported set** (the support table below), and the listed limits of
   supported ones (Mean / AvgPool only over the spatial dimensions, no hardswish / layer norm).
 
+``check`` also reads a ``.tflite`` module lowered by the ``tflite`` backend (``backends/tflite.py``): its
+ops against Coral's TFLite op list, float tensors, per-channel FullyConnected weights, shapes, and (with
+``full_integer=True``) float inputs / outputs.
+
 ``EdgeTpuBackend.lower(gm)`` is the full-integer export mode: it raises :class:`UnsupportedError` listing
 the islands if ``check`` finds any, else writes the graph as ONNX QDQ whose inputs and outputs are uint8
 (the first QuantizeLinear and the last DequantizeLinear are dropped, their qparams recorded in the
@@ -129,7 +133,7 @@ class EdgeTpuBackend(Int8Backend):
         self.threads = threads
 
     def accepts_prepared_for(self, backend_name: str) -> bool:
-        return backend_name in ("edgetpu", "x86", "qnnpack", "onnx")
+        return backend_name in ("edgetpu", "tflite", "x86", "qnnpack", "onnx")
 
     def check(self, module: torch.nn.Module, *, full_integer: bool = True) -> EdgeTpuReport:
         """Every op of ``module`` (a prepared, calibrated fxopt graph, or a ``.tflite`` module lowered by the
