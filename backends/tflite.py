@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
-from fxopt.graph_utils import is_observer
+from fxopt.graph_utils import bind_args, is_observer
 from fxopt.quant.nn import FusedModule
 from fxopt.quant.spec import QSpec, qparams_from_range
 from fxopt.quant.stubs import DeQuantStub, QuantStub
@@ -73,7 +72,7 @@ _ALIASES = {"identity", "contiguous"}
 # op versions for int8 kernels (what the TFLite converter writes for them)
 _VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "CONCATENATION": 2,
              "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "MEAN": 2, "RESHAPE": 1, "HARD_SWISH": 1, "LOGISTIC": 2,
-             "TANH": 2, "QUANTIZE": 2, "DEQUANTIZE": 2, "RELU": 2, "RELU6": 2, "RELU_N1_TO_1": 2, "PAD": 2,
+             "TANH": 2, "QUANTIZE": 2, "DEQUANTIZE": 2, "RELU": 2, "RELU6": 2, "RELU_N1_TO_1": 1, "PAD": 2,
              "PADV2": 2, "TRANSPOSE": 2}
 
 
@@ -598,6 +597,7 @@ class _Writer:
             args["dilation"] = getattr(module, "dilation", 1)
             args["count_include_pad"] = getattr(module, "count_include_pad", True)
             args["divisor_override"] = getattr(module, "divisor_override", None)
+            args["return_indices"] = getattr(module, "return_indices", False)
         else:
             args = _bind(fn, node)
         kernel = _pair(args["kernel_size"])
@@ -772,16 +772,29 @@ def _attr(gm: nn.Module, target: str) -> Any:
     return obj
 
 
-def _bind(fn, node: torch.fx.Node) -> dict:
-    import inspect  # noqa: PLC0415
+_POOL_PARAMS = {
+    F.avg_pool2d: (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                   ("count_include_pad", True), ("divisor_override", None)),
+    F.max_pool2d: (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                   ("ceil_mode", False), ("return_indices", False)),
+}
 
+
+def _bind(fn, node: torch.fx.Node) -> dict:
+    """The call's arguments by name (``torch.cat`` and the pooling functions have no readable signature)."""
     if fn is torch.cat:
         tensors = node.args[0] if node.args else node.kwargs["tensors"]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         return {"tensors": tensors, "dim": dim}
-    bound = inspect.signature(fn).bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return dict(bound.arguments)
+    if fn in _POOL_PARAMS:
+        found = dict(_POOL_PARAMS[fn])
+        found.update(zip((name for name, _ in _POOL_PARAMS[fn]), node.args))
+        found.update(node.kwargs)
+        return found
+    try:
+        return bind_args(fn, node)
+    except TypeError as exc:
+        raise UnsupportedError(f"{node.name}: cannot read the arguments of {getattr(fn, '__name__', fn)}: {exc}") from exc
 
 
 def _fused_kind(node: torch.fx.Node, module: nn.Module | None) -> str | None:

@@ -64,6 +64,11 @@ def zoo(name: str, size: int, rounds: int) -> None:
           f"vs float {sqnr(f, t):.1f} dB (x86 int8 vs float {sqnr(f, q):.1f} dB); file {len(tfl.model_bytes):,} B = "
           f"{len(tfl.model_bytes) / float_bytes:.3f}x fp32 weights ({float_bytes:,} B); ops {tfl.meta['ops']}; "
           f"EdgeTPU check (int8 I/O): {'ok' if report.ok else report}")
+    own = fxopt.compile(model, recipes.static_int8(calib, backend="tflite"), example_inputs=(x,))
+    with torch.no_grad():
+        own_sqnr = sqnr(fxopt.lower(own, "reference")(test), fxopt.lower(own, "tflite")(test))
+    print(f"{name} {size}px prepared for tflite (weights in [-127, 127] everywhere): SQNR tflite vs its reference "
+          f"simulation {own_sqnr:.1f} dB")
     result = fxopt.benchmark_many({"fp32 eager": model, "fxopt x86 int8": x86, "tflite int8 (LiteRT)": tfl,
                                    "tflite int8 I/O": tfl_io}, (x,), rounds=rounds, iters=5, warmup=3)
     print(result)

@@ -103,6 +103,38 @@ def test_every_op_matches_the_reference_simulation(sink):
                           atol=0.05)
 
 
+class Functional(nn.Module):
+    """The functional forms: F.conv2d on parameters, F.relu6 (fused, then standalone), F.max_pool2d,
+    F.avg_pool2d with padding, tanh, a standalone relu, a cat of two flattened spatial maps (put back in torch
+    order), hardtanh(-1, 1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.3)
+        self.bias = nn.Parameter(torch.randn(8) * 0.1)
+        self.fc = nn.Linear(2 * 8 * 4 * 4, 6)
+
+    def forward(self, x):
+        y = F.relu6(F.conv2d(x, self.weight, self.bias, padding=1))
+        y = F.avg_pool2d(F.relu6(F.max_pool2d(y, 2)), 3, stride=2, padding=1)
+        z = torch.cat([torch.flatten(torch.relu(torch.tanh(y)), 1), torch.flatten(y, 1)], dim=-1)
+        return F.hardtanh(self.fc(z), -1.0, 1.0)
+
+
+def test_functional_forms_match_the_reference_simulation():
+    model = Functional().eval()
+    prepared, _ = _prepare(model, (1, 3, 16, 16))
+    module = fxopt.lower(prepared, "tflite")
+    ops = _ops(module)
+    for op in ("CONV_2D", "MAX_POOL_2D", "AVERAGE_POOL_2D", "PAD", "TANH", "TRANSPOSE", "CONCATENATION",
+               "RELU", "RELU6", "RELU_N1_TO_1"):
+        assert ops.get(op), (op, ops)
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 16, 16)
+    ref = fxopt.lower(prepared, "reference")
+    assert sqnr(ref(x), module(x)) >= 35, sqnr(ref(x), module(x))
+
+
 def test_fxopt_scales_are_in_the_file(sink):
     _, prepared, _ = sink
     module = fxopt.lower(prepared, "tflite")
