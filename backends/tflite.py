@@ -954,15 +954,16 @@ class TFLiteModule(nn.Module):
         return [interp.get_tensor(d["index"]).copy() for d in interp.get_output_details()]
 
     def _to_file(self, values: list[torch.Tensor]) -> list[np.ndarray]:
+        """NCHW torch tensors as the file's arrays (NHWC for 4-D inputs), transposed in numpy (see forward)."""
         arrays = []
         for v, layout in zip(values, self.info["input_layouts"]):
-            v = v.detach().cpu()
-            arrays.append((v.permute(*_NCHW_TO_NHWC) if layout == "nhwc" else v).contiguous().numpy())
+            a = v.detach().cpu().numpy()
+            arrays.append(np.ascontiguousarray(a.transpose(*_NCHW_TO_NHWC) if layout == "nhwc" else a))
         return arrays
 
     def _from_file(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() if layout == "nhwc" else torch.from_numpy(a)
-                for a, layout in zip(arrays, self.info["output_layouts"])]
+        return [torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) if layout == "nhwc"
+                else torch.from_numpy(a) for a, layout in zip(arrays, self.info["output_layouts"])]
 
     def run_int8(self, *args: torch.Tensor) -> list[torch.Tensor]:
         """The raw int8 interface of an ``int8_io`` file: int8 NCHW tensors in, int8 tensors out (a flat list)."""
@@ -975,16 +976,17 @@ class TFLiteModule(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         values = _bind_inputs(self.info["inputs"], args, kwargs, "TFLiteModule")
-        if self.int8_io:  # quantize at the boundary in torch: the module stays a float drop-in
-            values = [v if v.dtype == torch.int8 else
-                      torch.clamp(torch.round(v.float() / s) + z, -128, 127).to(torch.int8)
-                      for v, (s, z) in zip(values, self.input_qparams)]
-        else:
-            values = [v.float() for v in values]
-        outs = self._from_file(self._invoke(self._to_file(values)))
+        arrays = self._to_file([v if v.dtype == torch.int8 else v.float() for v in values])
         if self.int8_io:
-            outs = [(o.float() - z) * s for o, (s, z) in zip(outs, self.output_qparams)]
-        return pytree.tree_unflatten(outs, pytree.treespec_loads(self.info["treespec"]))
+            # quantize / dequantize at the boundary, so that the module stays a float drop-in. In numpy: a torch
+            # op here would wake torch's OpenMP threads, which then spin on the cores the interpreter runs on
+            arrays = [a if a.dtype == np.int8 else
+                      np.clip(np.rint(a / np.float32(s)) + np.float32(z), -128, 127).astype(np.int8)
+                      for a, (s, z) in zip(arrays, self.input_qparams)]
+        outs = self._invoke(arrays)
+        if self.int8_io:
+            outs = [(o.astype(np.float32) - np.float32(z)) * np.float32(s) for o, (s, z) in zip(outs, self.output_qparams)]
+        return pytree.tree_unflatten(self._from_file(outs), pytree.treespec_loads(self.info["treespec"]))
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

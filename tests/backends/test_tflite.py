@@ -210,7 +210,7 @@ def test_int8_io_module_is_a_drop_in_and_exposes_raw_int8(sink):
     assert [r.dtype for r in raw] == [torch.int8] * 3 and raw[1].shape == (1, 8, 4, 4)
     out = module(x)  # float in, float out: quantized / dequantized at the boundary in torch
     for o, r, (so, zo) in zip(out, raw, module.output_qparams):
-        assert torch.equal(o, (r.float() - zo) * so)
+        torch.testing.assert_close(o, (r.float() - zo) * so, rtol=1e-6, atol=0)
     assert torch.equal(module(xq)[0], out[0])  # int8 inputs pass through as they are
     floating = fxopt.lower(prepared, "tflite")
     assert sqnr(floating(x)[0], out[0]) >= 35
