@@ -442,20 +442,18 @@ class _Writer:
         self.bind(node, out, aliases)
 
     def _padding(self, node: torch.fx.Node, x: _Value, kernel, stride, dilation, padding, out_shape,
-                 pad_value: str) -> tuple[int, int]:
+                 pad_value: str, same_ok: bool = True) -> tuple[int, int]:
         """The input tensor and TFLite padding (SAME / VALID) giving PyTorch's symmetric ``padding``; an explicit
-        PAD (or PADV2 with the int8 minimum before a max pool) where SAME would place the padding differently."""
+        PAD (or PADV2 with the int8 minimum before a max pool) where SAME would place the padding differently
+        (or where SAME would mean something else: ``same_ok=False``)."""
         s = self.s
         if padding == (0, 0):
             return x.tensor, s.Padding.VALID
-        same = True
-        for i in range(2):
-            size, k = x.shape[2 + i], (kernel[i] - 1) * dilation[i] + 1
-            out = -(-size // stride[i])
-            before = max((out - 1) * stride[i] + k - size, 0) // 2
-            same &= out == out_shape[2 + i] and before == padding[i]
-        if same:
+        if same_ok and _same_matches(x.shape, kernel, stride, dilation, padding, out_shape):
             return x.tensor, s.Padding.SAME
+        if pad_value == "none":
+            raise UnsupportedError(f"{node.name}: avg_pool2d with padding and count_include_pad=False is written only "
+                                   "where TFLite's SAME padding matches PyTorch's (it leaves the padding out too)")
         n, c, h, w = x.shape
         padded_shape = (n, h + 2 * padding[0], w + 2 * padding[1], c)
         padded = self.act_tensor(f"{node.name}_pad", padded_shape, self.int8_qparams(x.qparams))
@@ -610,26 +608,17 @@ class _Writer:
         if args.get("ceil_mode") and any(
                 out_shape[2 + i] != (x.shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2)):
             raise UnsupportedError(f"{node.name}: ceil_mode=True changes the output size here; TFLite pools floor")
-        if code == "AVERAGE_POOL_2D" and padding != (0, 0) and not args.get("count_include_pad", True):
-            raise UnsupportedError(f"{node.name}: avg_pool2d with padding and count_include_pad=False has no TFLite op")
-        src, pad = self._padding(node, x, kernel, stride, (1, 1), padding, out_shape,
-                                 pad_value="zero" if code == "AVERAGE_POOL_2D" else "min")
-        if code == "AVERAGE_POOL_2D" and pad == self.s.Padding.SAME and args.get("count_include_pad", True):
-            # TFLite's SAME average leaves the padding out of the count; PyTorch's default counts it
-            src, pad = self._explicit_pad(node, x, padding)
+        if code == "MAX_POOL_2D":  # SAME max pooling ignores the padding, as PyTorch's -inf padding does
+            src, pad = self._padding(node, x, kernel, stride, (1, 1), padding, out_shape, pad_value="min")
+        elif args.get("count_include_pad", True):  # zeros counted in the average: explicit PAD, never SAME
+            src, pad = self._padding(node, x, kernel, stride, (1, 1), padding, out_shape, "zero", same_ok=False)
+        else:  # SAME average pooling leaves the padding out of the count
+            src, pad = self._padding(node, x, kernel, stride, (1, 1), padding, out_shape, pad_value="none")
         out = self.new_value(node, out_shape, x.qparams)
         opts = self.options("Pool2DOptionsT", padding=pad, strideH=stride[0], strideW=stride[1],
                             filterHeight=kernel[0], filterWidth=kernel[1])
         self.op(code, [src], [out.tensor], "Pool2DOptions", opts)
         self.env[node] = out
-
-    def _explicit_pad(self, node: torch.fx.Node, x: _Value, padding) -> tuple[int, int]:
-        n, c, h, w = x.shape
-        padded = self.act_tensor(f"{node.name}_pad", (n, h + 2 * padding[0], w + 2 * padding[1], c),
-                                 self.int8_qparams(x.qparams))
-        pads = self.const_i32(f"{node.name}_paddings", [[0, 0], [padding[0]] * 2, [padding[1]] * 2, [0, 0]])
-        self.op("PAD", [x.tensor, pads], [padded], "PadOptions", self.options("PadOptionsT"))
-        return padded, self.s.Padding.VALID
 
     def op_max_pool2d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         self._pool(node, module, "MAX_POOL_2D")
@@ -751,6 +740,18 @@ _ACT = {None: 0, "relu": 1, "relu_n1_to_1": 2, "relu6": 3}
 def _nhwc(shape) -> tuple[int, ...]:
     n, c, h, w = shape
     return n, h, w, c
+
+
+def _same_matches(shape, kernel, stride, dilation, padding, out_shape) -> bool:
+    """Whether TFLite's SAME padding (``ceil(in / stride)`` outputs, the odd pixel after) reads the same windows
+    as PyTorch's symmetric ``padding`` for this input (NCHW ``shape``) and output size."""
+    for i in range(2):
+        size, k = shape[2 + i], (kernel[i] - 1) * dilation[i] + 1
+        out = -(-size // stride[i])
+        before = max((out - 1) * stride[i] + k - size, 0) // 2
+        if out != out_shape[2 + i] or before != padding[i]:
+            return False
+    return True
 
 
 def _pair(v) -> tuple[int, int]:
