@@ -1,6 +1,6 @@
 """backend="tflite" figures for the README: digits accuracy, SQNR, file size and LiteRT latency vs fp32 eager.
 
-    .venv/bin/python bench/tflite_deploy.py [--models mobilenet_v2,resnet18] [--size 224] [--rounds 10]
+    .venv/bin/python bench/tflite_deploy.py [--models mobilenet_v2,resnet18] [--size 224] [--rounds 10] [--threads N]
 
 * digits: the CNN trained in seconds on scikit-learn's digits; float vs the full-int8 ``.tflite`` (float I/O
   and int8 I/O) in the LiteRT interpreter;
@@ -80,7 +80,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--skip-digits", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch and LiteRT threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"CPU: {cpu}; torch threads {torch.get_num_threads()}; load average {os.getloadavg()}")
