@@ -240,11 +240,12 @@ def test_save_load_bit_exact(sink, tmp_path):
 
 def test_threads_and_per_tensor(sink):
     _, prepared, x = sink
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         assert fxopt.lower(prepared, "tflite").threads == 1
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(before)
     assert fxopt.lower(prepared, TFLiteBackend(threads=2)).threads == 2
     per_tensor = fxopt.lower(prepared, TFLiteBackend(per_tensor=True))
     graph = _model(per_tensor).subgraphs[0]
