@@ -231,7 +231,7 @@ class X86Lowering(OpLowering):
         qparams = self._observer_qparams(act_obs)
         x = node.args[0]
         qx = self.qvalue(x)
-        wq = self._weight_qparams(conv.weight, "conv2d")
+        wq = self._weight_qparams(conv.weight, "conv2d", conv.groups)
         pads = [lo for lo, _ in _explicit_padding(conv.padding, conv, 2)]
         qmod = QConvPointwise.from_float(conv, wq, self.qparams[x], qparams, padding=pads, post_op=post_op)
         _prepack(qmod, x)
@@ -265,7 +265,7 @@ class X86Lowering(OpLowering):
         qparams = self._clamp(out_qparams, act)
         x = conv_node.args[0]
         qx, qacc = self.qvalue(x), self.qvalue(other)
-        wq = self._weight_qparams(conv.weight, conv_key)
+        wq = self._weight_qparams(conv.weight, conv_key, conv.groups)
         pads = [lo for lo, _ in _explicit_padding(conv.padding, conv, 2)]
         qmod = QConvPointwise.from_float(conv, wq, self.qparams[x], qparams, padding=pads,
                                          post_op="relu" if act is not None else "none",

@@ -79,6 +79,9 @@ def test_conv_silu_becomes_one_int8_kernel_without_float_islands():
     lowered = fxopt.lower(prepared, "x86")
     fused = _modules(lowered, QConvPointwise)
     assert [m.post_op for m in fused] == ["swish", "swish"]
+    # the depthwise one is on the backend's depthwise weight grid, like the simulation (and fbgemm)
+    assert [m.groups for m in fused] == [1, 16]
+    assert int(fused[1].weight.int_repr().abs().max()) <= 63 < int(fused[0].weight.int_repr().abs().max())
     code = lowered.graph_module.code
     assert "silu" not in code and code.count(".dequantize()") == 1  # only the output leaves int8
     # the conv's own output lives only inside the fused kernel: the check compares after the SiLU
@@ -163,7 +166,10 @@ def test_torchvision_efficientnet_and_shufflenet_have_no_float_islands():
     for name in ("efficientnet_b0", "shufflenet_v2_x1_0"):
         model = torchvision.models.get_model(name, weights=None).eval()
         calib = [torch.randn(1, 3, 64, 64) for _ in range(2)]
-        lowered = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(calib[0],), backend="x86")
+        prepared = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(calib[0],))
+        # layer by layer against the simulation; the fused depthwise conv+SiLU kernels use the simulation's
+        # depthwise weight grid
+        lowered = fxopt.lower(prepared, "x86", check=True)
         islands = fxopt.meta.float_islands(lowered.graph_module)
         if name == "efficientnet_b0":
             assert islands == [] and lowered.graph_module.code.count(".dequantize()") == 1
