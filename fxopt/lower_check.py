@@ -119,8 +119,11 @@ class _Forced(torch.fx.Interpreter):
             return out
         low = self.lowered.get(self.mapping.get(name, ""))
         if low is None:
+            # no lowered node holds this value (e.g. a conv's output inside a conv+SiLU kernel): the int8 graph
+            # never rounds it, so the simulation goes on from the unrounded value
             self.unmatched.append(name)
-            return out
+            src = n.args[0] if n.args and isinstance(n.args[0], torch.fx.Node) else None
+            return self.env[src] if src is not None and src in self.env else out
         module = self.module.get_submodule(n.target)
         op = n.args[0].name if n.args and isinstance(n.args[0], torch.fx.Node) else name
         if name in self.islands or op in self.islands or not self.was_quantized.get(self.mapping[name], True):
