@@ -52,7 +52,7 @@ from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from ._lower_ops import weight_qparams
 from .lowering import Int8Backend
-from .spec import BackendSpec, op_key
+from .spec import BackendSpec, matmul_ops, op_key
 from .x86 import x86_spec
 
 __all__ = ["OnnxBackend", "OnnxModule", "onnx_spec", "export_onnx", "example_inputs_of", "require"]
@@ -82,10 +82,11 @@ def require(module: str, extra: str) -> Any:
 
 def onnx_spec() -> BackendSpec:
     """What ONNX Runtime runs in int8 from a QDQ graph: the x86 table and its qspecs (u8 activations,
-    s8 symmetric per-channel weights, ORT's preferred U8S8 format), under the name ``onnx``."""
+    s8 symmetric per-channel weights, ORT's preferred U8S8 format), plus matmul between two activations
+    (attention: QDQ on both operands), under the name ``onnx``."""
     spec = x86_spec()
     return BackendSpec(name="onnx", engine=spec.engine, activation=spec.activation, weight=spec.weight,
-                       weight_per_tensor=spec.weight_per_tensor, ops=dict(spec.ops),
+                       weight_per_tensor=spec.weight_per_tensor, ops={**spec.ops, **matmul_ops()},
                        notes=("QDQ format; ONNX Runtime fuses DQ→op→Q into QLinear* kernels",),
                        max_range_ratio=spec.max_range_ratio)
 

@@ -5,7 +5,9 @@ a ``QuantStub`` goes on every edge that enters such a region from float and a ``
 edge that leaves it. Everything else stays float between a dequant and a quant: a float island, listed
 with its reason in ``fxopt.meta.float_islands(gm)`` (and so in ``fxopt.report``).
 
-Which ops open a region: conv and linear (they are worth quantizing on their own). Every other int8 op
+Which ops open a region: conv and linear (they are worth quantizing on their own), and matmul where the
+backend runs it in int8 (ONNX Runtime / OpenVINO: attention's q @ kᵀ and weights @ v, both operands
+quantized). Every other int8 op
 (add, cat, pooling, reshape, activations…) joins a region only when one of its inputs is already int8,
 so a lone ``add`` between float islands is not wrapped in a pointless quant/dequant pair.
 """
@@ -29,13 +31,13 @@ from fxopt.quant.stubs import DeQuantStub, QuantStub
 __all__ = ["InsertQuantStubs", "data_inputs"]
 
 # Ops that start a region even when their input is float.
-_REGION_STARTERS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
+_REGION_STARTERS = frozenset({"conv1d", "conv2d", "conv3d", "linear", "matmul"})
 _FLOAT_DTYPES = (torch.float32,)
 
 
 def data_inputs(node: torch.fx.Node, key: str) -> list[torch.fx.Node]:
     """The tensor inputs of ``node`` that carry activations (not weights, shapes or dims)."""
-    if key in ("add", "mul"):
+    if key in ("add", "mul", "matmul"):
         return [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
     if key == "cat":
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
@@ -158,7 +160,7 @@ class InsertQuantStubs(Pass):
             return "no tensor input"
         if any(not _is_float_tensor(a) for a in inputs):
             return "input is not a float tensor"
-        if key in ("add", "mul") and len(inputs) != 2:
+        if key in ("add", "mul", "matmul") and len(inputs) != 2:
             return f"{key} with a Python scalar stays float"
         if key in ("conv1d", "conv2d", "conv3d", "linear") and node.op == "call_function":
             weights = node.args[1:3]
