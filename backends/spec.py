@@ -43,6 +43,9 @@ class OpRule:
     fused_activations: frozenset[str] = frozenset()  # activations with a fused kernel ("relu", ...)
     fixed_qparams: tuple[float, int] | None = None  # (scale, zero_point) for kind == "fixed"
     reason: str = ""  # free text shown by supports()
+    # the operands' own activation qspec (each operand gets its own QuantStub, int8 inputs are requantized):
+    # matmul between two activations, which the runtimes run in int8 only with zero points of 0
+    operand_activation: QSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("compute", "share", "fixed", "weight_only"):
@@ -244,8 +247,12 @@ def weighted_compute_ops(per_channel: bool, fused_activations: frozenset[str] = 
 def matmul_ops() -> dict[str, OpRule]:
     """``matmul`` of two activations (attention's q @ kᵀ and weights @ v) in int8: for runtimes that run a
     MatMul between two QDQ inputs in int8 (ONNX Runtime, OpenVINO). PyTorch's int8 engines have no
-    quantized matmul kernel, so the x86 / qnnpack tables leave it out (it stays float there)."""
-    return {"matmul": OpRule("compute", reason="MatMul with both operands QDQ (int8 MatMul in the runtime)")}
+    quantized matmul kernel, so the x86 / qnnpack tables leave it out (it stays float there). Both operands
+    are quantized symmetric int8 (zero point 0): OpenVINO's CPU plugin runs a MatMul of two activations in
+    int8 only without zero points (no weight-side compensation as for a constant weight)."""
+    signed = QSpec(dtype=torch.qint8, symmetric=True)
+    return {"matmul": OpRule("compute", operand_activation=signed,
+                             reason="MatMul with both operands QDQ, int8 symmetric (int8 MatMul in the runtime)")}
 
 
 def common_int8_ops() -> dict[str, OpRule]:

@@ -14,6 +14,8 @@ import torch.fx
 
 __all__ = [
     "LeafInfo",
+    "operand_spec",
+    "set_operand_spec",
     "tensor_meta",
     "shape_of",
     "dtype_of",
@@ -140,6 +142,19 @@ def quant_region(node: torch.fx.Node) -> str | None:
 
 def set_quant_region(node: torch.fx.Node, backend: str | None) -> None:
     _set_node_meta(node, _QREGION, backend)
+
+
+_OPERAND_SPEC = "fxopt.operand_spec"
+
+
+def operand_spec(node: torch.fx.Node) -> Any:
+    """The activation ``QSpec`` of a QuantStub that quantizes one operand of an op with its own operand spec
+    (a matmul of two activations: symmetric int8), or ``None`` for the backend's activation spec."""
+    return node.meta.get(_OPERAND_SPEC)
+
+
+def set_operand_spec(node: torch.fx.Node, spec: Any) -> None:
+    _set_node_meta(node, _OPERAND_SPEC, spec)
 
 
 @dataclass(frozen=True)

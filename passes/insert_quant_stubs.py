@@ -109,16 +109,22 @@ class InsertQuantStubs(Pass):
         for node in list(gm.graph.nodes):
             if node not in int8:
                 continue
+            rule = spec.rule(op_key(node, gm))
+            own = rule is not None and rule.operand_activation is not None  # requantized: a stub per operand
             for src in data_inputs(node, op_key(node, gm)):
-                if src in int8:
+                if src in int8 and not own:
                     continue
-                stub = quant_of.get(src)
+                stub = None if own else quant_of.get(src)
                 if stub is None or written_between(src, order[stub], order[node], order):
-                    stub = quant_of[src] = add_stub("quant", src, node)
+                    stub = add_stub("quant", src, node)
+                    if not own:
+                        quant_of[src] = stub
+                    else:
+                        meta.set_operand_spec(stub, rule.operand_activation)
                     order[stub] = order[node] - 0.5
                     stubs.append(stub)
                 node.replace_input_with(src, stub)
-        # Dequantize int8 values read by float consumers (one stub per value).
+        # Dequantize int8 values read by float consumers (one stub per value; a requantizing stub is one).
         for node in list(int8):
             float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in SHAPE_READERS]
             if not float_users:
