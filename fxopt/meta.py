@@ -16,6 +16,8 @@ __all__ = [
     "LeafInfo",
     "operand_spec",
     "set_operand_spec",
+    "keep_float",
+    "set_keep_float",
     "tensor_meta",
     "shape_of",
     "dtype_of",
@@ -155,6 +157,19 @@ def operand_spec(node: torch.fx.Node) -> Any:
 
 def set_operand_spec(node: torch.fx.Node, spec: Any) -> None:
     _set_node_meta(node, _OPERAND_SPEC, spec)
+
+
+_KEEP_FLOAT = "fxopt.keep_float"
+
+
+def keep_float(node: torch.fx.Node) -> str | None:
+    """Why a pass asked ``InsertQuantStubs`` to leave ``node`` float (e.g. a transformer's residual stream), or
+    ``None``."""
+    return node.meta.get(_KEEP_FLOAT)
+
+
+def set_keep_float(node: torch.fx.Node, reason: str | None) -> None:
+    _set_node_meta(node, _KEEP_FLOAT, reason)
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,8 @@ class InsertQuantStubs(Pass):
     def _why_float(self, node, key, spec, int8, gm) -> str | None:
         """``None`` when ``node`` runs in int8; otherwise the reason it stays float ("" = not worth listing)."""
         rule = spec.rule(key)
+        if rule is not None and meta.keep_float(node):
+            return meta.keep_float(node)
         if rule is None:
             if node.op == "call_module":
                 leaf = {info.qualname: info for info in meta.leaves(gm)}.get(node.target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import pytest
@@ -136,3 +137,49 @@ def test_sdpa_in_exported_bert_made_explicit():
     with torch.no_grad():
         torch.testing.assert_close(gm(ids, mask).last_hidden_state, bert(ids, mask).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_matmul_operands_get_their_own_symmetric_stubs_on_onnx_only():
+    from fxopt import meta
+    from fxopt.quant.stubs import QuantStub
+
+    class QK(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.softmax(torch.matmul(self.q(x), self.k(x).transpose(-2, -1)), -1)
+
+    x = torch.randn(2, 5, 8)
+    for backend, int8_matmul in (("onnx", True), ("x86", False)):
+        gm = fxopt.trace(QK().eval(), (x,))
+        fp.InsertQuantStubs(backend=backend)(gm)
+        matmul = next(n for n in gm.graph.nodes if n.target is torch.matmul)
+        if not int8_matmul:
+            assert meta.quant_region(matmul) is None
+            assert any("matmul" in i.reason or "int8 kernel" in i.reason for i in meta.float_islands(gm))
+            continue
+        stubs = [a for a in matmul.args[:2] if a.op == "call_module"]
+        assert len(stubs) == 2 and all(isinstance(gm.get_submodule(s.target), QuantStub) for s in stubs)
+        for s in stubs:
+            spec = meta.operand_spec(s)
+            assert spec.dtype == torch.qint8 and spec.symmetric
+            assert s.args[0].op == "call_module" and "dequant" in s.args[0].target  # requantized int8 values
+
+
+def test_residual_stream_float_unless_asked():
+    from fxopt import meta
+
+    model = EncoderModel().eval()
+    x = torch.randn(2, 6, 32)
+    for int8_residual in (False, True):
+        gm = fxopt.trace(model, (x,))
+        fp.DecomposeAttention(int8_residual=int8_residual)(gm)
+        fp.InsertQuantStubs(backend="x86")(gm)
+        residual = [n for n in gm.graph.nodes if n.target is operator.add or "norm" in str(n.target)]
+        assert len(residual) == 2 * 4 + 1  # two adds and two LayerNorms per layer, the final norm
+        in_int8 = [meta.quant_region(n) is not None for n in residual]
+        assert all(in_int8) if int8_residual else not any(in_int8)
+        reasons = {i.reason for i in meta.float_islands(gm)}
+        assert any("residual stream" in r for r in reasons) != int8_residual
