@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from fxopt import meta
 from fxopt.backends.lowering import int8_spec
+from fxopt.errors import UnsupportedError
 from fxopt.pass_base import Pass, PassContext, PassResult
 
 __all__ = ["DecomposeAttention"]
@@ -199,7 +200,11 @@ class DecomposeAttention(Pass):
     def _explicit(self) -> bool:
         if self.matmul is not None:
             return self.matmul
-        return int8_spec(self.backend if self.backend is not None else "x86").rule("matmul") is not None
+        try:
+            spec = int8_spec(self.backend if self.backend is not None else "x86")
+        except UnsupportedError:  # a backend without an int8 table: nothing runs in int8 there
+            return False
+        return spec.rule("matmul") is not None
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         explicit = self._explicit()
@@ -246,12 +251,14 @@ class _ModuleCall:
         if any(m.training for m in self.module.modules()):
             raise _Skip("in training mode (dropout); the pass decomposes eval-mode modules")
         prefix = f"{self.node.target}."
+        if any(n.op == "call_module" and n.target == self.node.target and n is not self.node for n in self.gm.graph.nodes):
+            raise _Skip("the module is called more than once")
         if any(n.op in ("get_attr", "call_module") and n is not self.node and str(n.target).startswith(prefix)
                for n in self.gm.graph.nodes):
             raise _Skip("the graph reads its parameters or submodules elsewhere")
         args = _bind(self.module, self.node)
         self.rank = _rank(args["query" if kind == "attention" else "src"])
-        created = list(self.gm.graph.nodes)
+        created = set(self.gm.graph.nodes)
         try:
             self._rewrite(kind, args)
         except _Skip:

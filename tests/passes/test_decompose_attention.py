@@ -120,6 +120,18 @@ def test_nothing_to_do_and_skips_with_reasons():
     assert not no_shapes.modified and "example_inputs" in no_shapes.notes[0]
 
 
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x)[0] + self.mha(x, x, x)[0]
+
+    shared = fp.DecomposeAttention()(fxopt.trace(Twice().eval(), torch.randn(2, 5, 32)))
+    assert not shared.modified and "more than once" in shared.notes[0]
+
+
 def test_sdpa_in_exported_bert_made_explicit():
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
