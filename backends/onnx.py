@@ -33,6 +33,7 @@ import copy
 import io
 import json
 import logging
+import operator
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d}
 _ABSORBED = {"relu": "relu", "relu6": "relu6", "hardtanh": "relu6"}
 _MULTI_OUTPUT = {"chunk", "split"}
 _NO_QDQ_AFTER = {"identity", "size", "contiguous"}
+# pure data movement: the values (and their int8 grid) pass through unchanged
+_MOVES = {"reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "identity"}
+_SHAPE_ONLY = {"size"}
 
 
 def require(module: str, extra: str) -> Any:
@@ -254,7 +258,7 @@ class _QDQBuilder:
                 src = next((a for a in node.all_input_nodes if a in self.qparams), None)
                 if src is None:
                     continue
-                if key in _MULTI_OUTPUT or key in _NO_QDQ_AFTER:
+                if key in _MULTI_OUTPUT or key in _NO_QDQ_AFTER or self._feeds_moves_only(node, key):
                     self.qparams[node] = self.qparams[src]
                 else:
                     self._insert_qdq(node, self.qparams[src])
@@ -262,6 +266,18 @@ class _QDQBuilder:
         graph.lint()
         self.gm.recompile()
         return self.gm
+
+    def _feeds_moves_only(self, node: torch.fx.Node, key: str) -> bool:
+        """A reshape / transpose… whose users only move data further (or split it): its QDQ would repeat the
+        same qparams on the same values, and a QDQ inside a Reshape→Transpose→Reshape channel shuffle keeps
+        OpenVINO from fusing it into ShuffleChannels. The last op of such a chain keeps its QDQ."""
+        if key not in _MOVES:
+            return False
+        users = [u for u in node.users if not (u.op in ("call_method", "call_function") and
+                                                 op_key(u, self.gm) in _SHAPE_ONLY)]
+        return bool(users) and all(
+            meta.quant_region(u) is not None and u.op in ("call_module", "call_function", "call_method")
+            and op_key(u, self.gm) in (_MOVES | _MULTI_OUTPUT) for u in users)
 
     def _observer(self, node: torch.fx.Node, module: nn.Module) -> None:
         scale, zp = module.calculate_qparams()
@@ -380,6 +396,8 @@ def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) 
     from fxopt.quant.nn import dynamic  # noqa: PLC0415
 
     work = copy.deepcopy(gm)
+    if isinstance(work, torch.fx.GraphModule):
+        _static_sizes(work)
     if isinstance(work, torch.fx.GraphModule) and _is_prepared(work):
         blind = [n for n, m in work.named_modules() if is_observer(m) and not m.calibrated]
         if blind:
@@ -405,6 +423,45 @@ def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) 
         elif isinstance(module, FP16Module):
             kind = "fp16"
     return work, kind
+
+
+def _static_sizes(gm: torch.fx.GraphModule) -> None:
+    """``x.size(d)`` / ``x.shape[d]`` for every dimension but the batch (dim 0, the only dynamic one in the
+    export) becomes the recorded int, so the export has constants instead of ``Shape → Gather → …`` arithmetic
+    at run time (shufflenet's channel shuffle computes its view from ``x.size()``)."""
+    def dim_of(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:  # (size-like node, dim) for x.size(d)
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and not node.kwargs:
+            return node, node.args[1]
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+            src = node.args[0]
+            whole = isinstance(src, torch.fx.Node) and (
+                (src.op == "call_method" and src.target == "size" and len(src.args) == 1 and not src.kwargs)
+                or (src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",)))
+            return (src, node.args[1]) if whole else None
+        return None
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        found = dim_of(node)
+        if found is None or not isinstance(found[1], int):
+            continue
+        x = found[0].args[0]
+        while isinstance(x, torch.fx.Node) and meta.shape_of(x) is None and x.op == "call_module" and x.args \
+                and is_observer(gm.get_submodule(x.target)):
+            x = x.args[0]  # observers were inserted after shape propagation: their input has the shape
+        shape = meta.shape_of(x) if isinstance(x, torch.fx.Node) else None
+        if shape is None or not -len(shape) <= found[1] < len(shape) or found[1] % len(shape) == 0:
+            continue
+        value = int(shape[found[1]])
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda n, v=value: v if n is node else n)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n, v=value: v if n is node else n)
+        gm.graph.erase_node(node)
+        if found[0] is not node and not found[0].users:
+            gm.graph.erase_node(found[0])
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -464,6 +521,7 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
             raise UnsupportedError(f"torch.onnx could not export this {kind} graph: {exc}") from exc
     model = onnx.load_from_string(buf.getvalue())
     _inline_identities(model)
+    _fold_static_shapes(model)
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
         _quantize_conv_bias(model)
@@ -579,6 +637,85 @@ def _quantize_conv_bias(model) -> None:
                               [f"{base}_dq"], axis=0, name=f"{base}_DequantizeLinear")
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{base}_dq"
+    _drop_unused(model)
+
+
+def _fold_static_shapes(model) -> None:
+    """Shape arithmetic the tracer recorded (``x.size(1)`` → ``Shape → Gather``) becomes constants wherever
+    the dimension is static (every one but the dynamic batch), and a ``Shape`` still needed reads the
+    tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import helper, numpy_helper, shape_inference  # noqa: PLC0415
+
+    graph = model.graph
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - folding is an optimization; an uninferable graph stays as it is
+        return
+    dims: dict[str, list[int | None]] = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    consts = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def constant(name: str, value) -> Any:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, f"{name}_value"),
+                                name=f"{name}_folded")
+
+    for node in list(graph.node):
+        if node.op_type != "Shape" or any(a.name in ("start", "end") for a in node.attribute):
+            continue
+        shape = dims.get(node.input[0])
+        if shape is None:
+            continue
+        if all(d is not None for d in shape):
+            graph.node.insert(list(graph.node).index(node), constant(node.output[0], np.array(shape, np.int64)))
+            graph.node.remove(node)
+            continue
+        for gather in users.get(node.output[0], []):
+            if gather.op_type != "Gather" or gather.input[0] != node.output[0] or gather.input[1] not in consts:
+                continue
+            if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+                continue
+            idx = consts[gather.input[1]]
+            if idx.ndim != 0 or shape[int(idx) % len(shape)] is None:
+                continue
+            graph.node.insert(list(graph.node).index(gather),
+                              constant(gather.output[0], np.array(shape[int(idx) % len(shape)], np.int64)))
+            graph.node.remove(gather)
+        src = producer.get(node.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            node.input[0] = src.input[0]
+    _drop_dead_nodes(model)
+
+
+def _drop_dead_nodes(model) -> None:
+    """Remove nodes none of whose outputs is read (repeatedly), then unused initializers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+
+    def reads(nodes) -> set[str]:  # inputs, including those of If / Loop bodies (outer-scope names)
+        names = set()
+        for n in nodes:
+            names.update(n.input)
+            for a in n.attribute:
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                    names |= reads(sub.node)
+        return names
+
+    while True:
+        used = reads(graph.node) | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
     _drop_unused(model)
 
 
