@@ -268,7 +268,7 @@ class _QDQBuilder:
         return self.gm
 
     def _feeds_moves_only(self, node: torch.fx.Node, key: str) -> bool:
-        """A reshape / transpose… whose users only move data further (or split it): its QDQ would repeat the
+        """A reshape / transpose… whose users only move data further: its QDQ would repeat the
         same qparams on the same values, and a QDQ inside a Reshape→Transpose→Reshape channel shuffle keeps
         OpenVINO from fusing it into ShuffleChannels. The last op of such a chain keeps its QDQ."""
         if key not in _MOVES:
@@ -277,7 +277,7 @@ class _QDQBuilder:
                                                  op_key(u, self.gm) in _SHAPE_ONLY)]
         return bool(users) and all(
             meta.quant_region(u) is not None and u.op in ("call_module", "call_function", "call_method")
-            and op_key(u, self.gm) in (_MOVES | _MULTI_OUTPUT) for u in users)
+            and op_key(u, self.gm) in _MOVES for u in users)
 
     def _observer(self, node: torch.fx.Node, module: nn.Module) -> None:
         scale, zp = module.calculate_qparams()

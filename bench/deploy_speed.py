@@ -130,7 +130,7 @@ def nncf_quantize(float_ir: OpenVinoModule, calib: list[torch.Tensor]) -> tuple[
                             weights=ov.Tensor(np.frombuffer(float_ir.weights, np.uint8)))
     name = float_ir.info["inputs"][0]
     dataset = nncf.Dataset(calib, lambda b: {name: b.numpy()})
-    quantized = nncf.quantize(model, dataset, subset_size=sum(len(b) for b in calib))
+    quantized = nncf.quantize(model, dataset, subset_size=len(calib))  # items are batches: all of them
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "m.xml"
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
