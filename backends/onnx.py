@@ -159,6 +159,11 @@ class _QDQBuilder:
         self.qparams: dict[torch.fx.Node, tuple[float, int]] = {}
         self.stats = {"qdq": 0, "int8_weights": 0}
         self.fused: dict[torch.fx.Node, str] = {}  # conv/linear + activation rewritten as functional calls
+        # ONNX Runtime has QLinearSigmoid and QLinearMul but no int8 SiLU: without a QDQ between its Sigmoid and
+        # Mul a SiLU runs in float (efficientnet: 49 float Sigmoid+Mul pairs). OpenVINO runs the float SiLU
+        # as one fused eltwise, where the extra rounding would only cost time.
+        sigmoid = spec.rule("sigmoid")
+        self.split_silu = spec.name == "onnx" and sigmoid is not None and sigmoid.kind == "fixed"
 
     def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int]) -> torch.fx.Node:
         with self.gm.graph.inserting_after(node):
@@ -252,6 +257,8 @@ class _QDQBuilder:
                 continue
             if rule.kind == "compute" and (key in _CONV_KEYS or key == "linear"):
                 self._weighted(node, key)
+            elif key == "silu" and self.split_silu:
+                self._silu(node)
             elif rule.kind == "fixed":
                 self._insert_qdq(node, rule.fixed_qparams)
             elif rule.kind == "share":
@@ -267,17 +274,37 @@ class _QDQBuilder:
         self.gm.recompile()
         return self.gm
 
+    def _silu(self, node: torch.fx.Node) -> None:
+        """``silu(x)`` → ``x * QDQ(sigmoid(x))`` with the sigmoid's fixed qparams (its output observer stays)."""
+        graph = self.gm.graph
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        with graph.inserting_before(node):
+            gate = graph.call_function(torch.sigmoid, (x,))
+            out = graph.call_function(torch.mul, (x, gate))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        self._insert_qdq(gate, self.spec.rule("sigmoid").fixed_qparams)
+        self.stats["split_silu"] = self.stats.get("split_silu", 0) + 1
+
     def _feeds_moves_only(self, node: torch.fx.Node, key: str) -> bool:
-        """A reshape / transpose… whose users only move data further: its QDQ would repeat the
-        same qparams on the same values, and a QDQ inside a Reshape→Transpose→Reshape channel shuffle keeps
-        OpenVINO from fusing it into ShuffleChannels. The last op of such a chain keeps its QDQ."""
+        """A reshape / transpose… whose users only move data further: its QDQ would repeat the same qparams
+        on the same values, and a QDQ inside a Reshape→Transpose→Reshape channel shuffle keeps OpenVINO from
+        fusing it into ShuffleChannels. The users are looked at through ops that never get a QDQ (identity,
+        contiguous: their users decide), so the last move of a chain always keeps its QDQ."""
         if key not in _MOVES:
             return False
-        users = [u for u in node.users if not (u.op in ("call_method", "call_function") and
-                                                 op_key(u, self.gm) in _SHAPE_ONLY)]
-        return bool(users) and all(
-            meta.quant_region(u) is not None and u.op in ("call_module", "call_function", "call_method")
-            and op_key(u, self.gm) in _MOVES for u in users)
+        users, todo = [], list(node.users)
+        while todo:
+            user = todo.pop()
+            ukey = op_key(user, self.gm) if user.op in ("call_module", "call_function", "call_method") else None
+            if ukey in _SHAPE_ONLY:
+                continue
+            if ukey in _NO_QDQ_AFTER and meta.quant_region(user) is not None:
+                todo.extend(user.users)
+                continue
+            users.append((user, ukey))
+        return bool(users) and all(meta.quant_region(u) is not None and k in _MOVES - _NO_QDQ_AFTER
+                                   for u, k in users)
 
     def _observer(self, node: torch.fx.Node, module: nn.Module) -> None:
         scale, zp = module.calculate_qparams()
