@@ -151,3 +151,69 @@ def test_openvino_fuses_the_shuffle_in_u8(shufflenet):
     assert sum(v for (kind, _), v in ops.items() if kind == "Reorder") <= 2
     with torch.no_grad():
         assert sqnr(x86, ov(x)) >= 30
+
+
+class SiLUNet(torch.nn.Module):
+    """efficientnet's pieces: conv-bn-SiLU, a squeeze-excite gate (SiLU, sigmoid, mul), pool, flatten, dropout, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(16)
+        self.act = torch.nn.SiLU()
+        self.se_reduce = torch.nn.Conv2d(16, 4, 1)
+        self.se_expand = torch.nn.Conv2d(4, 16, 1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.drop = torch.nn.Dropout(0.2)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        gate = torch.sigmoid(self.se_expand(torch.nn.functional.silu(self.se_reduce(self.pool(y)))))
+        return self.fc(self.drop(torch.flatten(self.pool(y * gate), 1)))
+
+
+@pytest.fixture(scope="module")
+def silunet():
+    torch.manual_seed(0)
+    model = trained_looking(SiLUNet())
+    x = torch.randn(2, 3, 16, 16)
+    data = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        prepared = fxopt.compile(model, recipes.static_int8(data), example_inputs=(x,))
+    return model, x, prepared
+
+
+def test_silu_runs_as_qlinear_sigmoid_and_mul(silunet, tmp_path):
+    model, x, prepared = silunet
+    module = fxopt.lower(prepared, "onnx")
+    graph = onnx.load_from_string(module.model_bytes).graph
+    producer, consts = _producers(graph), _constants(graph)
+    sigmoids = [n for n in graph.node if n.op_type == "Sigmoid"]
+    assert len(sigmoids) == 3  # two SiLUs + the gate
+    for sig in sigmoids:  # every sigmoid output is rounded on its fixed [0, 1] grid before the Mul reads it
+        q = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == sig.output[0]]
+        assert len(q) == 1
+        assert float(consts[q[0].input[1]]) == pytest.approx(1 / 256) and int(consts[q[0].input[2]]) == 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(module.model_bytes, options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert ops["QLinearSigmoid"] == 3 and ops["QLinearMul"] == 3 and ops["QGemm"] == 1
+    assert not {"Sigmoid", "Mul", "Gemm", "Conv"} & set(ops), ops
+    assert all(producer.get(n.input[0]) is None or producer[n.input[0]].op_type != "Flatten"
+               for n in graph.node if n.op_type == "Gemm"), "the classifier must read a QDQ'd flatten"
+    with torch.no_grad():
+        assert sqnr(fxopt.lower(prepared, "x86")(x), module(x)) >= 30
+
+
+def test_openvino_keeps_silu_whole(silunet):
+    from fxopt.backends.onnx import export_onnx  # noqa: PLC0415
+    from fxopt.backends.openvino import openvino_spec  # noqa: PLC0415
+
+    _, _, prepared = silunet
+    graph, _ = export_onnx(prepared, openvino_spec())
+    producer = _producers(graph.graph)
+    muls_after_sigmoid = [n for n in graph.graph.node if n.op_type == "Mul"
+                          and any(producer.get(i) is not None and producer[i].op_type == "Sigmoid" for i in n.input)]
+    assert len(muls_after_sigmoid) == 2  # the two SiLUs: OpenVINO fuses Sigmoid·Mul into one float eltwise
