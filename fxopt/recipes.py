@@ -105,6 +105,7 @@ def cluster(n_clusters: int, *, per_channel: bool = False, preserve_sparsity: bo
     return [fp.ClusterWeights(n_clusters, per_channel=per_channel, preserve_sparsity=preserve_sparsity)]
 
 
-def low_rank(*, rank_ratio: float | None = None, energy: float | None = None) -> list:
-    """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given)."""
-    return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy)]
+def low_rank(*, rank_ratio: float | None = None, energy: float | None = None, scheme: str = "channel") -> list:
+    """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given);
+    ``scheme="spatial"``: convolutions become a kh×1 then a 1×kw convolution (AIMET's spatial SVD)."""
+    return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy, scheme=scheme)]

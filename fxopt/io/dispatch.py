@@ -39,6 +39,7 @@ import torch.fx
 from .. import meta, registry
 from ..errors import FxoptError, UnsupportedError
 from ..tracing import as_args
+from ..compress.eager import graph_form
 from . import envelope
 from .pt2_check import check_pt2_archive
 
@@ -92,6 +93,9 @@ def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) 
         name = _BACKEND_FOR_SUFFIX[suffix]
         _backend(name, f"saving {suffix} files").save(module, path)
         return
+    graph = graph_form(module)  # an eager compile result: its GraphModule is what .pt/.pt2 store whole
+    if graph is not None and not envelope.is_graph_model(module):
+        module = graph
     if envelope.is_graph_model(module):
         payload = envelope.to_plain(module)  # raises before the file is touched
         if suffix == ".pt":
