@@ -10,13 +10,16 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   ``DequantizeLinear`` and conv biases int32 (scale = input scale × weight scale), which is the pattern
   ONNX Runtime's QDQ fusions turn into ``QLinearConv`` / ``QLinearMatMul``. A ReLU the x86 lowering would
   absorb gets its QDQ after it (range clamped at 0), ops that keep their input's qparams (pooling,
-  reshape…) get a QDQ with those qparams after them, fixed-range ops (sigmoid…) their fixed qparams;
+  reshape…) get a QDQ with those qparams after them (not inside a chain of reshapes / transposes: only its
+  last op, so OpenVINO can fuse a channel shuffle), fixed-range ops (sigmoid…) their fixed qparams; for
+  ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
   with the stored per-channel int8 weights, then the float rescale and bias.
 
-``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
+Sizes the model reads (``x.size(d)``) are constants for every dimension but the dynamic batch, and a
+``Shape`` reads a tensor before its ``DequantizeLinear``. ``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
 ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (``torch.get_num_threads()``
 read at lowering unless the backend was built with ``OnnxBackend(threads=n)``), takes the same arguments
 as the original model (any batch size: dimension 0 of every input and output is dynamic) and returns the
