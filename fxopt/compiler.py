@@ -128,8 +128,11 @@ def _simulation(prepared: torch.fx.GraphModule, backend_obj: Any) -> torch.fx.Gr
 
 def _check_lowered(simulation: torch.fx.GraphModule, lowered: torch.nn.Module, args: tuple, backend: str,
                    tolerance: float | None = None) -> None:
-    from .lower_check import DEFAULT_STEPS, check_lowering, raise_on_divergence
+    from .lower_check import DEFAULT_STEPS, check_lowering, check_outputs, has_layer_records, raise_on_divergence
 
+    if not has_layer_records(lowered):  # a runtime backend (onnx, openvino, tflite): compare whole outputs
+        check_outputs(simulation, lowered, args, backend)
+        return
     result = check_lowering(simulation, lowered, args, tolerance=DEFAULT_STEPS if tolerance is None else tolerance)
     raise_on_divergence(result, backend)
 

@@ -32,6 +32,9 @@ def static_int8(
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
+    ``nn.TransformerEncoder`` / ``MultiheadAttention`` are decomposed first (``DecomposeAttention``), so their
+    Linear layers (and, on onnx / openvino, attention's matmuls) are quantized too.
+
     The recipe does not fix the backend: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="qnnpack")``
     prepares for qnnpack (x86 when compile names none). ``backend=`` pins one; compile must then agree.
 
@@ -42,7 +45,7 @@ def static_int8(
     """
     calibration = list(calibration) if (bias_correction or min_sqnr is not None or min_metric is not None) \
         else calibration
-    steps = [fp.RemoveIdentities(), fp.FoldBatchNorm()]
+    steps = [fp.DecomposeAttention(backend=backend), fp.RemoveIdentities(), fp.FoldBatchNorm()]
     if equalize:
         steps.append(fp.EqualizeCrossLayer())
     steps += [fp.FuseActivations(), fp.EliminateDeadCode(),
