@@ -50,3 +50,31 @@ def test_noisy_images_move_by_about_one_intensity_step():
     assert all(m.shape == i.shape for m, i in zip(moved, images))
     diff = torch.cat([(m - i).flatten() for m, i in zip(moved, images)])
     assert 0.5 / 255 < float(diff.std()) < 1.5 / 255 and float(diff.abs().max()) < 6 / 255
+
+
+class _Boxes(torch.nn.Module):
+    """A stand-in detector: one box per image whose position follows the image's mean (so chance < 1)."""
+
+    def forward(self, images):
+        outs = []
+        for img in images:
+            x = float(img.mean()) * 100
+            outs.append(_out([[x, x, x + 20, x + 20]], [1], [0.9]))
+        return outs
+
+
+class _Fails(torch.nn.Module):
+    def forward(self, images):
+        raise RuntimeError("INTERNAL ASSERT FAILED at Pooling.cpp. failed to create QNNPACK MaxPool operator")
+
+
+def test_measure_reports_a_torch_ao_model_that_fails_at_run_time(monkeypatch):
+    monkeypatch.setattr(D, "detector", lambda name: _Boxes())
+    small = D.scenes
+    monkeypatch.setattr(D, "scenes", lambda n, size=32, seed=0: small(n, size=32, seed=seed))
+    monkeypatch.setattr(D, "fxopt_int8", lambda model, calib, backend, check=False: model)
+    monkeypatch.setattr(D, "torchao_backbone_int8", lambda model, calib, backend: _Fails())
+    found = D.measure("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack", n_test=3)
+    assert found["fxopt"] == 1.0 and found["fxopt, float score >= 0.5"] == 1.0
+    assert found["torch.ao backbone"] is None and found["torch.ao, float score >= 0.5"] is None
+    assert found["torch.ao error"] == "failed to create QNNPACK MaxPool operator"

@@ -70,9 +70,9 @@ def test_check_detectors(name, backend):
 
 _BEHIND = pytest.mark.xfail(reason="measured 57.5 % against torch.ao's 58.8 % (one detection of 80; README)",
                             strict=False)
-_FRCNN = pytest.mark.xfail(reason="x86 measured 16.7 % against torch.ao's 31.3 %, float scores all < 0.1 after 80 "
-                           "head steps (README); qnnpack: its 1x1 max-pool fails in QNNPACK (README)",
-                           strict=False)
+_FRCNN = pytest.mark.xfail(reason="x86 measured 16.7-22.9 % against torch.ao's 31.3 % (4-7 detections of 48); "
+                           "float scores all < 0.1 after 80 head steps, the random backbone's FPN outputs at 8 dB "
+                           "in both (README)", strict=False)
 
 
 @pytest.mark.slow
@@ -80,12 +80,18 @@ _FRCNN = pytest.mark.xfail(reason="x86 measured 16.7 % against torch.ao's 31.3 %
     ("ssdlite320_mobilenet_v3_large", "x86"),
     pytest.param("ssdlite320_mobilenet_v3_large", "qnnpack", marks=_BEHIND),
     pytest.param("fasterrcnn_mobilenet_v3_large_320_fpn", "x86", marks=_FRCNN),
-    pytest.param("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack", marks=_FRCNN),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack"),
 ])
 def test_detector_retention_at_least_torch_ao_backbone_only(name, backend):
     """fxopt quantizes the whole traced part (backbone, FPN, heads); torch.ao only the backbone. The heads are
-    trained on synthetic shapes first (minutes on CPU the first time, then cached; bench/detectors.py)."""
+    trained on synthetic shapes first (minutes on CPU the first time, then cached; bench/detectors.py).
+    On qnnpack torch.ao's Faster R-CNN fails at run time (QNNPACK rejects the FPN's 1x1 max-pool, which
+    fxopt lowers to a strided view), so there fxopt's figure only has to beat chance."""
     found = _detectors().measure(name, backend)
     print(found)
-    assert found["fxopt"] >= found["torch.ao backbone"]
+    if found["torch.ao backbone"] is None:
+        assert (name, backend) == ("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack"), found["torch.ao error"]
+        assert "MaxPool" in found["torch.ao error"]
+    else:
+        assert found["fxopt"] >= found["torch.ao backbone"]
     assert found["fxopt"] > found["chance"] + 0.2  # the detections depend on the image and survive int8
