@@ -6,6 +6,7 @@ on a ``GraphModule`` themselves.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -115,8 +116,10 @@ class NumericsCheck(Instrument):
         self.history.append(label)
         if not result.modified:
             return
+        # on a copy: a calibrated graph's observers would otherwise record the check's own run (the example
+        # input counted once more in every histogram), and the lowered model's scales would depend on check=
         with torch.no_grad():
-            out = gm(*self.inputs)
+            out = copy.deepcopy(gm)(*self.inputs)
         worst = max_error(self.reference, out)
         if worst is None:
             raise NumericsError(

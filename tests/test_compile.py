@@ -161,3 +161,18 @@ def test_backend_object_with_options_is_what_the_recipe_prepares_for():
     config = fxopt.meta.quant_config(q)
     assert config.backend == "x86" and config.activation_spec.reduce_range  # observers used the object's spec
     assert fxopt.compare(model, q, [x]).sqnr_db > 20
+
+
+def test_check_does_not_calibrate_the_int8_model():
+    """compile(check=True) runs the graph after each pass; a calibrated graph's observers must not record
+    those runs (an example input wider than the calibration data would widen every scale)."""
+    from fxopt import recipes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    calib = [(torch.rand(1, 3, 16, 16),) for _ in range(2)]
+    wide = (4 * torch.randn(1, 3, 16, 16),)
+    plain = fxopt.compile(model, recipes.static_int8(calib), example_inputs=wide, backend="x86")
+    checked = fxopt.compile(model, recipes.static_int8(calib), example_inputs=wide, backend="x86", check=True)
+    x = torch.rand(1, 3, 16, 16)
+    assert torch.equal(plain(x), checked(x))
