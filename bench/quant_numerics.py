@@ -2,6 +2,7 @@
 
     python -m bench.quant_numerics [--size 96] [--models resnet18,mobilenet_v2]
     python -m bench.quant_numerics --natural [--min-sqnr 30] [--models ...]
+    python -m bench.quant_numerics --adaround --models resnet18 [--adaround-iters 300]
 
 Prints one table; the same comparison runs as a (slow) test in tests/quant/test_zoo_numerics.py.
 
@@ -71,19 +72,54 @@ def natural(args) -> None:
         row += [_agreement(ref, ours), _agreement(ref, ao)]
         if options:
             row.append(_sqnr(ref, _outputs(fxopt_int8(model, calib, "x86", **options), test)))
-        guarded = fxopt_int8(model, calib, "x86", min_sqnr=args.min_sqnr)
-        rec = [r for r in fxopt.records(guarded) if r.name.startswith("float-fallback")][0]
-        kept = rec.stats.get("kept_float", [])
-        row += [_sqnr(ref, _outputs(guarded, test)), f"{len(kept)}/{rec.stats['units']}",
-                rec.stats.get("float_mac_fraction", 0.0), f"{t_ours:.0f}"]
+        why = []
+        if args.min_sqnr > 0:
+            guarded = fxopt_int8(model, calib, "x86", min_sqnr=args.min_sqnr)
+            rec = [r for r in fxopt.records(guarded) if r.name.startswith("float-fallback")][0]
+            kept = rec.stats.get("kept_float", [])
+            row += [_sqnr(ref, _outputs(guarded, test)), f"{len(kept)}/{rec.stats['units']}",
+                    rec.stats.get("float_mac_fraction", 0.0)]
+            why = [n for n in rec.notes if n.startswith("target")]
+        row.append(f"{t_ours:.0f}")
         rows.append(row)
-        why = [n for n in rec.notes if n.startswith("target")]
         print([f"{v:.2f}" if isinstance(v, float) else v for v in row], why, flush=True)
     headers = ["model", "fxopt dB", "torch.ao dB", "Δ dB", "fxopt top1 agr", "ao top1 agr"]
     if options:
         headers.append(f"fxopt {args.options} dB")
-    headers += [f"min_sqnr={args.min_sqnr:g} dB", "float ops", "float MAC share", "fxopt s"]
+    if args.min_sqnr > 0:
+        headers += [f"min_sqnr={args.min_sqnr:g} dB", "float ops", "float MAC share"]
+    headers.append("fxopt s")
     print(tabulate(rows, floatfmt=".2f", headers=headers))
+
+
+def adaround(args) -> None:
+    """AdaRound vs round-to-nearest on natural images: 4-bit weights (activations float, so only the weight
+    rounding is measured) and the full int8 x86 model, SQNR on the held-out images."""
+    from fxopt import passes as fp
+    from fxopt import recipes
+
+    torch.set_num_threads(args.threads)
+    calib, test = natural_data(224, n_test=args.test_images)
+    rows = []
+    for name in args.models.split(","):
+        model = natural_zoo_model(name, 224)
+        ref = _outputs(model, test)
+        row = [name]
+        for iters in (0, args.adaround_iters):
+            steps = recipes.static_int8(calib)
+            steps.insert([p.name for p in steps].index("calibrate") + 1,
+                         fp.AdaRound(calib, iters=iters, weight_bits=4))
+            t = time.perf_counter()
+            prepared = fxopt.compile(model, steps, example_inputs=(calib[0][:1],))
+            row += [_sqnr(ref, _outputs(prepared, test)), time.perf_counter() - t]
+        plain = fxopt_int8(model, calib, "x86")
+        learned = fxopt_int8(model, calib, "x86", adaround=args.adaround_iters)
+        row += [_sqnr(ref, _outputs(plain, test)), _sqnr(ref, _outputs(learned, test))]
+        rows.append(row)
+        print(rows[-1], flush=True)
+    print(tabulate(rows, floatfmt=".2f", headers=[
+        "model", "4-bit weights, nearest dB", "s", f"4-bit AdaRound ({args.adaround_iters} it) dB", "s",
+        "int8 x86 dB", "int8 x86 + AdaRound dB"]))
 
 
 def main() -> None:
@@ -92,11 +128,17 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(ZOO))
     parser.add_argument("--backends", default="x86,qnnpack")
     parser.add_argument("--natural", action="store_true", help="224-px natural images, 16 calibration images")
-    parser.add_argument("--min-sqnr", type=float, default=30.0)
+    parser.add_argument("--min-sqnr", type=float, default=30.0, help="--natural: 0 skips the float fallback")
     parser.add_argument("--options", default="", help="extra static_int8 options, e.g. equalize=1,bias_correction=1")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=32, help="--natural: held-out images")
+    parser.add_argument("--adaround", action="store_true",
+                        help="AdaRound vs nearest (4-bit weights, and int8 x86) on the natural images")
+    parser.add_argument("--adaround-iters", type=int, default=300)
     args = parser.parse_args()
+    if args.adaround:
+        adaround(args)
+        return
     if args.natural:
         natural(args)
         return
