@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from fxopt.registry import Backend, Support, available, get, register
 
-__all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend", "EdgeTpuBackend"]
+__all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend", "EdgeTpuBackend",
+           "TFLiteBackend"]
 
 # backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
 _LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino",
-                 "EdgeTpuBackend": "fxopt.backends.edgetpu"}
+                 "EdgeTpuBackend": "fxopt.backends.edgetpu", "TFLiteBackend": "fxopt.backends.tflite"}
 
 
 def __getattr__(name: str):

@@ -15,6 +15,10 @@ each with its reason, following Coral's published model requirements:
 * **ops outside the EdgeTPU's supported set** (the support table below), and the listed limits of
   supported ones (Mean / AvgPool only over the spatial dimensions, no hardswish / layer norm).
 
+``check`` also reads a ``.tflite`` module lowered by the ``tflite`` backend (``backends/tflite.py``): its
+ops against Coral's TFLite op list, float tensors, per-channel FullyConnected weights, shapes, and (with
+``full_integer=True``) float inputs / outputs.
+
 ``EdgeTpuBackend.lower(gm)`` is the full-integer export mode: it raises :class:`UnsupportedError` listing
 the islands if ``check`` finds any, else writes the graph as ONNX QDQ whose inputs and outputs are uint8
 (the first QuantizeLinear and the last DequantizeLinear are dropped, their qparams recorded in the
@@ -46,7 +50,7 @@ from .spec import BackendSpec, OpRule, op_key
 __all__ = ["EdgeTpuBackend", "EdgeTpuIssue", "EdgeTpuReport", "edgetpu_spec"]
 
 _PER_TENSOR_ONLY = {"linear": "FullyConnected"}
-_SPATIAL_ONLY = {"adaptive_avg_pool2d", "avg_pool2d", "max_pool2d"}
+_SPATIAL_ONLY = {"adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "mean"}
 _NOT_ON_TPU = {  # ops in PyTorch's int8 tables that the EdgeTPU compiler does not map
     "hardswish": "HardSwish is not in the EdgeTPU's supported op list",
     "layer_norm": "LayerNorm has no EdgeTPU kernel (it decomposes into float mean/variance ops)",
@@ -62,7 +66,7 @@ def edgetpu_spec() -> BackendSpec:
     relu = frozenset({"relu", "relu6"})
     share = ("relu", "relu6", "hardtanh", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "flatten",
              "reshape", "squeeze", "unsqueeze", "identity", "contiguous", "getitem", "split", "chunk", "pad",
-             "transpose", "permute")
+             "transpose", "permute", "mean")
     ops = {k: OpRule("share", reason=f"{k} (EdgeTPU supported op)") for k in share}
     ops.update({
         "conv1d": OpRule("compute", per_channel=True, fused_activations=relu, reason="Conv2d"),
@@ -129,10 +133,19 @@ class EdgeTpuBackend(Int8Backend):
         self.threads = threads
 
     def accepts_prepared_for(self, backend_name: str) -> bool:
-        return backend_name in ("edgetpu", "x86", "qnnpack", "onnx")
+        return backend_name in ("edgetpu", "tflite", "x86", "qnnpack", "onnx")
 
     def check(self, module: torch.nn.Module, *, full_integer: bool = True) -> EdgeTpuReport:
-        """Every op of ``module`` (a prepared, calibrated fxopt graph) that would not run on the EdgeTPU."""
+        """Every op of ``module`` (a prepared, calibrated fxopt graph, or a ``.tflite`` module lowered by the
+        ``tflite`` backend) that would not run on the EdgeTPU.
+
+        On a graph, ``full_integer=True`` (the default) leaves out float inputs / outputs: the full-integer
+        export makes them integer. On a ``.tflite`` module the file is final: ``full_integer=True`` reports
+        its float inputs / outputs (``TFLiteBackend(int8_io=True)`` writes int8 ones); ``False`` accepts them
+        (the boundary QUANTIZE / DEQUANTIZE then run on the host CPU).
+        """
+        if meta.backend_of(module) == "tflite" and hasattr(module, "model_bytes"):
+            return _check_tflite(module.model_bytes, full_integer)
         if not isinstance(module, torch.fx.GraphModule):
             raise TypeError(f"check() reads an fxopt graph (fxopt.compile(..., backend=None)), got "
                             f"{type(module).__name__}")
@@ -247,6 +260,16 @@ class _Checker:
                      f"shape {tuple(shape)} has more than 3 dimensions larger than 1 (batch must be 1)")
 
     def _spatial(self, node: torch.fx.Node, key: str) -> None:
+        if key == "mean":
+            src = node.args[0] if node.args else node.kwargs.get("input")
+            shape = meta.shape_of(src) if isinstance(src, torch.fx.Node) else None
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            rank = len(shape) if shape is not None else 4
+            dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
+            if rank != 4 or not {d % rank for d in dims} <= {2, 3}:
+                self.add(node, key, "unsupported-op", f"Mean over dims {sorted(d % rank for d in dims)} of a "
+                         f"{rank}-D value: the EdgeTPU's Mean reduces only over x/y (dims 2, 3 of NCHW)")
+            return
         if key != "adaptive_avg_pool2d":
             return
         module = self.modules.get(node.target) if node.op == "call_module" else None
@@ -300,3 +323,57 @@ def _integer_io(model) -> dict:
                     n.input[i] = value.name
         value.type.tensor_type.elem_type = TensorProto.UINT8
     return {"input_qparams": qparams_in, "output_qparams": qparams_out}
+
+
+# Coral's supported TFLite ops (https://coral.ai/docs/edgetpu/models-intro/#supported-operations)
+_TPU_TFLITE_OPS = frozenset({
+    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS", "FULLY_CONNECTED",
+    "L2_NORMALIZATION", "LOGISTIC", "LSTM", "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM", "MUL", "PACK", "PAD",
+    "PRELU", "QUANTIZE", "REDUCE_MAX", "REDUCE_MIN", "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR",
+    "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUEEZE", "STRIDED_SLICE",
+    "SUB", "SUM", "SQUARED_DIFFERENCE", "TANH", "TRANSPOSE", "TRANSPOSE_CONV"})
+
+
+def _check_tflite(model_bytes: bytes, full_integer: bool) -> EdgeTpuReport:
+    """The EdgeTPU check of a ``.tflite`` file: its ops, tensor types, weight granularity and shapes."""
+    require("ai_edge_litert", "tflite")
+    from ai_edge_litert import schema_py_generated as schema  # noqa: PLC0415
+
+    model = schema.ModelT.InitFromPackedBuf(model_bytes, 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    float_type = schema.TensorType.FLOAT32
+    issues: list[EdgeTpuIssue] = []
+    for sub in model.subgraphs:
+        tensors = sub.tensors
+        graph_io = {int(i) for i in sub.inputs} | {int(o) for o in sub.outputs}
+        for op in sub.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "CUSTOM")
+            out = tensors[int(op.outputs[0])]
+            node = out.name.decode() if isinstance(out.name, bytes) else str(out.name)
+            ins, outs = [int(i) for i in op.inputs if i >= 0], [int(o) for o in op.outputs]
+            floats = [i for i in ins + outs if tensors[i].type == float_type]
+            if name in ("QUANTIZE", "DEQUANTIZE") and floats and all(i in graph_io for i in floats):
+                if full_integer:
+                    issues.append(EdgeTpuIssue(node, name, "float-io", "a float model input/output: the "
+                                               f"{name} runs on the host CPU; lower with TFLiteBackend(int8_io=True)"))
+                continue
+            if name not in _TPU_TFLITE_OPS:
+                issues.append(EdgeTpuIssue(node, name, "unsupported-op", f"{name} is not in the EdgeTPU's "
+                                           "supported op list"))
+            elif floats:
+                issues.append(EdgeTpuIssue(node, name, "float-island", f"{name} computes in float (float32 "
+                                           "tensors); the EdgeTPU runs only 8-bit ops"))
+            if name == "FULLY_CONNECTED" and len(ins) > 1:
+                quant = tensors[ins[1]].quantization
+                if quant is not None and quant.scale is not None and len(quant.scale) > 1:
+                    issues.append(EdgeTpuIssue(node, name, "per-channel", "FullyConnected weights must be "
+                                               "quantized per tensor"))
+            for i in outs:
+                shape = [int(d) for d in (tensors[i].shape if tensors[i].shape is not None else [])]
+                signature = tensors[i].shapeSignature
+                if sum(1 for d in shape if d > 1) > 3 or (signature is not None and any(d < 0 for d in signature)):
+                    issues.append(EdgeTpuIssue(node, "tensor", "dynamic-shape", f"shape {tuple(shape)}: the "
+                                               "EdgeTPU needs static shapes with at most 3 dimensions larger than 1 "
+                                               "(batch must be 1)"))
+    return EdgeTpuReport(issues)

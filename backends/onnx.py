@@ -52,7 +52,7 @@ from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from ._lower_ops import weight_qparams
 from .lowering import Int8Backend
-from .spec import BackendSpec, op_key
+from .spec import BackendSpec, matmul_ops, op_key
 from .x86 import x86_spec
 
 __all__ = ["OnnxBackend", "OnnxModule", "onnx_spec", "export_onnx", "example_inputs_of", "require"]
@@ -82,10 +82,11 @@ def require(module: str, extra: str) -> Any:
 
 def onnx_spec() -> BackendSpec:
     """What ONNX Runtime runs in int8 from a QDQ graph: the x86 table and its qspecs (u8 activations,
-    s8 symmetric per-channel weights, ORT's preferred U8S8 format), under the name ``onnx``."""
+    s8 symmetric per-channel weights, ORT's preferred U8S8 format), plus matmul between two activations
+    (attention: QDQ on both operands), under the name ``onnx``."""
     spec = x86_spec()
     return BackendSpec(name="onnx", engine=spec.engine, activation=spec.activation, weight=spec.weight,
-                       weight_per_tensor=spec.weight_per_tensor, ops=dict(spec.ops),
+                       weight_per_tensor=spec.weight_per_tensor, ops={**spec.ops, **matmul_ops()},
                        notes=("QDQ format; ONNX Runtime fuses DQ→op→Q into QLinear* kernels",),
                        max_range_ratio=spec.max_range_ratio)
 
@@ -156,9 +157,11 @@ class _QDQBuilder:
         self.stats = {"qdq": 0, "int8_weights": 0}
         self.fused: dict[torch.fx.Node, str] = {}  # conv/linear + activation rewritten as functional calls
 
-    def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int]) -> torch.fx.Node:
+    def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int],
+                    qrange: tuple[int, int] | None = None) -> torch.fx.Node:
+        qmin, qmax = qrange or (self.act.qmin, self.act.qmax)
         with self.gm.graph.inserting_after(node):
-            qdq = self.gm.graph.call_function(_qdq, (node, qparams[0], qparams[1], self.act.qmin, self.act.qmax))
+            qdq = self.gm.graph.call_function(_qdq, (node, qparams[0], qparams[1], qmin, qmax))
         node.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
         self.qparams[qdq] = qparams
         self.stats["qdq"] += 1
@@ -278,6 +281,9 @@ class _QDQBuilder:
         if fused is not None:
             qparams = self._clamp(qparams, fused)
         is_stub = isinstance(producer, QuantStub)
+        if module.spec.dtype != self.act.dtype:  # a matmul operand's own (signed, symmetric) qspec
+            self._insert_qdq(src, qparams, module.spec.qrange)
+            return
         act = None if is_stub or len(src.users) != 1 else self._absorbable_after(src)
         if act is not None:
             follower = next(iter(src.users))
@@ -541,7 +547,11 @@ def _fold_weight_quantize(model) -> None:
             shape[axis] = -1
         info = np.iinfo(zp.dtype)
         q = np.clip(np.rint(w / scale.reshape(shape)) + zp.astype(np.int64).reshape(shape), info.min, info.max)
-        name = f"{node.input[0]}_quantized"
+        name, k = f"{node.input[0]}_quantized", 0
+        while name in inits:  # the exporter shares equal weights (cloned layers): one QuantizeLinear each
+            k += 1
+            name = f"{node.input[0]}_quantized_{k}"
+        inits.add(name)
         graph.initializer.append(numpy_helper.from_array(q.astype(zp.dtype), name))
         for other in graph.node:
             for i, inp in enumerate(other.input):

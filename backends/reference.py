@@ -171,7 +171,8 @@ class _Simulation:
             self.done.add(act_node)
             self._round_after(act_node, self._clamp(qparams, act))
             return
-        sim = QuantDequant(*qparams, *self.full)
+        own = observer.spec.qrange if observer.spec.dtype != self.act.dtype else self.full  # matmul operands
+        sim = QuantDequant(*qparams, *own)
         parent, _, leaf = node.target.rpartition(".")
         setattr(self.gm.get_submodule(parent) if parent else self.gm, leaf, sim)
         meta.set_checkpoint(node, node.name)

@@ -31,7 +31,7 @@ from fxopt.quant.nn import FusedModule
 from fxopt.quant.spec import QSpec
 
 __all__ = ["OpRule", "BackendSpec", "op_key", "common_int8_ops", "MODULE_KEYS", "FUNCTION_KEYS", "METHOD_KEYS",
-           "SHAPE_READERS", "weighted_compute_ops"]
+           "SHAPE_READERS", "weighted_compute_ops", "matmul_ops"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class OpRule:
     fused_activations: frozenset[str] = frozenset()  # activations with a fused kernel ("relu", ...)
     fixed_qparams: tuple[float, int] | None = None  # (scale, zero_point) for kind == "fixed"
     reason: str = ""  # free text shown by supports()
+    # the operands' own activation qspec (each operand gets its own QuantStub, int8 inputs are requantized):
+    # matmul between two activations, which the runtimes run in int8 only with zero points of 0
+    operand_activation: QSpec | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("compute", "share", "fixed", "weight_only"):
@@ -135,6 +138,10 @@ FUNCTION_KEYS: dict[Any, str] = {
     F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
     F.adaptive_avg_pool3d: "adaptive_avg_pool3d",
     torch.flatten: "flatten",
+    torch.unflatten: "unflatten",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
+    torch.bmm: "matmul",
     torch.reshape: "reshape",
     torch.permute: "permute",
     torch.transpose: "transpose",
@@ -154,6 +161,7 @@ FUNCTION_KEYS: dict[Any, str] = {
     F.pad: "pad",
     torch.chunk: "chunk",
     torch.split: "split",
+    torch.mean: "mean",
 }
 
 METHOD_KEYS: dict[str, str] = {
@@ -162,6 +170,9 @@ METHOD_KEYS: dict[str, str] = {
     "sigmoid": "sigmoid",
     "tanh": "tanh",
     "flatten": "flatten",
+    "unflatten": "unflatten",
+    "matmul": "matmul",
+    "bmm": "matmul",
     "view": "reshape",
     "reshape": "reshape",
     "permute": "permute",
@@ -176,6 +187,7 @@ METHOD_KEYS: dict[str, str] = {
     "chunk": "chunk",
     "split": "split",
     "size": "size",
+    "mean": "mean",
 }
 
 
@@ -217,7 +229,7 @@ def op_key(node: torch.fx.Node, gm: torch.fx.GraphModule | None = None) -> str |
 
 _SHARE_KEYS = (
     "relu", "relu6", "hardtanh", "max_pool1d", "max_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "flatten", "reshape", "permute",
+    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "flatten", "unflatten", "reshape", "permute",
     "transpose", "squeeze", "unsqueeze", "identity", "contiguous", "getitem", "chunk", "split", "pad",
 )
 _FIXED = {  # output range of the quantized kernel, whatever the input qparams
@@ -234,8 +246,20 @@ def weighted_compute_ops(per_channel: bool, fused_activations: frozenset[str] = 
                         reason=f"quantized::{key}") for key in ("conv1d", "conv2d", "conv3d", "linear")}
 
 
+def matmul_ops() -> dict[str, OpRule]:
+    """``matmul`` of two activations (attention's q @ kᵀ and weights @ v) in int8: for runtimes that run a
+    MatMul between two QDQ inputs in int8 (ONNX Runtime, OpenVINO). PyTorch's int8 engines have no
+    quantized matmul kernel, so the x86 / qnnpack tables leave it out (it stays float there). Both operands
+    are quantized symmetric int8 (zero point 0): OpenVINO's CPU plugin runs a MatMul of two activations in
+    int8 only without zero points (no weight-side compensation as for a constant weight)."""
+    signed = QSpec(dtype=torch.qint8, symmetric=True)
+    return {"matmul": OpRule("compute", operand_activation=signed,
+                             reason="MatMul with both operands QDQ, int8 symmetric (int8 MatMul in the runtime)")}
+
+
 def common_int8_ops() -> dict[str, OpRule]:
-    """Op rules both PyTorch int8 engines (x86/fbgemm and qnnpack) satisfy; backends add conv/linear."""
+    """Op rules both PyTorch int8 engines (x86/fbgemm and qnnpack) satisfy; backends add conv/linear.
+    No ``matmul``: PyTorch has no quantized matmul kernel (see :func:`matmul_ops`)."""
     ops: dict[str, OpRule] = {key: OpRule("share", reason=f"{key} runs on quantized tensors")
                               for key in _SHARE_KEYS}
     ops.update({key: OpRule("fixed", fixed_qparams=qp, reason=f"quantized {key}, fixed output range")

@@ -77,6 +77,8 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
     clustered = tuned(recipes.cluster(16), lr=1e-4)  # centroids need a small step (TF-MOT advises the same)
     # the 1-channel first conv and the 10-way classifier hold 1% of the weights: factorizing them only hurts
     low = tuned([fp.LowRankFactorize(rank_ratio=0.5, exclude=("features.0", "classifier"))])
+    # AIMET's spatial SVD: every 3x3 conv becomes 3x1 then 1x3 at half its parameters
+    spatial = tuned([fp.LowRankFactorize(rank_ratio=0.5, scheme="spatial", exclude=("features.0", "classifier"))])
     variants = [
         ("float", model),
         ("int8 (x86)", fxopt.compile(model, recipes.static_int8(calib), example_inputs=example, backend="x86")),
@@ -85,6 +87,7 @@ def digits_variants(epochs: int = 6, finetune_epochs: int = 2):
         ("channels 30%", channels),
         ("cluster 16", fxopt.compile(clustered, [fp.ApplyMasks()], example_inputs=example)),
         ("low-rank 50% params", low),
+        ("spatial SVD 50% params", spatial),
     ]
     for name, base in (("prune 50% + int8", pruned), ("cluster 16 + int8", clustered),
                        ("low-rank 50% + int8", low), ("channels 30% + int8", channels)):

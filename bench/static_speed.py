@@ -2,9 +2,14 @@
 
     python -m bench.static_speed [--models resnet18,...] [--batches 1,8] [--threads 2] [--backend x86]
     python -m bench.static_speed --threads 1 --batches 1,2 --clock cpu   # on a shared, loaded machine
+    python -m bench.static_speed --models zoo --threads 1 --batches 1 --clock cpu   # the README's 10 classifiers
 
 Also times calibration + conversion for both (same calibration data, same observer kind).
 Prints one table of medians and ratios; the pytest-benchmark variant is bench/bench_static.py.
+The ratios are *paired*: for every round (wall clock) or every interleaved call (``--clock cpu``) the
+candidates ran back to back, so each round gives one ratio ``float / fxopt`` and ``torch.ao / fxopt``
+(> 1: fxopt is faster) and the table shows the median ratio with its 25-75 % range. On a shared machine
+the paired median is steadier than the ratio of two medians, since a burst of load hits both.
 ``--clock cpu`` (with ``--threads 1``) measures the CPU time of the calling thread instead of wall time:
 on a machine shared with other jobs, time spent waiting for a core is not counted.
 """
@@ -12,13 +17,14 @@ on a machine shared with other jobs, time spent waiting for a core is not counte
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
 import torch
 from tabulate import tabulate
 
-from bench.quant_reference import data, engine, fxopt_int8, torchao_int8, zoo_model
+from bench.quant_reference import ZOO, data, engine, fxopt_int8, torchao_int8, zoo_model
 
 import fxopt
 
@@ -26,8 +32,9 @@ SPEED_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "e
                 "regnet_x_400mf"]
 
 
-def _cpu_medians(candidates: dict, x: torch.Tensor, rounds: int, iters: int) -> dict[str, float]:
-    """Median CPU time (ms) of the calling thread per call, candidates interleaved (single-threaded use)."""
+def _cpu_samples(candidates: dict, x: torch.Tensor, rounds: int, iters: int) -> dict[str, list[float]]:
+    """CPU time (ms) of the calling thread per call, candidates interleaved call by call (single-threaded use):
+    sample ``i`` of every candidate comes from the same rotation."""
     samples: dict[str, list[float]] = {k: [] for k in candidates}
     with torch.inference_mode():
         for module in candidates.values():
@@ -39,13 +46,37 @@ def _cpu_medians(candidates: dict, x: torch.Tensor, rounds: int, iters: int) -> 
             for name in names:
                 start = time.thread_time()
                 candidates[name](x)
-                samples[name].append(time.thread_time() - start)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+                samples[name].append((time.thread_time() - start) * 1e3)
+    return samples
+
+
+def _cpu_medians(candidates: dict, x: torch.Tensor, rounds: int, iters: int) -> dict[str, float]:
+    """Median CPU time (ms) of the calling thread per call, candidates interleaved (single-threaded use)."""
+    return {k: statistics.median(v) for k, v in _cpu_samples(candidates, x, rounds, iters).items()}
+
+
+def paired_ratio(slow: list[float], fast: list[float], group: int = 1) -> tuple[float, float, float]:
+    """Median and quartiles of ``slow / fast`` over groups of ``group`` consecutive samples timed side by side
+    (the median of each group first): the paired speed-up of ``fast`` over ``slow``."""
+    if len(slow) != len(fast) or not slow:
+        raise ValueError("paired_ratio needs two equally long, non-empty sample lists")
+    ratios = []
+    for i in range(0, len(slow), group):
+        ratios.append(statistics.median(slow[i:i + group]) / statistics.median(fast[i:i + group]))
+    if len(ratios) == 1:
+        return ratios[0], ratios[0], ratios[0]
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return med, q1, q3
+
+
+def _fmt(ratio: tuple[float, float, float]) -> str:
+    med, q1, q3 = ratio
+    return f"{med:.2f}x [{q1:.2f}-{q3:.2f}]"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default=",".join(SPEED_MODELS))
+    parser.add_argument("--models", default=",".join(SPEED_MODELS), help="comma list, or 'zoo' (README's 10)")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=224)
@@ -58,7 +89,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     qengine = "x86" if args.backend == "x86" else "qnnpack"
     rows = []
-    for name in args.models.split(","):
+    names = ZOO if args.models == "zoo" else args.models.split(",")
+    print(f"load average {os.getloadavg()}, {torch.get_num_threads()} thread(s), clock={args.clock}", flush=True)
+    for name in names:
         model = zoo_model(name, 96)
         calib, _ = data(args.size, n_calib=4, n_test=1, batch=4)
         t = time.perf_counter()
@@ -70,19 +103,25 @@ def main() -> None:
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, args.size, args.size)
             iters = 10 if batch == 1 else 3
+            candidates = {"float": model, "fxopt": ours, "torch.ao": ref}
             with engine(qengine):
                 if args.clock == "cpu":
-                    ms = _cpu_medians({"float": model, "fxopt": ours, "torch.ao": ref}, x, args.rounds, iters)
+                    samples, group = _cpu_samples(candidates, x, args.rounds, iters), 1
                 else:
-                    cmp = fxopt.benchmark_many({"float": model, "fxopt": ours, "torch.ao": ref}, (x,),
-                                               rounds=args.rounds, iters=iters, warmup=3, threads=args.threads)
-                    ms = {k: v.median_ms for k, v in cmp.timings.items()}
+                    cmp = fxopt.benchmark_many(candidates, (x,), rounds=args.rounds, iters=iters, warmup=3,
+                                               threads=args.threads)
+                    samples, group = {k: list(v.samples_ms) for k, v in cmp.timings.items()}, iters
+            ms = {k: statistics.median(v) for k, v in samples.items()}
+            vs_float = paired_ratio(samples["float"], samples["fxopt"], group)
+            vs_ao = paired_ratio(samples["torch.ao"], samples["fxopt"], group)
             rows.append([name, batch, f"{ms['float']:.2f}", f"{ms['fxopt']:.2f}", f"{ms['torch.ao']:.2f}",
-                         f"{ms['float'] / ms['fxopt']:.2f}x", f"{ms['float'] / ms['torch.ao']:.2f}x",
-                         f"{ms['torch.ao'] / ms['fxopt']:.2f}", f"{t_ours:.1f}/{t_ref:.1f}"])
+                         _fmt(vs_float), _fmt(paired_ratio(samples["float"], samples["torch.ao"], group)),
+                         _fmt(vs_ao), "SLOWER THAN FLOAT" if vs_float[0] < 1.0 else "",
+                         f"{t_ours:.1f}/{t_ref:.1f}"])
             print(rows[-1], flush=True)
-    print(tabulate(rows, headers=["model", "batch", "float ms", "fxopt ms", "torch.ao ms", "fxopt speed-up",
-                                  "torch.ao speed-up", "ao/fxopt", "calib+convert s (fxopt/ao)"]))
+    print(tabulate(rows, headers=["model", "batch", "float ms", "fxopt ms", "torch.ao ms", "float/fxopt (paired)",
+                                  "float/torch.ao", "torch.ao/fxopt", "", "calib+convert s (fxopt/ao)"]))
+    print(f"load average at the end {os.getloadavg()}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
     fxopt summary resnet18 [--recipe fuse]        graph summary + per-layer report of a torchvision model
 
 ``MODEL`` is ``torchvision:NAME`` (random weights), ``path/to/file.py:factory`` (a function returning the
-model) or a file saved by ``fxopt.save`` (``.pt``, ``.pt2``, ``.onnx``, ``.xml``). ``--input-shape 1,3,224,224``
+model) or a file saved by ``fxopt.save`` (``.pt``, ``.pt2``, ``.onnx``, ``.xml``, ``.tflite``). ``--input-shape 1,3,224,224``
 sets the example input. Usage errors (unknown names, bad specs, unreadable calibration data) exit with 2,
 other fxopt errors with 1. Progress bars go to stderr on a terminal only; ``--quiet`` silences them.
 """
@@ -30,7 +30,7 @@ from .recipe_args import UsageError
 __all__ = ["main", "graph_summary", "load_model", "load_calibration", "parse_shape", "UsageError"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-_ARTIFACT_SUFFIXES = (".pt", ".pt2", ".onnx", ".xml")
+_ARTIFACT_SUFFIXES = (".pt", ".pt2", ".onnx", ".xml", ".tflite")
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------
@@ -550,7 +550,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", help="lower to this backend (see `fxopt passes`)")
     p.add_argument("--calib", default="random", help="random | folder:PATH | npz:PATH (default random)")
     p.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
-    p.add_argument("-o", "--output", required=True, help="where to save (.pt, .pt2, .onnx, .xml)")
+    p.add_argument("-o", "--output", required=True, help="where to save (.pt, .pt2, .onnx, .xml, .tflite)")
     p.add_argument("--rounds", type=int, default=3, help="timing rounds for the before/after latency")
     p.add_argument("--layers", action="store_true", help="also print the per-layer report of the result")
     p.set_defaults(func=_cmd_optimize)

@@ -12,6 +12,7 @@ import torch
 import torch.fx
 
 from . import meta, registry
+from .compress.eager import eager_model, graph_form, graph_shape
 from .pass_base import PassContext
 from .pipeline import DumpGraphs, Instrument, NumericsCheck, PassLike, PassManager, TimingInstrument
 from .tracing import RootTraceError, as_args, trace
@@ -78,10 +79,15 @@ def compile(
         all_instruments.append(NumericsCheck(reference, args, tolerance))
     all_instruments.extend(instruments)
 
+    shape_before = graph_shape(gm)
     gm, recs = PassManager(passes, instruments=all_instruments, verify=verify, context=context)(gm)
     meta.set_records(gm, recs)
     if backend_obj is None:
-        return gm
+        # passes that only swapped layers: the user's model with the new layers runs without fx's call overhead
+        eager, why = eager_model(model, gm, shape_before, passes, recs, args)
+        if eager is None and any(r.modified for r in recs):
+            logger.info("fxopt.compile returns the GraphModule: %s", why)
+        return gm if eager is None else eager
     simulation = _simulation(gm, backend_obj) if check is not False else None
     lowered = _lower(backend_obj, gm, args if tune else None)
     if simulation is not None:
@@ -122,8 +128,11 @@ def _simulation(prepared: torch.fx.GraphModule, backend_obj: Any) -> torch.fx.Gr
 
 def _check_lowered(simulation: torch.fx.GraphModule, lowered: torch.nn.Module, args: tuple, backend: str,
                    tolerance: float | None = None) -> None:
-    from .lower_check import DEFAULT_STEPS, check_lowering, raise_on_divergence
+    from .lower_check import DEFAULT_STEPS, check_lowering, check_outputs, has_layer_records, raise_on_divergence
 
+    if not has_layer_records(lowered):  # a runtime backend (onnx, openvino, tflite): compare whole outputs
+        check_outputs(simulation, lowered, args, backend)
+        return
     result = check_lowering(simulation, lowered, args, tolerance=DEFAULT_STEPS if tolerance is None else tolerance)
     raise_on_divergence(result, backend)
 
@@ -140,6 +149,8 @@ def lower(module: torch.nn.Module, backend: Any, *, check: bool | float = False,
     float the regions that run faster in float (``fxopt.backends.tune``).
     """
     backend_obj = registry.get(backend)
+    if not isinstance(module, torch.fx.GraphModule) and graph_form(module) is not None:
+        module = graph_form(module)  # an eager compile result (layers swapped in): lower its graph
     if not isinstance(module, torch.fx.GraphModule):
         raise TypeError(
             f"fxopt.lower expects the GraphModule returned by fxopt.compile(..., backend=None), "

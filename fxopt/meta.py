@@ -14,6 +14,10 @@ import torch.fx
 
 __all__ = [
     "LeafInfo",
+    "operand_spec",
+    "set_operand_spec",
+    "keep_float",
+    "set_keep_float",
     "tensor_meta",
     "shape_of",
     "dtype_of",
@@ -140,6 +144,32 @@ def quant_region(node: torch.fx.Node) -> str | None:
 
 def set_quant_region(node: torch.fx.Node, backend: str | None) -> None:
     _set_node_meta(node, _QREGION, backend)
+
+
+_OPERAND_SPEC = "fxopt.operand_spec"
+
+
+def operand_spec(node: torch.fx.Node) -> Any:
+    """The activation ``QSpec`` of a QuantStub that quantizes one operand of an op with its own operand spec
+    (a matmul of two activations: symmetric int8), or ``None`` for the backend's activation spec."""
+    return node.meta.get(_OPERAND_SPEC)
+
+
+def set_operand_spec(node: torch.fx.Node, spec: Any) -> None:
+    _set_node_meta(node, _OPERAND_SPEC, spec)
+
+
+_KEEP_FLOAT = "fxopt.keep_float"
+
+
+def keep_float(node: torch.fx.Node) -> str | None:
+    """Why a pass asked ``InsertQuantStubs`` to leave ``node`` float (e.g. a transformer's residual stream), or
+    ``None``."""
+    return node.meta.get(_KEEP_FLOAT)
+
+
+def set_keep_float(node: torch.fx.Node, reason: str | None) -> None:
+    _set_node_meta(node, _KEEP_FLOAT, reason)
 
 
 @dataclass(frozen=True)

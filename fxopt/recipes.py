@@ -41,6 +41,9 @@ def static_int8(
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
+    ``nn.TransformerEncoder`` / ``MultiheadAttention`` are decomposed first (``DecomposeAttention``), so their
+    Linear layers (and, on onnx / openvino, attention's matmuls) are quantized too.
+
     The recipe does not fix the backend: ``fxopt.compile(m, fxopt.recipes.static_int8(data), backend="qnnpack")``
     prepares for qnnpack (x86 when compile names none). ``backend=`` pins one; compile must then agree.
 
@@ -53,7 +56,7 @@ def static_int8(
     """
     calibration = list(calibration) if (bias_correction or adaround or min_sqnr is not None or min_metric is not None) \
         else calibration
-    steps = [fp.RemoveIdentities(), fp.FoldBatchNorm()]
+    steps = [fp.DecomposeAttention(backend=backend), fp.RemoveIdentities(), fp.FoldBatchNorm()]
     if equalize:
         steps.append(fp.EqualizeCrossLayer())
     steps += [fp.FuseActivations(), fp.EliminateDeadCode(),
@@ -122,6 +125,7 @@ def cluster(n_clusters: int, *, per_channel: bool = False, preserve_sparsity: bo
     return [fp.ClusterWeights(n_clusters, per_channel=per_channel, preserve_sparsity=preserve_sparsity)]
 
 
-def low_rank(*, rank_ratio: float | None = None, energy: float | None = None) -> list:
-    """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given)."""
-    return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy)]
+def low_rank(*, rank_ratio: float | None = None, energy: float | None = None, scheme: str = "channel") -> list:
+    """Truncated-SVD factorization of Linear and Conv2d layers (``rank_ratio=0.5`` when neither is given);
+    ``scheme="spatial"``: convolutions become a kh×1 then a 1×kw convolution (AIMET's spatial SVD)."""
+    return [fp.LowRankFactorize(rank_ratio=rank_ratio, energy=energy, scheme=scheme)]

@@ -66,6 +66,7 @@ _BUILTIN: dict[str, str] = {
     "onnx": "fxopt.backends.onnx:OnnxBackend",
     "openvino": "fxopt.backends.openvino:OpenVinoBackend",
     "edgetpu": "fxopt.backends.edgetpu:EdgeTpuBackend",
+    "tflite": "fxopt.backends.tflite:TFLiteBackend",
     "reference": "fxopt.backends.reference:ReferenceBackend",
 }
 _ALIASES: dict[str, str] = {"fbgemm": "x86"}

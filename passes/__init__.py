@@ -14,6 +14,7 @@ _PASSES: dict[str, str] = {
     "RemoveIdentities": "remove_identities",
     "FoldBatchNorm": "fold_batchnorm",
     "FuseActivations": "fuse_activations",
+    "DecomposeAttention": "decompose_attention",
     "InsertQuantStubs": "insert_quant_stubs",
     "PlaceObservers": "place_observers",
     "Calibrate": "calibrate",

@@ -9,14 +9,17 @@ Couplings are recorded as edges between labels (a networkx graph):
 
 - an elementwise op (residual ``add``, squeeze-excitation ``mul``) couples the labels that meet at each
   position (broadcasting included);
-- a consumer (Conv/Linear input, BatchNorm, pooling) couples the labels that share one input channel;
+- a consumer (Conv/Linear input, BatchNorm, LayerNorm over the last dimension, pooling) couples the labels
+  that share one input channel; a GroupNorm also couples the channels of each of its groups (whole groups go);
 - a depthwise conv passes its input's labels through; a grouped conv couples the same local channel of
   every group (so each group loses the same channels), on its input and on its output;
 - a reshape to a literal size (``view(b, 2, c // 2, h, w)``) or a ``chunk`` keeps the pieces equal by
   coupling them position by position.
 
-A label is *fixed* (never pruned) when it reaches a graph output, a float island (leaf module), a graph
-constant, an op the analysis does not understand, or a protected layer; every coupled label then is too,
+A per-channel vector read from the model (``get_attr``: ConvNeXt's ``layer_scale``, a functional
+``layer_norm``'s weight) gets labels of its own and is sliced with the channels kept.
+A label is *fixed* (never pruned) when it reaches a graph output, a float island (leaf module), any other
+graph constant, an op the analysis does not understand, or a protected layer; every coupled label then is too,
 and the reason is kept. Connected components of the label graph are the pruning units; the components
 after also linking each layer's own labels are the dependency groups.
 """
@@ -79,7 +82,7 @@ _ELEMENTWISE_BY_NAME = {"stochastic_depth"}  # torchvision.ops (fx-wrapped): per
 class Use:
     """How a layer touches channels: its input labels per position (and, for producers, its output labels)."""
 
-    kind: str  # "conv", "depthwise", "grouped", "linear", "bn"
+    kind: str  # "conv", "depthwise", "grouped", "linear", "bn", "groupnorm", "layernorm"
     inputs: torch.Tensor  # label of every input position
     outputs: torch.Tensor | None = None  # producer labels (conv/grouped/linear)
 
@@ -94,6 +97,8 @@ class ChannelGraph:
     owner: dict[int, str]  # label -> producing layer (or a description of the fixed source)
     uses: dict[str, Use]  # layer qualname -> how it uses channels
     producers: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> its output labels
+    attrs: dict[str, torch.Tensor] = field(default_factory=dict)  # get_attr target -> labels of its elements
+    norm_shapes: dict[str, torch.Tensor] = field(default_factory=dict)  # F.layer_norm node -> its channel labels
 
     def units(self) -> tuple[torch.Tensor, int]:
         """``unit[label]`` (connected components of the coupling graph) and the number of units."""
@@ -168,6 +173,8 @@ class _Analysis:
         self.owner: dict[int, str] = {}
         self.uses: dict[str, Use] = {}
         self.producers: dict[str, torch.Tensor] = {}
+        self.attrs: dict[str, torch.Tensor] = {}
+        self.norm_shapes: dict[str, torch.Tensor] = {}
         self.leaves = {info.qualname: info for info in meta.leaves(gm)}
 
     # ---- labels -----------------------------------------------------------------------------
@@ -245,12 +252,13 @@ class _Analysis:
                     if last_use.get(arg) is node:
                         real.pop(arg, None)
                         lab.pop(arg, None)
-        return ChannelGraph(self.n, self.edges, self.fixed, self.owner, self.uses, self.producers)
+        return ChannelGraph(self.n, self.edges, self.fixed, self.owner, self.uses, self.producers, self.attrs,
+                            self.norm_shapes)
 
     def labels(self, node: torch.fx.Node, out: Any, lab: dict) -> Any:
         largs, lkwargs = _lookup(node.args, lab), _lookup(node.kwargs, lab)
         if node.op == "get_attr":
-            return self.fixed_like(out, node.target, f"combined with the model constant {node.target}")
+            return self.attribute(str(node.target), out)
         if node.op == "call_module":
             return self.module(node, self.gm.get_submodule(node.target), out, largs, lkwargs)
         target = node.target
@@ -280,6 +288,8 @@ class _Analysis:
             return self.reduce(node, out, largs, lkwargs)
         if target in (F.softmax, torch.softmax, F.log_softmax, torch.log_softmax):
             return self.softmax(node, largs, lkwargs)
+        if target is F.layer_norm:
+            return self.functional_layer_norm(node, out, largs, lkwargs)
         return self.unknown(node, out, largs, lkwargs, f"function {getattr(target, '__name__', target)}")
 
     # ---- op kinds ----------------------------------------------------------------------------
@@ -300,6 +310,10 @@ class _Analysis:
             per = self.per_channel(largs[0], 1)
             self.record(name, Use("bn", per))
             return _broadcast_channels(per, out.shape, 1)
+        if isinstance(module, nn.GroupNorm) and len(largs) == 1 and out.dim() >= 2:
+            return self.group_norm(name, module, out, largs[0])
+        if isinstance(module, nn.LayerNorm) and len(largs) == 1 and out.dim() >= 1:
+            return self.layer_norm(node, module, out, largs[0])
         if isinstance(module, _SPATIAL_MODULES):
             return self.spatial(node, out, largs[0])
         if isinstance(module, _MOVE_MODULES):
@@ -341,6 +355,52 @@ class _Analysis:
         ids = self.outputs_of(name, linear.out_features)
         self.record(name, Use("linear", per, ids))
         return _broadcast_channels(ids, out.shape, out.dim() - 1)
+
+    def group_norm(self, name: str, norm: nn.GroupNorm, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Statistics per group of ``C / G`` channels: a group's channels are coupled, so whole groups go
+        (the remaining groups normalize exactly as before) and the channel count stays divisible."""
+        per = self.per_channel(x, 1)
+        self.couple_along(per.reshape(norm.num_groups, -1), 1)
+        self.record(name, Use("groupnorm", per))
+        return _broadcast_channels(per, out.shape, 1)
+
+    def layer_norm(self, node: torch.fx.Node, norm: nn.LayerNorm, out: torch.Tensor, x: torch.Tensor) -> Any:
+        """LayerNorm over the last dimension only (``Linear -> LN -> Linear``, channels-last ConvNeXt blocks):
+        its weight and bias lose the pruned channels (the statistics then run over the channels kept)."""
+        if len(norm.normalized_shape) != 1:
+            return self.unknown(node, out, (x,), {}, f"{node.target} (LayerNorm over {len(norm.normalized_shape)} "
+                                                     "dimensions)")
+        per = self.per_channel(x, x.dim() - 1)
+        self.record(str(node.target), Use("layernorm", per))
+        return _broadcast_channels(per, out.shape, out.dim() - 1)
+
+    def attribute(self, target: str, value: Any) -> Any:
+        """A vector stored on the model (one dimension longer than 1: ConvNeXt's ``layer_scale``, the weight of a
+        functional norm) gets a label per element, coupled wherever it meets activations; it is sliced with
+        the channels kept. Any other constant is fixed."""
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and sum(d > 1 for d in value.shape) == 1:
+            ids = self.new(value.numel(), target).reshape(value.shape)
+            if target in self.attrs:
+                self.couple(self.attrs[target], ids)
+            else:
+                self.attrs[target] = ids
+            return ids
+        return self.fixed_like(value, target, f"combined with the model constant {target}")
+
+    def functional_layer_norm(self, node: torch.fx.Node, out: torch.Tensor, largs: tuple, lkwargs: dict) -> Any:
+        """``F.layer_norm`` over the last dimension (torchvision's ``LayerNorm2d``): like the module, and the
+        literal ``normalized_shape`` in the graph follows the channels kept."""
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        if not (isinstance(shape, (tuple, list)) and len(shape) == 1 and _literal(shape[0])):
+            return self.unknown(node, out, largs, lkwargs, f"{node.name} (layer_norm over several dimensions)")
+        x = largs[0]
+        per = self.per_channel(x, x.dim() - 1)
+        for position, key in ((2, "weight"), (3, "bias")):
+            param = largs[position] if len(largs) > position else lkwargs.get(key)
+            if isinstance(param, torch.Tensor):
+                self.couple(per, param.reshape(-1))
+        self.norm_shapes[node.name] = per
+        return _broadcast_channels(per, out.shape, out.dim() - 1)
 
     def binary(self, a: Any, b: Any, out: Any) -> Any:
         tensors = [t for t in (a, b) if isinstance(t, torch.Tensor)]

@@ -27,6 +27,7 @@ class ApplyMasks(Pass):
     """Replace masked / clustered weights by plain weights holding their current value."""
 
     name = "apply-masks"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
     module_level: ClassVar[bool] = True
 
     def call(self, gm: torch.nn.Module) -> PassResult:

@@ -36,6 +36,7 @@ class ClusterWeights(Pass):
     """k-means weight sharing, kept as a trainable parametrization."""
 
     name = "cluster-weights"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
     module_level: ClassVar[bool] = True
 
     n_clusters: int = 16

@@ -5,7 +5,9 @@ a ``QuantStub`` goes on every edge that enters such a region from float and a ``
 edge that leaves it. Everything else stays float between a dequant and a quant: a float island, listed
 with its reason in ``fxopt.meta.float_islands(gm)`` (and so in ``fxopt.report``).
 
-Which ops open a region: conv and linear (they are worth quantizing on their own). Every other int8 op
+Which ops open a region: conv and linear (they are worth quantizing on their own), and matmul where the
+backend runs it in int8 (ONNX Runtime / OpenVINO: attention's q @ kᵀ and weights @ v, both operands
+quantized). Every other int8 op
 (add, cat, pooling, reshape, activations…) joins a region only when one of its inputs is already int8,
 so a lone ``add`` between float islands is not wrapped in a pointless quant/dequant pair.
 """
@@ -29,13 +31,13 @@ from fxopt.quant.stubs import DeQuantStub, QuantStub
 __all__ = ["InsertQuantStubs", "data_inputs"]
 
 # Ops that start a region even when their input is float.
-_REGION_STARTERS = frozenset({"conv1d", "conv2d", "conv3d", "linear"})
+_REGION_STARTERS = frozenset({"conv1d", "conv2d", "conv3d", "linear", "matmul"})
 _FLOAT_DTYPES = (torch.float32,)
 
 
 def data_inputs(node: torch.fx.Node, key: str) -> list[torch.fx.Node]:
     """The tensor inputs of ``node`` that carry activations (not weights, shapes or dims)."""
-    if key in ("add", "mul"):
+    if key in ("add", "mul", "matmul"):
         return [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
     if key == "cat":
         tensors = node.args[0] if node.args else node.kwargs.get("tensors", ())
@@ -107,16 +109,22 @@ class InsertQuantStubs(Pass):
         for node in list(gm.graph.nodes):
             if node not in int8:
                 continue
+            rule = spec.rule(op_key(node, gm))
+            own = rule is not None and rule.operand_activation is not None  # requantized: a stub per operand
             for src in data_inputs(node, op_key(node, gm)):
-                if src in int8:
+                if src in int8 and not own:
                     continue
-                stub = quant_of.get(src)
+                stub = None if own else quant_of.get(src)
                 if stub is None or written_between(src, order[stub], order[node], order):
-                    stub = quant_of[src] = add_stub("quant", src, node)
+                    stub = add_stub("quant", src, node)
+                    if not own:
+                        quant_of[src] = stub
+                    else:
+                        meta.set_operand_spec(stub, rule.operand_activation)
                     order[stub] = order[node] - 0.5
                     stubs.append(stub)
                 node.replace_input_with(src, stub)
-        # Dequantize int8 values read by float consumers (one stub per value).
+        # Dequantize int8 values read by float consumers (one stub per value; a requantizing stub is one).
         for node in list(int8):
             float_users = [u for u in node.users if u not in int8 and op_key(u, gm) not in SHAPE_READERS]
             if not float_users:
@@ -141,6 +149,8 @@ class InsertQuantStubs(Pass):
     def _why_float(self, node, key, spec, int8, gm) -> str | None:
         """``None`` when ``node`` runs in int8; otherwise the reason it stays float ("" = not worth listing)."""
         rule = spec.rule(key)
+        if rule is not None and meta.keep_float(node):
+            return meta.keep_float(node)
         if rule is None:
             if node.op == "call_module":
                 leaf = {info.qualname: info for info in meta.leaves(gm)}.get(node.target)
@@ -158,7 +168,7 @@ class InsertQuantStubs(Pass):
             return "no tensor input"
         if any(not _is_float_tensor(a) for a in inputs):
             return "input is not a float tensor"
-        if key in ("add", "mul") and len(inputs) != 2:
+        if key in ("add", "mul", "matmul") and len(inputs) != 2:
             return f"{key} with a Python scalar stays float"
         if key in ("conv1d", "conv2d", "conv3d", "linear") and node.op == "call_function":
             weights = node.args[1:3]

@@ -1,11 +1,17 @@
 """``low-rank``: replace Linear and Conv2d layers by two thinner ones from a truncated SVD.
 
 - ``Linear(I, O)`` -> ``Linear(I, r, bias=False)`` then ``Linear(r, O)``: ``W ≈ (U_r √S_r)(√S_r V_rᵀ)``.
-- ``Conv2d(I, O, k)`` (``groups=1``) -> ``Conv2d(I, r, k)`` with the layer's stride/padding/dilation, then a
-  1×1 ``Conv2d(r, O)``: the SVD of the weight reshaped to ``[O, I·k·k]``.
+- ``Conv2d(I, O, k)`` (``groups=1``), ``scheme="channel"`` -> ``Conv2d(I, r, k)`` with the layer's
+  stride/padding/dilation, then a 1×1 ``Conv2d(r, O)``: the SVD of the weight reshaped to ``[O, I·kh·kw]``.
+- ``Conv2d``, ``scheme="spatial"`` (AIMET's spatial SVD) -> a vertical ``Conv2d(I, r, (kh, 1))`` then a
+  horizontal ``Conv2d(r, O, (1, kw))`` (stride, padding and dilation split by axis): the SVD of the weight
+  permuted to ``[I, kh, O, kw]`` and reshaped to ``M = [I·kh, O·kw]``. With ``M ≈ A B`` (``A = U_r √S_r``,
+  ``B = √S_r V_rᵀ``) the vertical kernel is ``V[j, i, y] = A[(i, y), j]`` and the horizontal one
+  ``H[o, j, x] = B[j, (o, x)]``; their composition is the kernel ``Σ_j H[o, j, x] V[j, i, y] = (A B)[(i, y), (o, x)]``,
+  exact at full rank ``min(I·kh, O·kw)``. Linear layers always use the channel scheme.
 
 The rank comes from ``rank`` (the same for every layer), ``rank_ratio`` (the factorized layer keeps that
-fraction of the weight parameters: ``r = ⌊ratio·O·n / (O + n)⌋``) or ``energy`` (the smallest ``r`` whose
+fraction of the weight parameters: for the ``m×n`` matrix factorized, ``r = ⌊ratio·m·n / (m + n)⌋``) or ``energy`` (the smallest ``r`` whose
 singular values keep that fraction of ``Σ s²``). With none of them: ``rank_ratio=0.5``. By Eckart–Young the
 relative Frobenius error of the weight is ``sqrt(Σ_{i>r} s_i² / Σ s_i²)``. Layers where factorizing would
 not reduce the parameter count are skipped with a note. A ``rank`` above a layer's full rank is a
@@ -33,7 +39,7 @@ from fxopt import Pass, PassResult
 from ._compress import check_fraction, describe_selection, freeze_selection, select_layers
 from fxopt.graph_utils import set_attr_path
 
-__all__ = ["LowRankFactorize", "factorize", "choose_rank"]
+__all__ = ["LowRankFactorize", "factorize", "choose_rank", "weight_matrix", "SCHEMES"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,27 +56,49 @@ def choose_rank(singular: torch.Tensor, out_dim: int, in_dim: int, *, rank: int 
     return max(1, math.floor(rank_ratio * out_dim * in_dim / (out_dim + in_dim)))
 
 
-def factorize(layer: nn.Module, r: int) -> nn.Sequential:
-    """Two layers whose product is the rank-``r`` truncated SVD of ``layer``'s weight."""
+SCHEMES = ("channel", "spatial")
+
+
+def weight_matrix(layer: nn.Module, scheme: str = "channel") -> torch.Tensor:
+    """The matrix whose truncated SVD ``factorize`` uses (see the module docstring), in float64."""
+    weight = layer.weight.detach().double()
+    if scheme == "spatial" and isinstance(layer, nn.Conv2d):
+        out_ch, in_ch, kh, kw = weight.shape
+        return weight.permute(1, 2, 0, 3).reshape(in_ch * kh, out_ch * kw)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def factorize(layer: nn.Module, r: int, scheme: str = "channel") -> nn.Sequential:
+    """Two layers whose product is the rank-``r`` truncated SVD of ``layer``'s weight (``scheme``: see above)."""
     weight = layer.weight.detach()
     out_dim = weight.shape[0]
-    u, s, vh = torch.linalg.svd(weight.reshape(out_dim, -1).double(), full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight_matrix(layer, scheme), full_matrices=False)
     root = s[:r].sqrt()
-    first_w = (root[:, None] * vh[:r]).to(weight.dtype)
-    second_w = (u[:, :r] * root[None]).to(weight.dtype)
+    left = u[:, :r] * root[None]  # rows x r
+    right = root[:, None] * vh[:r]  # r x cols
     has_bias = layer.bias is not None
+    kw = dict(device=weight.device, dtype=weight.dtype)
     if isinstance(layer, nn.Linear):
-        first = nn.Linear(layer.in_features, r, bias=False, device=weight.device, dtype=weight.dtype)
-        second = nn.Linear(r, out_dim, bias=has_bias, device=weight.device, dtype=weight.dtype)
-        first.weight.data.copy_(first_w)
-        second.weight.data.copy_(second_w)
+        first = nn.Linear(layer.in_features, r, bias=False, **kw)
+        second = nn.Linear(r, out_dim, bias=has_bias, **kw)
+        first_w, second_w = right, left
+    elif scheme == "spatial":
+        _, in_ch, k_h, k_w = weight.shape
+        padding = layer.padding if isinstance(layer.padding, str) else (layer.padding[0], 0)
+        first = nn.Conv2d(in_ch, r, (k_h, 1), stride=(layer.stride[0], 1), padding=padding,
+                          dilation=(layer.dilation[0], 1), bias=False, **kw)
+        padding = layer.padding if isinstance(layer.padding, str) else (0, layer.padding[1])
+        second = nn.Conv2d(r, out_dim, (1, k_w), stride=(1, layer.stride[1]), padding=padding,
+                           dilation=(1, layer.dilation[1]), bias=has_bias, **kw)
+        first_w = left.T.reshape(r, in_ch, k_h, 1)  # V[j, i, y] = A[(i, y), j]
+        second_w = right.reshape(r, out_dim, 1, k_w).transpose(0, 1)  # H[o, j, x] = B[j, (o, x)]
     else:
         first = nn.Conv2d(layer.in_channels, r, layer.kernel_size, stride=layer.stride, padding=layer.padding,
-                          dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode,
-                          device=weight.device, dtype=weight.dtype)
-        second = nn.Conv2d(r, out_dim, 1, bias=has_bias, device=weight.device, dtype=weight.dtype)
-        first.weight.data.copy_(first_w.reshape(first.weight.shape))
-        second.weight.data.copy_(second_w.reshape(second.weight.shape))
+                          dilation=layer.dilation, bias=False, padding_mode=layer.padding_mode, **kw)
+        second = nn.Conv2d(r, out_dim, 1, bias=has_bias, **kw)
+        first_w, second_w = right, left
+    first.weight.data.copy_(first_w.reshape(first.weight.shape).to(weight.dtype))
+    second.weight.data.copy_(second_w.reshape(second.weight.shape).to(weight.dtype))
     if has_bias:
         second.bias.data.copy_(layer.bias.detach())
     seq = nn.Sequential(first, second)
@@ -83,11 +111,13 @@ class LowRankFactorize(Pass):
     """Truncated-SVD factorization of Linear and Conv2d layers."""
 
     name = "low-rank"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
     module_level: ClassVar[bool] = True
 
     rank_ratio: float | None = None
     energy: float | None = None
     rank: int | None = None
+    scheme: str = "channel"
     include: tuple = ()
     exclude: tuple = ()
 
@@ -101,6 +131,8 @@ class LowRankFactorize(Pass):
             check_fraction(self.energy, "energy", "the fraction of sum(s^2) kept", zero_ok=False, one_ok=True)
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {self.scheme!r}")
         freeze_selection(self)
 
     def call(self, gm: torch.nn.Module) -> PassResult:
@@ -115,23 +147,24 @@ class LowRankFactorize(Pass):
         graph_reads = _graph_reads(root)
         done, before, after = 0, 0, 0
         for name, layer in layers:
-            out_dim = layer.weight.shape[0]
-            in_dim = layer.weight[0].numel()
+            matrix = weight_matrix(layer, self.scheme)
+            out_dim, in_dim = matrix.shape
             full = min(out_dim, in_dim)
             if self.rank is not None and self.rank > full:
                 raise ValueError(f"rank={self.rank} is larger than the full rank {full} of {name} "
-                                 f"(weight {tuple(layer.weight.shape)}); use rank <= {full} or exclude={name!r}")
-            why = _why_not(root, name, layer, graph_reads)
+                                 f"(weight {tuple(layer.weight.shape)}, scheme {self.scheme!r}); "
+                                 f"use rank <= {full} or exclude={name!r}")
+            why = _why_not(root, name, layer, graph_reads, self.scheme)
             if why:
                 notes.append(f"{name}: not factorized, {why}")
                 continue
-            s = torch.linalg.svdvals(layer.weight.detach().reshape(out_dim, -1).double())
+            s = torch.linalg.svdvals(matrix)
             r = choose_rank(s, out_dim, in_dim, rank=self.rank, rank_ratio=ratio, energy=self.energy)
             if r * (out_dim + in_dim) >= out_dim * in_dim:
                 notes.append(f"{name}: not factorized, rank {r} of a {out_dim}x{in_dim} weight would not reduce "
                              f"parameters ({r * (out_dim + in_dim)} >= {out_dim * in_dim})")
                 continue
-            set_attr_path(root, name, factorize(layer, r))
+            set_attr_path(root, name, factorize(layer, r, self.scheme))
             if isinstance(root, torch.fx.GraphModule):
                 _split_calls(root, name)
             before += out_dim * in_dim
@@ -155,7 +188,9 @@ def _graph_reads(root: nn.Module) -> set[str]:
 _READS_CHILD_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-def _why_not(root: nn.Module, name: str, layer: nn.Module, graph_reads: set[str]) -> str:
+def _why_not(root: nn.Module, name: str, layer: nn.Module, graph_reads: set[str], scheme: str) -> str:
+    if scheme == "spatial" and isinstance(layer, nn.Conv2d) and layer.padding_mode != "zeros":
+        return f"padding_mode={layer.padding_mode!r} does not split into a vertical and a horizontal padding"
     parent = root.get_submodule(name.rpartition(".")[0]) if "." in name else None
     if isinstance(parent, _READS_CHILD_WEIGHTS):
         return (f"{type(parent).__name__} reads its weight and bias directly (fused attention / fast-path "

@@ -100,7 +100,8 @@ class PlaceObservers(Pass):
         for node in targets:
             target = unique_name("fxopt_obs", lambda n: hasattr(gm, n), start=next_index)
             next_index = int(target.rsplit("_", 1)[1]) + 1
-            observer = make_observer(self.activation, spec.activation, **self.activation_options)
+            observer = make_observer(self.activation, meta.operand_spec(node) or spec.activation,
+                                     **self.activation_options)
             observer.name = f"{target} (after {node.name})"
             gm.add_submodule(target, observer)
             with gm.graph.inserting_after(node):

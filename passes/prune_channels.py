@@ -3,7 +3,8 @@
 The dependency analysis (``passes/_channel_groups.py``) labels every output channel of every Conv/Linear,
 runs the graph once on example tensors shaped like the recorded inputs, and couples the channels that
 must go together: residual adds, squeeze-excitation multiplies, concatenation offsets, depthwise and
-grouped convolutions, BatchNorm, flatten -> linear feature blocks, channel shuffles. Connected components
+grouped convolutions, BatchNorm, GroupNorm (whole groups), LayerNorm over the last dimension (channels-last
+blocks, ``Linear -> LayerNorm -> Linear``), flatten -> linear feature blocks, channel shuffles. Connected components
 of that coupling graph (networkx) are the pruning *units*; units linked through one layer form a
 *group*. Each group loses ``ratio`` of its units (``n - int(n * (1 - ratio))``, at least one unit kept),
 those with the smallest importance:
@@ -27,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.fx
@@ -39,7 +40,7 @@ from fxopt.errors import FxoptError
 
 from ._channel_groups import ChannelGraph, Use, analyse, example_inputs_of
 from ._compress import as_tuple, check_fraction
-from fxopt.graph_utils import set_attr_path
+from fxopt.graph_utils import get_attr_path, set_attr_path
 
 __all__ = ["PruneChannels", "IMPORTANCES"]
 
@@ -57,6 +58,7 @@ class PruneChannels(Pass):
     """Remove the least important channels of every prunable dependency group."""
 
     name = "prune-channels"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
 
     ratio: float = 0.3
     importance: str = "l1"
@@ -205,11 +207,34 @@ class PruneChannels(Pass):
             module = gm.get_submodule(name)
             old[name] = module
             set_attr_path(gm, name, _shrunk(module, use, kin, kout))
+        for target, ids in graph.attrs.items():  # per-channel vectors read with get_attr
+            kept = keep[ids]
+            if bool(kept.all()):
+                continue
+            value = get_attr_path(gm, target)
+            old[target] = value
+            dim = next(d for d, size in enumerate(value.shape) if size > 1)
+            sliced = value.detach().index_select(dim, kept.reshape(-1).nonzero().reshape(-1)).clone()
+            set_attr_path(gm, target, _param(sliced, value) if isinstance(value, nn.Parameter) else sliced)
+        old_args = {}
+        for node in gm.graph.nodes:  # F.layer_norm: the literal normalized_shape follows the channels kept
+            if node.name in graph.norm_shapes:
+                old_args[node] = (node.args, dict(node.kwargs))
+                size = (int(keep[graph.norm_shapes[node.name]].sum()),)
+                if len(node.args) > 1:
+                    node.args = (node.args[0], size, *node.args[2:])
+                else:
+                    node.update_kwarg("normalized_shape", size)
+        if old_args:
+            gm.recompile()
         try:
             ShapeProp(gm).propagate(*inputs)  # checks the pruned model runs, refreshes the shape metadata
         except Exception as exc:
             for name, module in old.items():
                 set_attr_path(gm, name, module)
+            for node, (args, kwargs) in old_args.items():
+                node.args, node.kwargs = args, kwargs
+            gm.recompile()
             raise FxoptError(f"prune-channels built a model that does not run ({type(exc).__name__}: {exc}); "
                              "the graph was restored. Please report this model; protect=... the layers "
                              "involved works around it") from exc
@@ -235,6 +260,8 @@ def _shrunk(module: nn.Module, use: Use, kin: torch.Tensor, kout: torch.Tensor |
             new.running_var = module.running_var[kin].clone()
         new.num_features = int(kin.sum())
         return new
+    if use.kind in ("groupnorm", "layernorm"):
+        return _shrunk_norm(module, use, kin)
     weight = module.weight
     if use.kind == "depthwise":
         kout = kin.repeat_interleave(module.out_channels // module.in_channels)
@@ -254,4 +281,22 @@ def _shrunk(module: nn.Module, use: Use, kin: torch.Tensor, kout: torch.Tensor |
         new.in_features, new.out_features = int(kin.sum()), int(kout.sum())
     else:
         new.in_channels, new.out_channels = int(kin.sum()), int(kout.sum())
+    return new
+
+
+def _shrunk_norm(module: nn.Module, use: Use, kin: torch.Tensor) -> nn.Module:
+    """GroupNorm without the dropped groups, or LayerNorm (over the last dimension) without the dropped channels."""
+    new = copy.deepcopy(module)
+    kept = int(kin.sum())
+    if use.kind == "groupnorm":
+        local = kin.reshape(module.num_groups, -1)
+        if not bool((local == local[:, :1]).all()):
+            raise FxoptError(f"prune-channels: GroupNorm {module} lost part of a group")
+        new.num_groups, new.num_channels = int(local[:, 0].sum()), kept
+    else:
+        new.normalized_shape = (kept,)
+    if module.weight is not None:
+        new.weight = _param(module.weight[kin], module.weight)
+    if getattr(module, "bias", None) is not None:
+        new.bias = _param(module.bias[kin], module.bias)
     return new

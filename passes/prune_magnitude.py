@@ -39,6 +39,7 @@ class PruneMagnitude(Pass):
     """Zero the smallest-magnitude weights (masks kept as parametrizations)."""
 
     name = "prune-magnitude"
+    swaps_modules: ClassVar[bool] = True  # only replaces layers: compile may return the eager model (fxopt.compress.eager)
     module_level: ClassVar[bool] = True  # works on the module tree, also when the root cannot be traced
 
     sparsity: float = 0.5

@@ -23,7 +23,7 @@ def variants():
 
 
 @pytest.mark.parametrize("name", ["prune 50%", "prune 80% gradual", "channels 30%", "cluster 16",
-                                  "low-rank 50% params", "prune 50% + int8"])
+                                  "low-rank 50% params", "spatial SVD 50% params", "prune 50% + int8"])
 def test_within_one_point_of_float(variants, name):
     found, xte, yte = variants
     base = accuracy(found["float"], xte, yte)
@@ -42,6 +42,7 @@ def test_sizes_shrink_as_each_compression_promises(variants):
     assert max(r["unique"] for r in rep["cluster 16"].rows if r["op"] in ("Conv2d", "Linear")) <= 16
     assert rep["cluster 16"].compressed_bytes < 0.25 * rep["float"].compressed_bytes
     assert rep["low-rank 50% params"].total_params < 0.55 * float_params
+    assert rep["spatial SVD 50% params"].total_params < 0.55 * float_params
     # combinations with int8 multiply: int8 alone is ~1/4 of float; pruning/clustering/low rank come on top
     int8 = rep["int8 (x86)"]
     assert rep["prune 50% + int8"].compressed_bytes < 0.8 * int8.compressed_bytes

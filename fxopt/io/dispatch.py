@@ -15,7 +15,8 @@ Formats, chosen by the path's extension:
           (``torch.export.save``, needs example inputs); ``torch.export.load`` alone may unpickle and exec data
           from such a file, so ``load`` first checks the archive (:func:`check_pt2_archive`) and refuses any
           file that would do so.
-``.onnx`` handed to the ``onnx`` backend; ``.xml`` (+ ``.bin``) to the ``openvino`` backend.
+``.onnx`` handed to the ``onnx`` backend; ``.xml`` (+ ``.bin``) to the ``openvino`` backend; ``.tflite`` to
+          the ``tflite`` backend.
 
 Every ``.pt`` read goes through ``torch.load(weights_only=True)``: files holding pickled objects are refused.
 
@@ -39,6 +40,7 @@ import torch.fx
 from .. import meta, registry
 from ..errors import FxoptError, UnsupportedError
 from ..tracing import as_args
+from ..compress.eager import graph_form
 from . import envelope
 from .pt2_check import check_pt2_archive
 
@@ -48,8 +50,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_TAG = "fxopt.state_dict.v1"  # weights-only .pt of an eager module
 PT2_ENTRY = "extra/fxopt_model.pt"  # the envelope inside a .pt2 archive
-_BACKEND_FOR_SUFFIX = {".onnx": "onnx", ".xml": "openvino"}
-_SUFFIXES = (".pt2", ".pt", ".onnx", ".xml")
+_BACKEND_FOR_SUFFIX = {".onnx": "onnx", ".xml": "openvino", ".tflite": "tflite"}
+_SUFFIXES = (".pt2", ".pt", ".onnx", ".xml", ".tflite")
 
 
 def _suffix(path: Path) -> str:
@@ -58,7 +60,7 @@ def _suffix(path: Path) -> str:
         raise UnsupportedError(
             f"fxopt cannot tell the format of {str(path)!r} (extension {suffix or 'none'!r}); "
             f"use one of {', '.join(_SUFFIXES)} (.pt / .pt2: PyTorch, "
-            f".onnx: ONNX, .xml: OpenVINO IR)")
+            f".onnx: ONNX, .xml: OpenVINO IR, .tflite: TFLite)")
     return suffix
 
 
@@ -92,6 +94,9 @@ def save(module: torch.nn.Module, path: str | Path, example_inputs: Any = None) 
         name = _BACKEND_FOR_SUFFIX[suffix]
         _backend(name, f"saving {suffix} files").save(module, path)
         return
+    graph = graph_form(module)  # an eager compile result: its GraphModule is what .pt/.pt2 store whole
+    if graph is not None and not envelope.is_graph_model(module):
+        module = graph
     if envelope.is_graph_model(module):
         payload = envelope.to_plain(module)  # raises before the file is touched
         if suffix == ".pt":

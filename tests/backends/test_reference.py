@@ -164,3 +164,35 @@ def test_check_over_yolo_style_head():
             ref, out = model(x), q(x)
         assert (ref[..., 4:] - out[..., 4:]).abs().max() < 0.03  # scores survive (not wiped by pixel scale)
         assert (ref[..., :4] - out[..., :4]).abs().max() < 4.0
+
+
+@pytest.mark.parametrize("backend", ["onnx", "tflite"])
+def test_check_on_runtime_backends_compares_whole_outputs(backend, monkeypatch):
+    """ONNX Runtime / LiteRT hide their layers: check=True compares the whole output with the simulation."""
+    pytest.importorskip("onnxruntime" if backend == "onnx" else "ai_edge_litert")
+    prepared = _prepared(Net(), backend)
+    x = torch.randn(2, 3, 16, 16)
+    q = fxopt.lower(prepared, backend, check=True, example_inputs=(x,))
+    sim = fxopt.lower(prepared, "reference")
+    with torch.no_grad():
+        assert sqnr(sim(x), q(x)) >= 25
+    backend_cls = type(backends.get(backend))
+    real = backend_cls.lower
+
+    def broken(self, gm):  # a lowering whose runtime model is wrong: outputs shifted by a constant
+        module = real(self, gm)
+        return _Shifted(module)
+
+    monkeypatch.setattr(backend_cls, "lower", broken)
+    with pytest.raises(fxopt.NumericsError, match=rf"lowering to '{backend}' gives outputs .* dB from the reference"):
+        fxopt.lower(prepared, backend, check=True, example_inputs=(x,))
+
+
+class _Shifted(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        y = self.inner(x)
+        return y + y.abs().mean() * 3

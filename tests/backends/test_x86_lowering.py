@@ -79,8 +79,13 @@ def test_conv_silu_becomes_one_int8_kernel_without_float_islands():
     lowered = fxopt.lower(prepared, "x86")
     fused = _modules(lowered, QConvPointwise)
     assert [m.post_op for m in fused] == ["swish", "swish"]
+    # the depthwise one is on the backend's depthwise weight grid, like the simulation (and fbgemm)
+    assert [m.groups for m in fused] == [1, 16]
+    assert int(fused[1].weight.int_repr().abs().max()) <= 63 < int(fused[0].weight.int_repr().abs().max())
     code = lowered.graph_module.code
     assert "silu" not in code and code.count(".dequantize()") == 1  # only the output leaves int8
+    # the conv's own output lives only inside the fused kernel: the check compares after the SiLU
+    fxopt.lower(prepared, "x86", check=True)
     unfused = X86Backend(fuse_unary=False).lower(copy.deepcopy(prepared))
     assert "silu" in unfused.graph_module.code
     with torch.no_grad():
@@ -161,7 +166,10 @@ def test_torchvision_efficientnet_and_shufflenet_have_no_float_islands():
     for name in ("efficientnet_b0", "shufflenet_v2_x1_0"):
         model = torchvision.models.get_model(name, weights=None).eval()
         calib = [torch.randn(1, 3, 64, 64) for _ in range(2)]
-        lowered = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(calib[0],), backend="x86")
+        prepared = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(calib[0],))
+        # layer by layer against the simulation; the fused depthwise conv+SiLU kernels use the simulation's
+        # depthwise weight grid
+        lowered = fxopt.lower(prepared, "x86", check=True)
         islands = fxopt.meta.float_islands(lowered.graph_module)
         if name == "efficientnet_b0":
             assert islands == [] and lowered.graph_module.code.count(".dequantize()") == 1
@@ -169,3 +177,66 @@ def test_torchvision_efficientnet_and_shufflenet_have_no_float_islands():
         else:  # only shape arithmetic (on ints) and the final mean stay float
             assert {i.op for i in islands} <= {"floordiv", "mean"}
             assert {m.engine for m in _modules(lowered, QConv) if m.groups > 100} == {"onednn"}
+
+
+class SqueezeExcite(nn.Module):
+    """conv -> SiLU -> squeeze-excitation (torchvision's block) -> project, as in EfficientNet."""
+
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(8, channels, 1)
+        self.act = nn.SiLU()
+        self.se = torchvision.ops.SqueezeExcitation(channels, 8, activation=nn.SiLU)
+        self.project = nn.Conv2d(channels, 8, 1)
+
+    def forward(self, x):
+        return self.project(self.se(self.act(self.expand(x))))
+
+
+@pytest.mark.parametrize("size", [7, 20])  # the gate times a small map (channels-last view) and a larger one
+def test_squeeze_excitation_gate_float_on_request_and_both_match_the_simulation(size):
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    prepared, calib = _prepared(model, size=size)
+    lowered = fxopt.lower(prepared, X86Backend(float_unit_maps=True), check=True)  # NumericsError if a layer diverges
+    islands = fxopt.meta.float_islands(lowered.graph_module)
+    assert sorted(i.node for i in islands) == ["se_activation", "se_fc1", "se_fc2"]
+    float_convs = [m for m in lowered.modules() if type(m) is nn.Conv2d]
+    assert len(float_convs) == 2
+    assert len(_modules(lowered, QConvPointwise)) == 1  # expand + SiLU, one oneDNN kernel
+    assert all("1x1 map" in i.reason for i in islands if i.op == "conv2d")
+    assert [i.reason for i in islands if i.op == "silu"] == [
+        "silu runs in int8 only fused into the conv before it; its input se_fc1 is float"]
+    all_int8 = fxopt.lower(prepared, "x86", check=True)  # the default: the gate in int8
+    assert fxopt.meta.float_islands(all_int8.graph_module) == []
+    assert not [m for m in all_int8.modules() if type(m) is nn.Conv2d]
+    with torch.no_grad():
+        x = calib[1]
+        ref, a, b = model(x), lowered(x), all_int8(x)
+        out = lowered(torch.randn(3, 8, size, size))  # other batch sizes too
+    assert out.shape == (3, 8, size, size)
+    assert _sqnr(ref, a) > 25.0
+    assert _sqnr(ref, a) >= _sqnr(ref, b) - 0.5  # a float gate is never worse than an int8 one
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 7, 7), (2, 24, 14, 14), (2, 24, 20, 20)])
+@pytest.mark.parametrize("gate_batch", [1, 2])
+def test_qmul_channel_gate_equals_the_materialized_broadcast(shape, gate_batch):
+    from fxopt.quant.nn.int8 import QMul, _broadcast_materialized, _gate_view
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.quantize_per_tensor(torch.randn(shape, generator=gen), 0.05, 128, torch.quint8)
+    x = x.contiguous(memory_format=torch.channels_last)
+    gate = torch.quantize_per_tensor(torch.rand(gate_batch if shape[0] > 1 else 1, shape[1], 1, 1, generator=gen),
+                                     1 / 256, 0, torch.quint8)
+    small = shape[2] * shape[3] <= 196
+    assert (_gate_view(x, gate) is not None) is small and (_gate_view(gate, x) is not None) is small
+    assert _gate_view(x.contiguous(), gate) is None  # only channels-last maps take the view
+    for relu in (False, True):
+        mul = QMul(0.03, 100, relu=relu)
+        a, b = _broadcast_materialized(x, gate)
+        expected = (torch.ops.quantized.mul_relu if relu else torch.ops.quantized.mul)(a, b, 0.03, 100)
+        for out in (mul(x, gate), mul(gate, x)):
+            assert out.shape == shape and out.is_contiguous(memory_format=torch.channels_last)
+            assert torch.equal(out.int_repr(), expected.int_repr())
+            assert (out.q_scale(), out.q_zero_point()) == (0.03, 100)

@@ -8,6 +8,7 @@ from torch import nn
 
 import fxopt
 from fxopt import passes as fp
+from fxopt.compress.eager import graph_form
 from fxopt.passes.low_rank import choose_rank, factorize
 
 
@@ -45,7 +46,9 @@ def test_conv_becomes_kxk_then_1x1_with_the_truncated_weight():
 
 def test_graph_calls_two_layers_and_rank_ratio_halves_params():
     m = _mlp()
-    gm = fxopt.compile(m, [fp.LowRankFactorize(rank_ratio=0.5)], example_inputs=(torch.randn(2, 64),))
+    out = fxopt.compile(m, [fp.LowRankFactorize(rank_ratio=0.5)], example_inputs=(torch.randn(2, 64),))
+    assert type(out) is nn.Sequential and isinstance(out[0], nn.Sequential)  # the eager model, layers swapped
+    gm = graph_form(out)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert targets == ["0.0", "0.1", "1", "2.0", "2.1"]
     stats = fxopt.records(gm)[0].stats
@@ -149,3 +152,55 @@ def test_attention_and_encoder_layer_weights_are_left_alone_with_a_note():
         assert any(n.startswith(f"{child}: not factorized") for n in notes), notes
     with torch.no_grad():
         assert model(x).shape == x.shape
+
+
+def _composed_spatial_kernel(seq: nn.Sequential) -> torch.Tensor:
+    """The k_h x k_w kernel computed by vertical (r, I, kh, 1) then horizontal (O, r, 1, kw)."""
+    return torch.einsum("ojx,jiy->oiyx", seq[1].weight.detach()[:, :, 0].double(),
+                        seq[0].weight.detach()[:, :, :, 0].double())
+
+
+@pytest.mark.parametrize("r", [1, 4, 11])
+def test_spatial_svd_error_matches_eckart_young(r):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, (3, 5), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    seq = factorize(conv, r, "spatial")
+    assert (seq[0].kernel_size, seq[0].out_channels, seq[0].stride, seq[0].padding) == ((3, 1), r, (2, 1), (1, 0))
+    assert (seq[1].kernel_size, seq[1].in_channels, seq[1].stride, seq[1].dilation) == ((1, 5), r, (1, 1), (1, 2))
+    # theory: W permuted to [I, kh, O, kw] and reshaped to (I*kh, O*kw); the error is the tail of its spectrum
+    s = torch.linalg.svdvals(conv.weight.detach().double().permute(1, 2, 0, 3).reshape(6 * 3, 10 * 5))
+    kernel = _composed_spatial_kernel(seq)
+    error = float((kernel - conv.weight.detach().double()).norm())
+    assert error == pytest.approx(float(s[r:].pow(2).sum().sqrt()), rel=1e-4)
+    # and the two convolutions compute the conv with that kernel (stride, padding, dilation split by axis)
+    x = torch.randn(2, 6, 13, 12)
+    ref = torch.nn.functional.conv2d(x.double(), kernel, conv.bias.detach().double(), conv.stride, conv.padding,
+                                     conv.dilation)
+    torch.testing.assert_close(seq(x).double(), ref, atol=1e-5, rtol=1e-4)
+
+
+def test_spatial_svd_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    seq = factorize(conv, 12, "spatial")  # full rank min(4*3, 8*3) = 12
+    x = torch.randn(1, 4, 9, 9)
+    torch.testing.assert_close(seq(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+def test_spatial_scheme_in_a_model_skips_what_would_not_shrink():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, padding_mode="reflect")).eval()
+    x = torch.randn(1, 3, 12, 12)
+    with pytest.raises(ValueError, match="full rank 9 of 0.*scheme 'spatial'"):
+        fp.LowRankFactorize(rank=10, scheme="spatial")(torch.fx.symbolic_trace(model))
+    out = fxopt.compile(model, [fp.LowRankFactorize(rank_ratio=0.5, scheme="spatial")], example_inputs=(x,))
+    assert out[2][0].kernel_size == (3, 1) and out[2][1].kernel_size == (1, 3)
+    notes = fxopt.records(out)[0].notes
+    assert any(n.startswith("4: not factorized, padding_mode='reflect'") for n in notes)
+    full = fxopt.compile(model, [fp.LowRankFactorize(energy=1.0, scheme="spatial", exclude=("4",))],
+                         example_inputs=(x,))
+    assert any(n.startswith("0: not factorized, rank 9 of a 9x48 weight would not reduce") for n in
+               fxopt.records(full)[0].notes)
+    with pytest.raises(ValueError, match="scheme must be one of channel, spatial"):
+        fp.LowRankFactorize(scheme="depthwise")

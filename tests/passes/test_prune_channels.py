@@ -268,3 +268,99 @@ def test_zoo_small(name):
                                   "shufflenet_v2_x0_5"])
 def test_zoo_slow(name):
     _check_zoo(name, 96)
+
+
+class _GroupNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 16, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.c2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = self.c2(torch.relu(self.gn(self.c1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_group_norm_loses_whole_groups_exactly():
+    torch.manual_seed(0)
+    model = _GroupNormNet().eval()
+    _zero(model.c1, range(4, 8))  # groups 1 and 3 produce zeros ...
+    _zero(model.c1, range(12, 16))
+    with torch.no_grad():  # ... and GroupNorm maps them to zero: removing those groups is exact
+        model.gn.weight[4:8] = model.gn.weight[12:16] = 0
+        model.gn.bias[4:8] = model.gn.bias[12:16] = 0
+    x = torch.randn(2, 3, 12, 12)
+    out = fxopt.compile(model, [fp.PruneChannels(0.5, protect=("c2",))], example_inputs=(x[:1],))
+    assert (out.gn.num_groups, out.gn.num_channels, out.c1.out_channels, out.c2.in_channels) == (2, 8, 8, 8)
+    assert out.gn.weight.shape == (8,) and out.gn.num_channels // out.gn.num_groups == 4
+    with torch.no_grad():
+        torch.testing.assert_close(out(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_norm_over_the_last_dim_prunes_with_the_channels():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 32), nn.LayerNorm(32), nn.GELU(), nn.Linear(32, 16),
+                          nn.Linear(16, 3)).eval()
+    wide = nn.Sequential(nn.Linear(16, 16), nn.Unflatten(1, (4, 4)), nn.LayerNorm([4, 4]))
+    out = fxopt.compile(model, [fp.PruneChannels(0.25)], example_inputs=(torch.randn(1, 5, 16),))
+    assert out[2].normalized_shape == (24,) and out[2].weight.shape == (24,) and out[2].bias.shape == (24,)
+    assert (out[1].out_features, out[4].in_features) == (24, 24)
+    for shape in ((1, 5, 16), (3, 7, 16)):
+        with torch.no_grad():
+            assert out(torch.randn(shape)).shape == model(torch.randn(shape)).shape
+    # a LayerNorm over two dimensions is left alone, with the reason
+    gm = fxopt.compile(wide, [fp.PruneChannels(0.5, protect_ends=False)], example_inputs=(torch.randn(1, 16),))
+    assert gm.get_submodule("0").out_features == 16
+    assert any("LayerNorm over 2 dimensions" in n for n in fxopt.records(gm)[0].notes)
+
+
+class _ConvNeXtLike(nn.Module):
+    """torchvision's ConvNeXt pieces: CNBlocks (channels-last LayerNorm, layer_scale) and LayerNorm2d."""
+
+    def __init__(self) -> None:
+        from torchvision.models.convnext import CNBlock, LayerNorm2d
+
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 4, stride=4)
+        self.proj = nn.Conv2d(16, 32, 1)
+        self.blocks = nn.Sequential(CNBlock(32, 1e-6, 0.0), CNBlock(32, 1e-6, 0.0))
+        self.norm = LayerNorm2d(32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.norm(self.blocks(self.proj(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_convnext_blocks_prune_layer_scale_and_both_layer_norms():
+    torch.manual_seed(0)
+    model = _ConvNeXtLike().eval()
+    for block in model.blocks:
+        nn.init.ones_(block.layer_scale)
+    out = fxopt.compile(model, [fp.PruneChannels(0.25)], example_inputs=(torch.randn(1, 3, 32, 32),))
+    assert out.get_submodule("proj").out_channels == 24
+    assert out.get_submodule("blocks.0").layer_scale.shape == (24, 1, 1)
+    assert out.get_submodule("blocks.1.block.2").normalized_shape == (24,)
+    assert out.get_submodule("blocks.1.block.3").out_features == 96  # the MLP's hidden 128 lost 25% too
+    norm_node = next(n for n in out.graph.nodes if n.target is F.layer_norm and "norm" in n.name)
+    assert norm_node.args[1] == (24,)  # LayerNorm2d's literal shape follows the channels kept
+    for batch in (1, 3):
+        with torch.no_grad():
+            assert out(torch.randn(batch, 3, 32, 32)).shape == (batch, 10)
+
+
+@pytest.mark.slow
+def test_convnext_tiny_prunes_and_runs_at_several_batch_sizes():
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(weights=None).eval()
+    out = fxopt.compile(model, [fp.PruneChannels(0.3)], example_inputs=(torch.randn(1, 3, 64, 64),))
+    params = sum(p.numel() for p in out.parameters())
+    assert params < 0.6 * sum(p.numel() for p in model.parameters())
+    assert out.get_submodule("features.3.0.block.2").normalized_shape[0] < 192
+    for batch in (1, 2, 5):
+        with torch.no_grad():
+            assert out(torch.randn(batch, 3, 64, 64)).shape == (batch, 1000)

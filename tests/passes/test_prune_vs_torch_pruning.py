@@ -20,6 +20,14 @@ def _check(name: str, size: int) -> None:
     fx_params = sum(p.numel() for p in fx_model.parameters())
     assert fx_params <= tp_params, f"{name}: fxopt keeps {fx_params:,} params, Torch-Pruning {tp_params:,}"
     assert all("channels kept:" in why for why in missed.values()), missed
+    # the pruned model is the user's own class (eager, like Torch-Pruning's), not a GraphModule: no fx call overhead
+    assert type(fx_model) is type(model) and type(tp_model) is type(model)
+    # ... with the same layers as Torch-Pruning's (every option and size) and tensors of the same shapes and
+    # strides: the same kernels run, so batch-1 latency can differ only by noise
+    assert repr(fx_model) == repr(tp_model)
+    tp_state = tp_model.state_dict()
+    for key, value in fx_model.state_dict().items():
+        assert (value.shape, value.stride()) == (tp_state[key].shape, tp_state[key].stride()), key
     with torch.no_grad():
         assert fx_model(x).shape == tp_model(x).shape
 

@@ -318,11 +318,34 @@ def _broadcast_materialized(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Ten
     return a, b
 
 
+_GATE_VIEW_MAX_PIXELS = 196  # 14 x 14: at and below this, the channels-last view beats materializing the gate
+
+
+def _gate_view(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A channels-last ``[N, C, H, W]`` map and an ``[N, C, 1, 1]`` gate as ``[N, H, W, C]`` / ``[N, 1, 1, C]``
+    views (no copy), or ``None`` when the operands are not that.
+
+    In that view the gate broadcasts over the outer dims and the kernel's inner loop runs along contiguous
+    channels. Measured (AMD EPYC Zen 4, 1 thread) it beats materializing the gate on small maps only
+    (1152x7x7: 20 vs 42 us; 672x14x14: 53 vs 62 us; 240x28x28: 135 vs 78 us), hence the pixel limit.
+    """
+    big, gate = (a, b) if b.dim() == 4 and b.shape[2:] == (1, 1) else (b, a)
+    if big.dim() != 4 or gate.dim() != 4 or gate.shape[2:] != (1, 1) or gate.shape[1] != big.shape[1] \
+            or gate.shape[0] not in (1, big.shape[0]) or big.shape[2] * big.shape[3] > _GATE_VIEW_MAX_PIXELS \
+            or not big.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return big.permute(0, 2, 3, 1), gate.permute(0, 2, 3, 1)
+
+
 class QMul(QAdd):
     """``a * b`` (broadcasting) requantized to the output qparams; ``relu=True`` uses ``mul_relu``."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if a.shape != b.shape:
+            views = _gate_view(a, b)
+            if views is not None:  # squeeze-excitation gate on a small map
+                op = _Q.mul_relu if self.relu else _Q.mul
+                return op(*views, self.scale, self.zero_point).permute(0, 3, 1, 2)
             a, b = _broadcast_materialized(a, b)
         if self.relu:
             return _Q.mul_relu(a, b, self.scale, self.zero_point)
