@@ -9,6 +9,7 @@ a value, inserting ``quantize_per_tensor`` / ``dequantize`` once per value where
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, Callable
 
 import torch
@@ -183,6 +184,11 @@ class OpLowering:
             return
         if src not in self.quantized or (key == "pad" and not _quantized_pad_ok(node)):
             self._set(node, self._copy(node, self.fvalue), False, qparams)
+            return
+        stride = _unit_max_pool_stride(node, self.modules) if key == "max_pool2d" else None
+        if stride is not None:  # a 1x1 max pool only subsamples (QNNPACK rejects it at run time): a strided view
+            index = (Ellipsis, slice(None, None, stride[0]), slice(None, None, stride[1]))
+            self._set(node, self.graph.call_function(operator.getitem, (self.env[src], index)), True, qparams)
             return
         self._set(node, self._copy(node, lambda n: self.env[n]), True, qparams)
 
@@ -430,6 +436,26 @@ def _hardtanh_bounds(node: torch.fx.Node, modules: dict) -> tuple[float, float] 
         args = _bind(F.hardtanh, node)
         return float(args["min_val"]), float(args["max_val"])
     return None
+
+
+def _unit_max_pool_stride(node: torch.fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int] | None:
+    """The strides of a 2-D max pool with a 1x1 window and no padding (it picks every stride-th pixel, as
+    ``x[..., ::sh, ::sw]`` does, with ceil_mode or not); None for any other pool."""
+    if node.op == "call_module":
+        args = vars(modules[node.target]) if node.target in modules else {}
+    else:
+        try:
+            args = bind_args(F.max_pool2d, node)
+        except TypeError:
+            return None
+    pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
+    kernel, padding, stride = args.get("kernel_size"), args.get("padding", 0), args.get("stride")
+    if stride is None or stride == []:
+        stride = kernel
+    if (not all(isinstance(v, int) for v in (*pair(kernel), *pair(padding), *pair(stride))) or pair(kernel) != (1, 1)
+            or pair(padding) != (0, 0) or args.get("return_indices")):
+        return None
+    return pair(stride)
 
 
 def _quantized_pad_ok(node: torch.fx.Node) -> bool:

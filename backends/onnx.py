@@ -10,13 +10,16 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   ``DequantizeLinear`` and conv biases int32 (scale = input scale × weight scale), which is the pattern
   ONNX Runtime's QDQ fusions turn into ``QLinearConv`` / ``QLinearMatMul``. A ReLU the x86 lowering would
   absorb gets its QDQ after it (range clamped at 0), ops that keep their input's qparams (pooling,
-  reshape…) get a QDQ with those qparams after them, fixed-range ops (sigmoid…) their fixed qparams;
+  reshape…) get a QDQ with those qparams after them (not inside a chain of reshapes / transposes: only its
+  last op, so OpenVINO can fuse a channel shuffle), fixed-range ops (sigmoid…) their fixed qparams; for
+  ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
   with the stored per-channel int8 weights, then the float rescale and bias.
 
-``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
+Sizes the model reads (``x.size(d)``) are constants for every dimension but the dynamic batch, and a
+``Shape`` reads a tensor before its ``DequantizeLinear``. ``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
 ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (``torch.get_num_threads()``
 read at lowering unless the backend was built with ``OnnxBackend(threads=n)``), takes the same arguments
 as the original model (any batch size: dimension 0 of every input and output is dynamic) and returns the
@@ -33,6 +36,7 @@ import copy
 import io
 import json
 import logging
+import operator
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,9 @@ _CONV_FUNCS = {F.conv1d, F.conv2d, F.conv3d}
 _ABSORBED = {"relu": "relu", "relu6": "relu6", "hardtanh": "relu6"}
 _MULTI_OUTPUT = {"chunk", "split"}
 _NO_QDQ_AFTER = {"identity", "size", "contiguous"}
+# pure data movement: the values (and their int8 grid) pass through unchanged
+_MOVES = {"reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "identity"}
+_SHAPE_ONLY = {"size"}
 
 
 def require(module: str, extra: str) -> Any:
@@ -156,6 +163,11 @@ class _QDQBuilder:
         self.qparams: dict[torch.fx.Node, tuple[float, int]] = {}
         self.stats = {"qdq": 0, "int8_weights": 0}
         self.fused: dict[torch.fx.Node, str] = {}  # conv/linear + activation rewritten as functional calls
+        # ONNX Runtime has QLinearSigmoid and QLinearMul but no int8 SiLU: without a QDQ between its Sigmoid and
+        # Mul a SiLU runs in float (efficientnet: 49 float Sigmoid+Mul pairs). OpenVINO runs the float SiLU
+        # as one fused eltwise, where the extra rounding would only cost time.
+        sigmoid = spec.rule("sigmoid")
+        self.split_silu = spec.name == "onnx" and sigmoid is not None and sigmoid.kind == "fixed"
 
     def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int],
                     qrange: tuple[int, int] | None = None) -> torch.fx.Node:
@@ -251,13 +263,15 @@ class _QDQBuilder:
                 continue
             if rule.kind == "compute" and (key in _CONV_KEYS or key == "linear"):
                 self._weighted(node, key)
+            elif key == "silu" and self.split_silu:
+                self._silu(node)
             elif rule.kind == "fixed":
                 self._insert_qdq(node, rule.fixed_qparams)
             elif rule.kind == "share":
                 src = next((a for a in node.all_input_nodes if a in self.qparams), None)
                 if src is None:
                     continue
-                if key in _MULTI_OUTPUT or key in _NO_QDQ_AFTER:
+                if key in _MULTI_OUTPUT or key in _NO_QDQ_AFTER or self._feeds_moves_only(node, key):
                     self.qparams[node] = self.qparams[src]
                 else:
                     self._insert_qdq(node, self.qparams[src])
@@ -265,6 +279,38 @@ class _QDQBuilder:
         graph.lint()
         self.gm.recompile()
         return self.gm
+
+    def _silu(self, node: torch.fx.Node) -> None:
+        """``silu(x)`` → ``x * QDQ(sigmoid(x))`` with the sigmoid's fixed qparams (its output observer stays)."""
+        graph = self.gm.graph
+        x = node.args[0] if node.args else node.kwargs.get("input")
+        with graph.inserting_before(node):
+            gate = graph.call_function(torch.sigmoid, (x,))
+            out = graph.call_function(torch.mul, (x, gate))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        self._insert_qdq(gate, self.spec.rule("sigmoid").fixed_qparams)
+        self.stats["split_silu"] = self.stats.get("split_silu", 0) + 1
+
+    def _feeds_moves_only(self, node: torch.fx.Node, key: str) -> bool:
+        """A reshape / transpose… whose users only move data further: its QDQ would repeat the same qparams
+        on the same values, and a QDQ inside a Reshape→Transpose→Reshape channel shuffle keeps OpenVINO from
+        fusing it into ShuffleChannels. The users are looked at through ops that never get a QDQ (identity,
+        contiguous: their users decide), so the last move of a chain always keeps its QDQ."""
+        if key not in _MOVES:
+            return False
+        users, todo = [], list(node.users)
+        while todo:
+            user = todo.pop()
+            ukey = op_key(user, self.gm) if user.op in ("call_module", "call_function", "call_method") else None
+            if ukey in _SHAPE_ONLY:
+                continue
+            if ukey in _NO_QDQ_AFTER and meta.quant_region(user) is not None:
+                todo.extend(user.users)
+                continue
+            users.append((user, ukey))
+        return bool(users) and all(meta.quant_region(u) is not None and k in _MOVES - _NO_QDQ_AFTER
+                                   for u, k in users)
 
     def _observer(self, node: torch.fx.Node, module: nn.Module) -> None:
         scale, zp = module.calculate_qparams()
@@ -386,6 +432,8 @@ def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) 
     from fxopt.quant.nn import dynamic  # noqa: PLC0415
 
     work = copy.deepcopy(gm)
+    if isinstance(work, torch.fx.GraphModule):
+        _static_sizes(work)
     if isinstance(work, torch.fx.GraphModule) and _is_prepared(work):
         blind = [n for n, m in work.named_modules() if is_observer(m) and not m.calibrated]
         if blind:
@@ -411,6 +459,45 @@ def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) 
         elif isinstance(module, FP16Module):
             kind = "fp16"
     return work, kind
+
+
+def _static_sizes(gm: torch.fx.GraphModule) -> None:
+    """``x.size(d)`` / ``x.shape[d]`` for every dimension but the batch (dim 0, the only dynamic one in the
+    export) becomes the recorded int, so the export has constants instead of ``Shape → Gather → …`` arithmetic
+    at run time (shufflenet's channel shuffle computes its view from ``x.size()``)."""
+    def dim_of(node: torch.fx.Node) -> tuple[torch.fx.Node, int] | None:  # (size-like node, dim) for x.size(d)
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and not node.kwargs:
+            return node, node.args[1]
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+            src = node.args[0]
+            whole = isinstance(src, torch.fx.Node) and (
+                (src.op == "call_method" and src.target == "size" and len(src.args) == 1 and not src.kwargs)
+                or (src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",)))
+            return (src, node.args[1]) if whole else None
+        return None
+
+    changed = False
+    for node in list(gm.graph.nodes):
+        found = dim_of(node)
+        if found is None or not isinstance(found[1], int):
+            continue
+        x = found[0].args[0]
+        while isinstance(x, torch.fx.Node) and meta.shape_of(x) is None and x.op == "call_module" and x.args \
+                and is_observer(gm.get_submodule(x.target)):
+            x = x.args[0]  # observers were inserted after shape propagation: their input has the shape
+        shape = meta.shape_of(x) if isinstance(x, torch.fx.Node) else None
+        if shape is None or not -len(shape) <= found[1] < len(shape) or found[1] % len(shape) == 0:
+            continue
+        value = int(shape[found[1]])
+        for user in list(node.users):
+            user.args = torch.fx.node.map_arg(user.args, lambda n, v=value: v if n is node else n)
+            user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n, v=value: v if n is node else n)
+        gm.graph.erase_node(node)
+        if found[0] is not node and not found[0].users:
+            gm.graph.erase_node(found[0])
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -470,6 +557,7 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
             raise UnsupportedError(f"torch.onnx could not export this {kind} graph: {exc}") from exc
     model = onnx.load_from_string(buf.getvalue())
     _inline_identities(model)
+    _fold_static_shapes(model)
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
         _quantize_conv_bias(model)
@@ -589,6 +677,85 @@ def _quantize_conv_bias(model) -> None:
                               [f"{base}_dq"], axis=0, name=f"{base}_DequantizeLinear")
         graph.node.insert(list(graph.node).index(node), dq)
         node.input[2] = f"{base}_dq"
+    _drop_unused(model)
+
+
+def _fold_static_shapes(model) -> None:
+    """Shape arithmetic the tracer recorded (``x.size(1)`` → ``Shape → Gather``) becomes constants wherever
+    the dimension is static (every one but the dynamic batch), and a ``Shape`` still needed reads the
+    tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import helper, numpy_helper, shape_inference  # noqa: PLC0415
+
+    graph = model.graph
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - folding is an optimization; an uninferable graph stays as it is
+        return
+    dims: dict[str, list[int | None]] = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    consts = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+
+    def constant(name: str, value) -> Any:
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, f"{name}_value"),
+                                name=f"{name}_folded")
+
+    for node in list(graph.node):
+        if node.op_type != "Shape" or any(a.name in ("start", "end") for a in node.attribute):
+            continue
+        shape = dims.get(node.input[0])
+        if shape is None:
+            continue
+        if all(d is not None for d in shape):
+            graph.node.insert(list(graph.node).index(node), constant(node.output[0], np.array(shape, np.int64)))
+            graph.node.remove(node)
+            continue
+        for gather in users.get(node.output[0], []):
+            if gather.op_type != "Gather" or gather.input[0] != node.output[0] or gather.input[1] not in consts:
+                continue
+            if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+                continue
+            idx = consts[gather.input[1]]
+            if idx.ndim != 0 or shape[int(idx) % len(shape)] is None:
+                continue
+            graph.node.insert(list(graph.node).index(gather),
+                              constant(gather.output[0], np.array(shape[int(idx) % len(shape)], np.int64)))
+            graph.node.remove(gather)
+        src = producer.get(node.input[0])
+        if src is not None and src.op_type == "DequantizeLinear":
+            node.input[0] = src.input[0]
+    _drop_dead_nodes(model)
+
+
+def _drop_dead_nodes(model) -> None:
+    """Remove nodes none of whose outputs is read (repeatedly), then unused initializers."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+
+    def reads(nodes) -> set[str]:  # inputs, including those of If / Loop bodies (outer-scope names)
+        names = set()
+        for n in nodes:
+            names.update(n.input)
+            for a in n.attribute:
+                for sub in [a.g] if a.HasField("g") else list(a.graphs):
+                    names |= reads(sub.node)
+        return names
+
+    while True:
+        used = reads(graph.node) | outputs
+        dead = [n for n in graph.node if not any(o in used for o in n.output if o)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
     _drop_unused(model)
 
 

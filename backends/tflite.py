@@ -50,7 +50,7 @@ from torch.utils import _pytree as pytree
 
 from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
-from fxopt.graph_utils import bind_args, is_observer
+from fxopt.graph_utils import bind_args, get_attr_path, is_observer
 from fxopt.quant.nn import FusedModule
 from fxopt.quant.spec import QSpec, qparams_from_range
 from fxopt.quant.stubs import DeQuantStub, QuantStub
@@ -360,10 +360,10 @@ class _Writer:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         if not (isinstance(weight, torch.fx.Node) and weight.op == "get_attr"):
             raise UnsupportedError(f"{node.name}: its weight is computed at run time; TFLite needs constant weights")
-        b = _attr(self.gm, bias.target) if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else bias
+        b = get_attr_path(self.gm, bias.target) if isinstance(bias, torch.fx.Node) and bias.op == "get_attr" else bias
         if b is not None and not isinstance(b, torch.Tensor):
             raise UnsupportedError(f"{node.name}: its bias is computed at run time; TFLite needs a constant bias")
-        return None, _attr(self.gm, weight.target).detach().float(), b, None
+        return None, get_attr_path(self.gm, weight.target).detach().float(), b, None
 
     def _quantize_weight(self, weight: torch.Tensor, key: str, depthwise: bool):
         rule = self.spec.rule(key)
@@ -766,32 +766,8 @@ def _shape(node: torch.fx.Node) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-def _attr(gm: nn.Module, target: str) -> Any:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-_POOL_PARAMS = {
-    F.avg_pool2d: (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
-                   ("count_include_pad", True), ("divisor_override", None)),
-    F.max_pool2d: (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
-                   ("ceil_mode", False), ("return_indices", False)),
-}
-
-
 def _bind(fn, node: torch.fx.Node) -> dict:
-    """The call's arguments by name (``torch.cat`` and the pooling functions have no readable signature)."""
-    if fn is torch.cat:
-        tensors = node.args[0] if node.args else node.kwargs["tensors"]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        return {"tensors": tensors, "dim": dim}
-    if fn in _POOL_PARAMS:
-        found = dict(_POOL_PARAMS[fn])
-        found.update(zip((name for name, _ in _POOL_PARAMS[fn]), node.args))
-        found.update(node.kwargs)
-        return found
+    """The call's arguments by name; UnsupportedError when they cannot be read."""
     try:
         return bind_args(fn, node)
     except TypeError as exc:

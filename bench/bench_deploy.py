@@ -4,7 +4,8 @@
 
 One benchmark per (model, candidate) at batch 1 on 2 threads; the candidates are deploy_speed's: fp32 eager,
 fxopt x86 int8, fxopt onnx int8, ONNX Runtime's quantize_static, fxopt openvino int8, NNCF + OpenVINO.
-Each also checks that the int8 candidate's SQNR vs fp32 is above 15 dB (it runs the model it times).
+Each int8 candidate is also checked against fp32 (SQNR above 15 dB on the model it times).
+``FXOPT_BENCH_SMOKE=1`` keeps resnet18 and the encoder at 64 px with 2 calibration batches.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import functools
 import pytest
 import torch
 
-from bench.deploy_speed import CANDIDATES, candidates_for, prepare, sqnr
+from bench.zoo import SMOKE
+from bench.deploy_speed import CANDIDATES, MODELS, candidates_for, prepare, sqnr
 from bench.quant_reference import engine
 
-MODELS = ["resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "efficientnet_b0", "transformer"]
+NAMES = ["resnet18", "transformer"] if SMOKE else MODELS
+SIZE = 64 if SMOKE else 224
 THREADS = 2
 
 
 @functools.lru_cache(maxsize=1)
 def _prepared(name: str):
-    return prepare(name, 224, "histogram")
+    return prepare(name, SIZE, "histogram", n_calib=2 if SMOKE else 8)
 
 
 @pytest.mark.parametrize("candidate", CANDIDATES)
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", NAMES)
 def test_deploy_latency(benchmark, name, candidate):
     model, test, make, artifacts, float_ir = _prepared(name)
     cands = candidates_for(model, artifacts, float_ir, THREADS)
@@ -37,6 +40,10 @@ def test_deploy_latency(benchmark, name, candidate):
     if candidate != "fp32":
         assert sqnr(model, module, test) > 15
     x = make(1)
+    old = torch.get_num_threads()
     torch.set_num_threads(THREADS)
-    with torch.inference_mode(), engine("x86"):
-        benchmark.pedantic(module, (x,), rounds=20, iterations=1, warmup_rounds=3)
+    try:
+        with torch.inference_mode(), engine("x86"):
+            benchmark.pedantic(module, (x,), rounds=3 if SMOKE else 20, iterations=1, warmup_rounds=1 if SMOKE else 3)
+    finally:
+        torch.set_num_threads(old)

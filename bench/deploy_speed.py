@@ -1,12 +1,14 @@
 """Deployment runtimes, int8: fxopt's scales in ONNX Runtime / OpenVINO vs the runtimes' own quantizers.
 
-    python -m bench.deploy_speed [--models resnet18,...] [--batches 1,8] [--threads 1,2] [--size 224]
+    python -m bench.deploy_speed                                   # the full matrix (about 10 min, quiet 2-core CPU)
+    python -m bench.deploy_speed --models shufflenet --batch 1 --threads 1 --rounds 3   # a quick subset
 
 For every model, one float ONNX export (fxopt, BatchNorm folded) and one calibration set feed all of:
 
 ==================  =====================================================================================
 ``fp32``            PyTorch eager, float (the baseline of every ratio)
-``fxopt x86``       fxopt static int8 on PyTorch's x86 kernels
+``fxopt x86``       fxopt static int8 (``recipes.static_int8(data, bias_correction=True)``; histogram
+                    observers) on PyTorch's x86 kernels
 ``fxopt onnx``      fxopt static int8 → QDQ ONNX with fxopt's calibrated scales, run by ONNX Runtime
 ``ort quant``       ``onnxruntime.quantization.quantize_static`` on the same float export (QDQ, per-channel,
                     MinMax, U8 activations / S8 weights), run by ONNX Runtime
@@ -17,13 +19,17 @@ For every model, one float ONNX export (fxopt, BatchNorm folded) and one calibra
 
 Timings are interleaved in one process (``fxopt.benchmark_many``: rotating order, median of all calls)
 at each batch size and thread count; every runtime session is built for that thread count. SQNR (dB)
-is each int8 model's output vs fp32 eager on held-out inputs. The pytest-benchmark suite is
+is each int8 model's output vs fp32 eager on held-out inputs. The last two columns are the parity checks of
+issue 8: ORT quantize_static's time / fxopt onnx's, NNCF+OpenVINO's time / fxopt openvino's (≥ 1: fxopt is
+no slower). The first line printed names the CPU and the load average. The pytest-benchmark suite is
 ``bench/bench_deploy.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import sys
 import tempfile
 import warnings
@@ -73,17 +79,21 @@ class TextEncoder(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-def build_model(name: str, size: int):
+ALIASES = {"shufflenet_v2": "shufflenet_v2_x1_0", "shufflenet": "shufflenet_v2_x1_0", "encoder": "transformer",
+           "efficientnet": "efficientnet_b0", "mobilenet": "mobilenet_v2"}
+
+
+def build_model(name: str, size: int, n_calib: int = 8):
     """(model, calibration batches, test batches, input maker)"""
     if name == "transformer":
         torch.manual_seed(0)
         model = TextEncoder().eval()
         gen = torch.Generator().manual_seed(1)
-        calib = [torch.randn(4, 64, 64, generator=gen) for _ in range(8)]
+        calib = [torch.randn(4, 64, 64, generator=gen) for _ in range(n_calib)]
         test = [torch.randn(4, 64, 64, generator=gen) for _ in range(2)]
         return model, calib, test, lambda b: torch.randn(b, 64, 64)
     model = zoo_model(name, 96)
-    calib, test = data(size, n_calib=8, n_test=2, batch=4)
+    calib, test = data(size, n_calib=n_calib, n_test=2, batch=4)
     return model, calib, test, lambda b: torch.randn(b, 3, size, size)
 
 
@@ -120,7 +130,7 @@ def nncf_quantize(float_ir: OpenVinoModule, calib: list[torch.Tensor]) -> tuple[
                             weights=ov.Tensor(np.frombuffer(float_ir.weights, np.uint8)))
     name = float_ir.info["inputs"][0]
     dataset = nncf.Dataset(calib, lambda b: {name: b.numpy()})
-    quantized = nncf.quantize(model, dataset, subset_size=sum(len(b) for b in calib))
+    quantized = nncf.quantize(model, dataset, subset_size=len(calib))  # items are batches: all of them
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "m.xml"
         ov.save_model(quantized, str(xml), compress_to_fp16=False)
@@ -134,12 +144,18 @@ def sqnr(ref: nn.Module, cand: nn.Module, test: list[torch.Tensor]) -> float:
     return float(10 * torch.log10(r.pow(2).mean() / (r - c).pow(2).mean()))
 
 
-def prepare(name: str, size: int, observer: str):
-    model, calib, test, make = build_model(name, size)
+def prepare(name: str, size: int, observer: str, bias_correction: bool = True, n_calib: int = 8):
+    """The float model, test inputs, an input maker, every candidate's artifact and the float IR.
+
+    fxopt's int8 graph is prepared once (``recipes.static_int8``, with bias correction unless told not to: NNCF's
+    defaults correct biases too) and lowered to x86, onnx and openvino; ORT's quantize_static and NNCF start
+    from fxopt's float (BatchNorm-folded) ONNX export and see the same calibration batches."""
+    model, calib, test, make = build_model(name, size, n_calib)
     ex = (calib[0][:1],)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = fxopt.compile(model, recipes.static_int8(calib, observer=observer), example_inputs=ex)
+        prepared = fxopt.compile(model, recipes.static_int8(calib, observer=observer, bias_correction=bias_correction),
+                                 example_inputs=ex)
         float_onnx = fxopt.compile(model, recipes.fuse(), example_inputs=ex, backend="onnx")
         float_ir = fxopt.compile(model, recipes.fuse(), example_inputs=ex,
                                  backend=fxopt.backends.OpenVinoBackend(compress_to_fp16=False))
@@ -168,37 +184,74 @@ def candidates_for(model, artifacts, float_ir, threads: int) -> dict[str, nn.Mod
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--threads", default="1,2")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--iters", type=int, default=5)
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "load average unknown"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def time_row(cands: dict[str, nn.Module], x: torch.Tensor, threads: int, rounds: int, iters: int) -> dict[str, float]:
+    """Median ms per call of every candidate, interleaved (rotating order every round) in this process."""
+    with engine("x86"):
+        cmp = fxopt.benchmark_many(cands, (x,), rounds=rounds, iters=iters, warmup=2, threads=threads)
+    return {k: v.median_ms for k, v in cmp.timings.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)} (aliases: {', '.join(ALIASES)})")
+    parser.add_argument("--batch", "--batches", dest="batches", default="1,8", help="batch sizes, e.g. 1,8")
+    parser.add_argument("--threads", default="1,2", help="intra-op thread counts, e.g. 1,2")
+    parser.add_argument("--size", type=int, default=224, help="image side (CNNs)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per (model, batch, threads)")
+    parser.add_argument("--iters", type=int, default=4, help="calls per candidate per round")
+    parser.add_argument("--calib", type=int, default=8, help="calibration batches of 4")
     parser.add_argument("--observer", default="histogram")
-    args = parser.parse_args()
+    parser.add_argument("--no-bias-correction", action="store_true",
+                        help="fxopt without bias correction (NNCF keeps its default fast bias correction)")
+    args = parser.parse_args(argv)
+    models = [ALIASES.get(m, m) for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; choose from {MODELS}")
+    print(f"# {_cpu()}; {_load()} at start; torch {torch.__version__}", flush=True)
     speed_rows, sqnr_rows = [], []
-    for name in args.models.split(","):
-        model, test, make, artifacts, float_ir = prepare(name, args.size, args.observer)
+    for name in models:
+        model, test, make, artifacts, float_ir = prepare(name, args.size, args.observer,
+                                                         not args.no_bias_correction, args.calib)
         cands = candidates_for(model, artifacts, float_ir, 1)
         sqnr_rows.append([name] + [f"{sqnr(model, cands[c], test):.1f}" if c in cands else "-"
                                    for c in CANDIDATES[1:]])
         print(sqnr_rows[-1], flush=True)
-        for threads in (int(t) for t in args.threads.split(",")):
+        for threads in _ints(args.threads):
             cands = candidates_for(model, artifacts, float_ir, threads)
-            for batch in (int(b) for b in args.batches.split(",")):
-                x = make(batch)
-                with engine("x86"):
-                    cmp = fxopt.benchmark_many(cands, (x,), rounds=args.rounds, iters=args.iters, warmup=3,
-                                               threads=threads)
-                ms = {k: v.median_ms for k, v in cmp.timings.items()}
-                speed_rows.append([name, batch, threads, f"{ms['fp32']:.2f}"]
-                                  + [f"{ms['fp32'] / ms[c]:.2f}x" if c in ms else "-" for c in CANDIDATES[1:]])
-                print(speed_rows[-1], flush=True)
-    print()
-    print(tabulate(speed_rows, headers=["model", "batch", "threads", "fp32 ms"] + CANDIDATES[1:],
-                   tablefmt="github"))
+            for batch in _ints(args.batches):
+                ms = time_row(cands, make(batch), threads, args.rounds, args.iters)
+                row = [name, batch, threads, f"{ms['fp32']:.1f}"]
+                row += [f"{ms['fp32'] / ms[c]:.2f}x" if c in ms else "-" for c in CANDIDATES[1:]]
+                row.append(f"{ms['ort quant'] / ms['fxopt onnx']:.2f}")
+                row.append(f"{ms['nncf openvino'] / ms['fxopt openvino']:.2f}" if "nncf openvino" in ms else "-")
+                speed_rows.append(row)
+                print(row, flush=True)
+    print(f"\n# {_cpu()}; {_load()} at the end")
+    print(tabulate(speed_rows, headers=["model", "batch", "threads", "fp32 ms"] + CANDIDATES[1:]
+                   + ["onnx: ort/fxopt time", "ov: nncf/fxopt time"], tablefmt="github"))
     print()
     print(tabulate(sqnr_rows, headers=["SQNR dB vs fp32"] + CANDIDATES[1:], tablefmt="github"))
 

@@ -161,6 +161,12 @@ _CONV_PARAMS = (("input", None), ("weight", None), ("bias", None), ("stride", 1)
 _SIGNATURES: dict[Any, tuple[tuple[str, Any], ...]] = {
     F.conv1d: _CONV_PARAMS, F.conv2d: _CONV_PARAMS, F.conv3d: _CONV_PARAMS,
     F.linear: (("input", None), ("weight", None), ("bias", None)),
+    # builtins and boolean-dispatch wrappers: inspect reads no signature (or (*args, **kwargs)) from them
+    torch.cat: (("tensors", None), ("dim", 0)),
+    F.avg_pool2d: (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("ceil_mode", False),
+                   ("count_include_pad", True), ("divisor_override", None)),
+    F.max_pool2d: (("input", None), ("kernel_size", None), ("stride", None), ("padding", 0), ("dilation", 1),
+                   ("ceil_mode", False), ("return_indices", False)),
 }
 
 

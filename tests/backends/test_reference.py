@@ -196,3 +196,28 @@ class _Shifted(nn.Module):
     def forward(self, x):
         y = self.inner(x)
         return y + y.abs().mean() * 3
+
+
+class UnitPool(nn.Module):
+    """FPN's LastLevelMaxPool: F.max_pool2d(x, 1, 2, 0), which QNNPACK's kernel rejects ("1x1 pooling")."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(1, stride=(2, 3), ceil_mode=True)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        return torch.cat([F.max_pool2d(y, 1, 2, 0).flatten(1), self.pool(y).flatten(1)], 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unit_max_pool_lowers_to_a_strided_view(backend):
+    prepared = _prepared(UnitPool(), backend, size=15)
+    x = torch.randn(2, 3, 15, 15)
+    q = fxopt.lower(prepared, backend, check=True, example_inputs=(x,))
+    gm = q.graph_module
+    assert not any(n.target in (F.max_pool2d,) or "pool" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert q(x).shape == UnitPool().eval()(x).shape
+        assert sqnr(fxopt.lower(prepared, "reference")(x), q(x)) > 35

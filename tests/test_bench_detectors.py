@@ -1,0 +1,52 @@
+"""The detector retention harness (bench/detectors.py): its labelled scenes and its retention metric. The
+heavy figures (trained heads, int8 compiles) are in tests/backends/test_check_zoo.py under ``slow``."""
+
+from __future__ import annotations
+
+import torch
+
+from bench import detectors as D
+
+
+def _out(boxes, labels, scores):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels),
+            "scores": torch.tensor(scores)}
+
+
+def test_labelled_scenes_draw_their_shapes_inside_their_boxes():
+    scenes = D.labelled_scenes(6, size=64, seed=3)
+    again = D.labelled_scenes(6, size=64, seed=3)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(scenes, again))  # seeded
+    for img, target in scenes:
+        assert img.shape == (3, 64, 64) and 0 <= float(img.min()) and float(img.max()) <= 1
+        boxes, labels = target["boxes"], target["labels"]
+        assert 1 <= len(boxes) <= 4 and set(labels.tolist()) <= {1, 2, 3}
+        assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 64).all()
+    # a rectangle fills its box, an ellipse leaves the corners to the background: check on the last shape
+    img, target = scenes[0]
+    x0, y0, x1, y1 = target["boxes"][-1].tolist()
+    centre = img[:, int((y0 + y1) / 2), int((x0 + x1) / 2)]
+    corner = img[:, int(y0) + 1, int(x0) + 1]
+    same = bool((centre - corner).abs().max() < 0.15)
+    assert same == (int(target["labels"][-1]) == 1)
+
+
+def test_retention_counts_matching_boxes_with_the_same_label():
+    ref = [_out([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], [1, 2, 3], [0.9, 0.6, 0.1])]
+    assert D.retention(ref, ref) == 1.0
+    moved = [_out([[1, 1, 11, 11], [20, 20, 40, 40], [0, 50, 5, 60]], [1, 3, 3], [0.9, 0.6, 0.1])]
+    # box 0 kept (IoU 0.68), box 1 has another label, box 2 moved away
+    assert D.retention(ref, moved) == 1 / 3
+    assert D.retention(ref, moved, min_score=0.5) == 1 / 2  # only the two confident float boxes count
+    # one int8 box cannot keep two float boxes
+    twice = [_out([[0, 0, 10, 10], [0, 0, 10, 10]], [1, 1], [0.9, 0.8])]
+    assert D.retention(twice, [_out([[0, 0, 10, 10]], [1], [0.9])]) == 0.5
+    assert D.retention(ref, [_out([], [], [])]) == 0.0
+
+
+def test_noisy_images_move_by_about_one_intensity_step():
+    images = D.scenes(2, size=32, seed=4)
+    moved = D.noisy(images)
+    assert all(m.shape == i.shape for m, i in zip(moved, images))
+    diff = torch.cat([(m - i).flatten() for m, i in zip(moved, images)])
+    assert 0.5 / 255 < float(diff.std()) < 1.5 / 255 and float(diff.abs().max()) < 6 / 255
