@@ -210,6 +210,20 @@ def set_backend(module: torch.nn.Module, name: str | None) -> None:
     _set_module_meta(module, _BACKEND, name)
 
 
+# BatchNorm output statistics (written by passes/fold_batchnorm.py, read by analytical bias correction).
+_BN_OUTPUT = "fxopt.batchnorm_output"
+
+
+def batchnorm_output(node: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel ``(mean, std)`` of this node's output as the BatchNorm folded into it models it
+    (``beta``, ``|gamma|``), or ``None`` where no BatchNorm was folded."""
+    return node.meta.get(_BN_OUTPUT)
+
+
+def set_batchnorm_output(node: torch.fx.Node, stats: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    _set_node_meta(node, _BN_OUTPUT, None if stats is None else (stats[0].detach().clone(), stats[1].detach().clone()))
+
+
 # Fusion tags (written by passes/fuse_activations.py, read by quantization lowering).
 _FUSED_ACTIVATION = "fxopt.fused_activation"
 _FUSION_GROUP = "fxopt.fusion_group"

@@ -1,4 +1,4 @@
-"""``correct-bias``: undo the mean output shift that int8 weight rounding causes (empirical bias correction).
+"""``correct-bias``: undo the mean output shift that int8 weight rounding causes (bias correction).
 
 Nagel et al. 2019, section 4.2. Rounding a layer's weights changes its output by ``ΔW x`` with
 ``ΔW = W_int8 - W``; over the data that error has mean ``ΔW E[x]``, a per-output-channel shift that the
@@ -7,6 +7,13 @@ coherently). The pass measures ``E[x]`` per input channel of every int8 conv / l
 calibration data (float model, observers off) and subtracts ``ΔW E[x]`` from the layer's bias (a zero
 bias is created where there was none). ``ΔW`` uses the weight qparams lowering will use (weight observer
 and per-channel choice recorded by ``PlaceObservers``).
+
+``mode="analytical"`` is the data-free variant of the same paper (section 4.2, eq. 8-10): ``E[x]`` comes
+from the BatchNorm folded into the layer that produces ``x`` (``FoldBatchNorm`` records its output
+statistics, ``meta.batchnorm_output``): the pre-activation is modelled per channel as ``N(beta, gamma²)``
+and pushed through the fused activation in closed form, ``E[relu(z)] = μ Φ(μ/σ) + σ φ(μ/σ)`` (ReLU6:
+``E[relu(z)] - E[relu(z - 6)]``; none: ``μ``). Layers whose input has no such statistics (the model
+input, an add, a pooling, another activation) are left alone, with a note. It needs no data.
 
 Run it on a prepared graph after ``PlaceObservers`` (it needs the quantization config), before or after
 ``Calibrate``; ``fxopt.recipes.static_int8(data, bias_correction=True)`` does. Convs are corrected as if
@@ -61,12 +68,17 @@ class CorrectBias(Pass):
 
     data: Any = field(default=None, compare=False, repr=False)
     num_batches: int | None = None
+    mode: str = "empirical"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("empirical", "analytical"):
+            raise ValueError(f"CorrectBias(mode={self.mode!r}) must be 'empirical' or 'analytical'")
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if meta.quant_config(gm) is None:
             raise UnsupportedError("CorrectBias needs the weight quantization config: run InsertQuantStubs and "
                                    "PlaceObservers first (fxopt.recipes.static_int8(data, bias_correction=True))")
-        if self.data is None:
+        if self.data is None and self.mode == "empirical":
             raise CalibrationError("CorrectBias needs data= (calibration batches) to measure the layer inputs")
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
@@ -90,6 +102,21 @@ class CorrectBias(Pass):
         if not targets:
             return PassResult(gm, False, {"corrected": 0}, ["no int8 conv/linear layer to correct"])
 
+        notes: list[str] = []
+        if self.mode == "analytical":
+            means = {}
+            for node in gm.graph.nodes:
+                if node.op == "call_module" and node.target in targets:
+                    mean, why = _analytical_mean(gm, node)
+                    layer = targets[node.target][0]
+                    expected = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+                    if mean is not None and mean.numel() != expected:
+                        mean, why = None, f"its input statistics have {mean.numel()} channels, not {expected}"
+                    if mean is None:
+                        notes.append(f"{node.name}: not corrected, {why}")
+                    else:
+                        means[node.target] = mean
+            return self._apply(gm, targets, means, config, notes)
         # mean input per channel, on the float model (a copy with observers as identities)
         sim = Simulation(gm, lambda n: False, lambda n: False)
         sums: dict[str, torch.Tensor] = {}
@@ -119,11 +146,15 @@ class CorrectBias(Pass):
             for h in handles:
                 h.remove()
 
+        means = {t: sums[t] / counts[t] for t in targets if t in sums}
+        return self._apply(gm, targets, means, config, notes)
+
+    def _apply(self, gm, targets, means, config, notes) -> PassResult:
         corrected, largest = 0, 0.0
         for target, (layer, per_channel) in targets.items():
-            if target not in sums:
+            if target not in means:
                 continue
-            mean_in = sums[target] / counts[target]
+            mean_in = means[target]
             delta = fake_quantize_weight(layer.weight, config, per_channel,
                                          is_depthwise(layer.weight, getattr(layer, "groups", 1))).double() - layer.weight.detach().double()
             shift = expected_shift(layer, delta, mean_in)
@@ -139,5 +170,44 @@ class CorrectBias(Pass):
             corrected += 1
             largest = max(largest, float(shift.abs().max()))
         gm.recompile()
-        notes = [f"corrected the bias of {corrected} layers (largest shift {largest:.3g})"]
+        notes.insert(0, f"{self.mode}: corrected the bias of {corrected} layers (largest shift {largest:.3g})")
         return PassResult(gm, corrected > 0, {"corrected": corrected, "largest_shift": largest}, notes)
+
+
+def _producer(node: torch.fx.Node) -> torch.fx.Node | None:
+    """The op whose value ``node`` reads, looking through observers."""
+    from fxopt.quant.observers import Observer  # noqa: PLC0415
+
+    value = node.args[0] if node.args else None
+    while isinstance(value, torch.fx.Node) and value.op == "call_module" and \
+            isinstance(value.graph.owning_module.get_submodule(value.target), Observer):
+        value = value.args[0]
+    return value if isinstance(value, torch.fx.Node) else None
+
+
+def _relu_mean(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """``E[max(z, 0)]`` for ``z ~ N(mu, sigma²)``."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    safe = sigma.clamp(min=1e-12)
+    t = mu / safe
+    value = mu * normal.cdf(t) + safe * normal.log_prob(t).exp()
+    return torch.where(sigma > 0, value, mu.clamp(min=0))
+
+
+def _analytical_mean(gm: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[torch.Tensor | None, str]:
+    """Per-channel ``E[x]`` of the input of ``node`` from the BatchNorm statistics of its producer."""
+    producer = _producer(node)
+    if producer is None:
+        return None, "its input is not produced by an op"
+    stats = meta.batchnorm_output(producer)
+    if stats is None:
+        return None, f"its input {producer.name} has no folded BatchNorm statistics"
+    mu, sigma = (t.double() for t in stats)
+    activation = meta.fused_activation(producer)
+    if activation is None:
+        return mu, ""
+    if activation == "relu":
+        return _relu_mean(mu, sigma), ""
+    if activation == "relu6":
+        return _relu_mean(mu, sigma) - _relu_mean(mu - 6.0, sigma), ""
+    return None, f"its input goes through {activation}, which has no closed-form mean here"

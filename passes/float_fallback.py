@@ -167,9 +167,19 @@ class FloatFallback(Pass):
                      f"(+{extra_bytes / 1024:.1f} KiB weights, {stats['float_mac_fraction']:.1%} of conv/linear MACs "
                      "in float)")
         if after < target:
-            notes.append(f"target {target} not reached: max_float_fraction={self.max_float_fraction} allows "
-                         f"{cap} float ops; the rest of the error is spread over many ops (try more calibration "
-                         "data, another observer, equalize=True, or a higher max_float_fraction)")
+            below = [u for u in units if -damage[u] < target]
+            if len(below) > cap:
+                why = (f"{len(below)} ops each bring the output below {target} on their own (the worst alone: "
+                       f"{-damage[order[0]]:.2f}, the {cap + 1}th: {-damage[order[cap]]:.2f}), and "
+                       f"max_float_fraction={self.max_float_fraction} lets only {cap} of {len(units)} stay float")
+            else:
+                why = (f"every op alone keeps {what} >= {target} once the {len(kept)} worst are float, but the "
+                       f"remaining {len(units) - len(kept)} int8 ops add up to {after:.2f}: the error is spread "
+                       f"over many ops")
+            stats["ops_below_target_alone"] = len(below)
+            stats["reason"] = why
+            notes.append(f"target {target} not reached: {why} (try more calibration data, adaround=True, "
+                         "equalize=True, or a higher max_float_fraction)")
         logger.info("float-fallback: %s", notes[-1])
         gm.recompile()
         return PassResult(gm, bool(kept), stats, notes)

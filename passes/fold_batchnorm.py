@@ -182,6 +182,10 @@ class FoldBatchNorm(Pass):
                 continue
             layer = module_of(gm, source)
             set_attr_path(gm, source.target, fold_bn_into(layer, stats))
+            channels = stats.mean.shape[0]
+            meta.set_batchnorm_output(source, (
+                stats.bias.detach().float() if stats.bias is not None else torch.zeros(channels),
+                stats.weight.detach().float().abs() if stats.weight is not None else torch.ones(channels)))
             dropped += bypass_node(gm, node, source)
             folded += 1
         for target in dict.fromkeys(dropped):

@@ -39,6 +39,8 @@ class PlaceObservers(Pass):
     weight: str = "minmax"
     per_channel: bool = True
     symmetric_weights: bool = True
+    # keyword options of the activation observer class, e.g. {"clip_weight": 4.0} for "histogram"
+    activation_options: dict = field(default_factory=dict)
     # the backend object the pipeline targets (from its PassContext); None: the one the graph was prepared for
     backend: Any = field(default=None, repr=False)
 
@@ -51,6 +53,14 @@ class PlaceObservers(Pass):
             raise ValueError(f"activation observer {self.activation!r} is not one of {ACTIVATION_OBSERVERS}")
         if self.weight not in WEIGHT_OBSERVERS:
             raise ValueError(f"weight observer {self.weight!r} is not one of {WEIGHT_OBSERVERS}")
+        if self.activation_options:
+            from fxopt.quant.spec import QSpec  # noqa: PLC0415
+
+            try:
+                make_observer(self.activation, QSpec(), **self.activation_options)
+            except TypeError as exc:
+                raise ValueError(f"activation_options {self.activation_options} do not fit the "
+                                 f"{self.activation!r} observer: {exc}") from exc
 
     def requires(self, gm: torch.fx.GraphModule) -> None:
         if meta.backend_of(gm) is None:
@@ -90,7 +100,8 @@ class PlaceObservers(Pass):
         for node in targets:
             target = unique_name("fxopt_obs", lambda n: hasattr(gm, n), start=next_index)
             next_index = int(target.rsplit("_", 1)[1]) + 1
-            observer = make_observer(self.activation, meta.operand_spec(node) or spec.activation)
+            observer = make_observer(self.activation, meta.operand_spec(node) or spec.activation,
+                                     **self.activation_options)
             observer.name = f"{target} (after {node.name})"
             gm.add_submodule(target, observer)
             with gm.graph.inserting_after(node):

@@ -94,7 +94,8 @@ class _L2Model:
     rounding error is ``scale² / 12`` per value inside the grid, except exact zeros (always on the grid).
     """
 
-    def __init__(self, hist, left, width, zeros, spec: QSpec):
+    def __init__(self, hist, left, width, zeros, spec: QSpec, clip_weight: float = 1.0):
+        self.clip_weight = clip_weight
         bins = hist.shape[1]
         centers = left + width * (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5)
         self.hist, self.left, self.width, self.spec = hist, left, width, spec
@@ -122,21 +123,22 @@ class _L2Model:
         err_lo, mass_lo = self._tail(g_lo, below=True)
         err_hi, mass_hi = self._tail(g_hi, below=False)
         inside = (self.total - mass_lo - mass_hi - self.zeros).clamp(min=0)
-        return err_lo + err_hi + inside * scale**2 / 12
+        return self.clip_weight * (err_lo + err_hi) + inside * scale**2 / 12
 
 
-def l2_range(hist, left, width, zeros, lo, hi, spec: QSpec):
+def l2_range(hist, left, width, zeros, lo, hi, spec: QSpec, clip_weight: float = 1.0):
     """``[a, b]`` minimising the :class:`_L2Model` error: a 1-D search over bin edges when symmetric,
     else a coarse 2-D grid of (left edge, right edge) refined at full resolution around the best.
 
     The model's ``scale²/12`` rounding error is wrong for peaks narrower than a quantization step (few
     bits), so the result is finally checked against the full ``[lo, hi]`` with the exact error.
+    ``clip_weight`` multiplies the clipping part of both errors (> 1: clipping costs more than rounding).
     """
-    a, b = _l2_search(_L2Model(hist, left, width, zeros, spec), hist, left, width, lo, hi, spec)
+    a, b = _l2_search(_L2Model(hist, left, width, zeros, spec, clip_weight), hist, left, width, lo, hi, spec)
     edges = left + width * torch.arange(hist.shape[1] + 1, dtype=torch.float64, device=hist.device)
     a = torch.cat([a[:, None], lo.double()[:, None]], dim=1)
     b = torch.cat([b[:, None], hi.double()[:, None]], dim=1)
-    k = _exact_mse(edges, hist / width, a, b, spec).argmin(dim=1, keepdim=True)
+    k = _exact_mse(edges, hist / width, a, b, spec, clip_weight).argmin(dim=1, keepdim=True)
     return a.gather(1, k)[:, 0], b.gather(1, k)[:, 0]
 
 
@@ -164,7 +166,7 @@ def _l2_search(model, hist, left, width, lo, hi, spec: QSpec):
     return (left + i * width)[:, 0], (left + j * width)[:, 0]
 
 
-def _exact_mse(edges, density, a, b, spec: QSpec):
+def _exact_mse(edges, density, a, b, spec: QSpec, clip_weight: float = 1.0):
     """Squared quantize→dequantize error of the histogram for each candidate range: (C, K).
 
     ``G(x) = ∫_{g_lo}^{x} (t - Q(t))² dt`` has a closed form (n full rounding cells of ``s³/12`` each,
@@ -176,7 +178,7 @@ def _exact_mse(edges, density, a, b, spec: QSpec):
     cells = y.floor()
     r = y - cells - 0.5
     g = s**3 * (cells / 12 + (r**3 + 0.125) / 3 - 1 / 24)
-    g = g + (x - g_lo).clamp(max=0) ** 3 / 3 + (x - g_hi).clamp(min=0) ** 3 / 3
+    g = g + clip_weight * ((x - g_lo).clamp(max=0) ** 3 / 3 + (x - g_hi).clamp(min=0) ** 3 / 3)
     return ((g[..., 1:] - g[..., :-1]) * density[:, None, :]).sum(dim=-1)
 
 

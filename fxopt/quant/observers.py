@@ -239,10 +239,17 @@ class PercentileObserver(_HistogramBase):
 
 
 class HistogramObserver(_HistogramBase):
-    """Range = argmin over ``[a, b]`` of clipping error + ``scale²/12`` rounding error on the histogram."""
+    """Range = argmin over ``[a, b]`` of ``clip_weight`` x clipping error + ``scale²/12`` rounding error on
+    the histogram."""
+
+    def __init__(self, spec: QSpec, *, clip_weight: float = 1.0, bins: int = 2048, name: str | None = None):
+        super().__init__(spec, bins=bins, name=name)
+        if clip_weight <= 0:
+            raise ValueError(f"clip_weight must be > 0, got {clip_weight}")
+        self.clip_weight = clip_weight
 
     def _search(self, hist, left, width, zeros, lo, hi):
-        return hm.l2_range(hist, left, width, zeros, lo, hi, self.spec)
+        return hm.l2_range(hist, left, width, zeros, lo, hi, self.spec, self.clip_weight)
 
     def _candidates(self):
         return 1 if self.spec.symmetric else 8  # ~9k (i, j) pairs at O(1) each vs bins per row

@@ -176,3 +176,81 @@ def test_float_fallback_with_a_metric_callback_and_when_nothing_is_needed():
         fp.FloatFallback(calib)
     with pytest.raises(fxopt.CalibrationError):
         fp.FloatFallback(None, min_sqnr=30)
+
+
+class ConvBNReLUConv(nn.Module):
+    """conv1 is the identity, so bn1's output is exactly N(beta, gamma²) per channel for N(0, 1) inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(6, 6, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.conv2 = nn.Conv2d(6, 8, 3)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn1(self.conv1(x))))
+
+
+def test_analytical_bias_correction_removes_the_expected_shift_from_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = ConvBNReLUConv().eval()
+    with torch.no_grad():
+        model.conv1.weight.copy_(torch.eye(6).reshape(6, 6, 1, 1))
+        model.bn1.weight.copy_(torch.linspace(0.5, 2.0, 6))
+        model.bn1.bias.copy_(torch.linspace(-1.0, 1.5, 6))
+        model.conv2.weight.mul_(3.0)  # coarse per-tensor grid: a visible rounding error
+    calib = _data(shape=(2, 6, 8, 8))
+    options = dict(per_channel=False)
+    plain = fxopt.compile(model, recipes.static_int8(calib, **options), example_inputs=(calib[0],))
+    fixed = fxopt.compile(model, recipes.static_int8(calib, bias_correction="analytical", **options),
+                          example_inputs=(calib[0],))
+    rec = [r for r in fxopt.records(fixed) if r.name.startswith("correct-bias")][0]
+    assert rec.modified and rec.stats["corrected"] == 1  # conv2; conv1 reads the model input: no statistics
+    assert any("conv1" in n and "no folded BatchNorm" in n for n in rec.notes)
+    # closed form: E[relu(z)], z ~ N(mu, sigma²) = mu Phi(mu/sigma) + sigma phi(mu/sigma)
+    mu, sigma = model.bn1.bias.detach().double(), model.bn1.weight.detach().double()
+    normal = torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), 1.0)
+    mean_in = mu * normal.cdf(mu / sigma) + sigma * normal.log_prob(mu / sigma).exp()
+    from fxopt.quant.weight_sim import fake_quantize_weight
+    w = model.conv2.weight.detach()
+    delta = (fake_quantize_weight(w, fxopt.meta.quant_config(plain), False) - w).double()
+    shift = delta.sum((2, 3)) @ mean_in
+    assert float(shift.abs().max()) > 1e-3
+    torch.testing.assert_close(fixed.conv2.bias.double(), model.conv2.bias.double() - shift, rtol=1e-5, atol=1e-6)
+    # on data that follows the BatchNorm model, the mean output error of the int8-weight conv2 goes away
+    gen = torch.Generator().manual_seed(7)
+    x = torch.relu(torch.randn(64, 6, 8, 8, generator=gen) * sigma.float().view(1, -1, 1, 1)
+                   + mu.float().view(1, -1, 1, 1))
+    wq = fake_quantize_weight(w, fxopt.meta.quant_config(plain), False)
+    b = model.conv2.bias.detach()
+    ref = torch.nn.functional.conv2d(x, w, b)
+    before = (torch.nn.functional.conv2d(x, wq, b) - ref).mean((0, 2, 3))
+    after = (torch.nn.functional.conv2d(x, wq, fixed.conv2.bias.detach()) - ref).mean((0, 2, 3))
+    torch.testing.assert_close(before.double(), shift, rtol=0.05, atol=2e-3)
+    assert float(after.abs().max()) < 0.1 * float(before.abs().max()), (after, before)
+
+
+def test_correct_bias_mode_is_checked_and_analytical_needs_no_data():
+    with pytest.raises(ValueError, match="empirical' or 'analytical"):
+        fp.CorrectBias(None, mode="bogus")
+    fp.CorrectBias(None, mode="analytical")  # no data needed
+
+
+def test_static_int8_recipe_options_analytical_bias_correction_and_adaround():
+    from fxopt import recipe_args
+
+    torch.manual_seed(0)
+    model = ConvBNReLUConv().eval()
+    calib = _data(shape=(2, 6, 8, 8))
+    steps = recipe_args.build("static_int8", recipe_args.parse(
+        "static_int8:bias_correction='analytical':adaround=20")[0][1], calibration=calib)
+    names = [p.name for p in steps]
+    assert names.index("correct-bias") < names.index("calibrate") < names.index("adaround")
+    assert [p for p in steps if p.name == "correct-bias"][0].mode == "analytical"
+    assert [p for p in steps if p.name == "adaround"][0].iters == 20
+    int8 = fxopt.compile(model, steps, example_inputs=(calib[0],), backend="x86")
+    recs = {r.name.split("{")[0]: r for r in fxopt.records(int8)}
+    assert recs["correct-bias"].modified and recs["adaround"].modified
+    x = _data(n=1, shape=(2, 6, 8, 8), seed=3)[0]
+    with torch.no_grad():
+        assert _sqnr(model(x), int8(x)) > 30

@@ -410,3 +410,24 @@ def test_histogram_calibration_is_not_dominated_by_observer_time():
         o.calculate_qparams()
     search = time.perf_counter() - t0
     assert observed + search < 2.0 * plain, (plain, observed, search)
+
+
+def test_histogram_clip_weight_widens_the_range_on_heavy_tails():
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0)) ** 3
+    ranges = {}
+    for weight in (1.0, 4.0, 64.0):
+        obs = make_observer("histogram", QUINT8, clip_weight=weight)
+        obs(x)
+        scale, _ = obs.calculate_qparams()
+        ranges[weight] = float(scale) * 255
+    assert ranges[1.0] < ranges[4.0] < ranges[64.0] <= float(x.max() - x.min()) * 1.001, ranges
+    with pytest.raises(ValueError, match="clip_weight"):
+        make_observer("histogram", QUINT8, clip_weight=0.0)
+
+
+def test_place_observers_passes_activation_options_and_checks_them():
+    from fxopt import passes as fp
+
+    assert fp.PlaceObservers(activation_options={"clip_weight": 2.0}).activation_options == {"clip_weight": 2.0}
+    with pytest.raises(ValueError, match="do not fit"):
+        fp.PlaceObservers(activation="minmax", activation_options={"clip_weight": 2.0})
