@@ -570,9 +570,9 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
     _fold_static_shapes(model)
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
-        if spec.name == "onnx":
+        if spec.name == "onnx":  # ONNX Runtime's QDQ fusions; OpenVINO reads the exporter's MatMul form as it is
             _linear_as_gemm(model)
-        _fold_weight_transpose(model)
+            _fold_weight_transpose(model)
         _quantize_conv_bias(model)
     if kind == "fp16":
         _float16_initializers(model)

@@ -1,5 +1,6 @@
 """Int8 linears on [batch, seq, hidden] inputs in ONNX Runtime: fxopt's QDQ export before / after the QGemm
-rewrite vs ONNX Runtime's own ``quantize_static``, and OpenVINO on the same ONNX before / after.
+rewrite vs ONNX Runtime's own ``quantize_static``, and OpenVINO before / after (the rewrites are ONNX Runtime
+only: the OpenVINO IR should come out byte-identical, which the script prints).
 
     python -m bench.onnx_sequence [rounds] [transformer|textenc] [batches]
 
@@ -56,6 +57,8 @@ def main(rounds: int = 15, which: str = "transformer", batches: str = "1") -> No
              "ort quant": OnnxModule(ds.ort_quantize(float_onnx, calib), 1),
              "ov before": OpenVinoModule(ov_before.xml, ov_before.weights, 1),
              "ov after": OpenVinoModule(ov_after.xml, ov_after.weights, 1)}
+    same = ov_before.xml == ov_after.xml and ov_before.weights == ov_after.weights
+    print(f"OpenVINO IR before == after (byte-identical): {same}")
     x86 = fxopt.lower(prepared, "x86")
     print(f"# {ds._cpu()}; {ds._load()}; {which}, 1 thread, {rounds} interleaved rounds")
     for name in list(cands)[1:]:
