@@ -12,14 +12,18 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   absorb gets its QDQ after it (range clamped at 0), ops that keep their input's qparams (pooling,
   reshape…) get a QDQ with those qparams after them (not inside a chain of reshapes / transposes: only its
   last op, so OpenVINO can fuse a channel shuffle), fixed-range ops (sigmoid…) their fixed qparams; for
-  ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels);
+  ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels), and a
+  linear on a [batch, seq, hidden] input (which the exporter writes as ``MatMul`` + ``Add``) becomes
+  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``;
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
   with the stored per-channel int8 weights, then the float rescale and bias.
 
 Sizes the model reads (``x.size(d)``) are constants for every dimension but the dynamic batch, and a
-``Shape`` reads a tensor before its ``DequantizeLinear``. ``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
+``Shape`` reads a tensor before its ``DequantizeLinear``. A graph from the export frontend (``torch.export``,
+e.g. a Hugging Face BERT) keeps every dimension ``torch.export`` kept symbolic dynamic in the file (batch and
+sequence length), its size reads traced as ``Shape`` ops instead of the example's numbers. ``onnx.checker`` runs on every export. The returned :class:`OnnxModule` runs the file in an
 ``onnxruntime.InferenceSession`` on the CPU with ``threads`` intra-op threads (``torch.get_num_threads()``
 read at lowering unless the backend was built with ``OnnxBackend(threads=n)``), takes the same arguments
 as the original model (any batch size: dimension 0 of every input and output is dynamic) and returns the
@@ -546,6 +550,12 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
         raise UnsupportedError("ONNX export needs a model whose outputs are tensors (or tuples/lists/dicts of them)")
     out_names = [f"output_{i}" for i in range(len(leaves))]
     axes = {n: {0: "batch"} for n in [*names, *out_names]} if dynamic_batch else None
+    symbolic = _symbolic_dims(gm, names) if isinstance(gm, torch.fx.GraphModule) and dynamic_batch else {}
+    if symbolic:  # a torch.export graph: its dynamic dims (batch, sequence...) stay dynamic in the file
+        axes = {**axes, **symbolic}
+        for name, out_dims in zip(out_names, _symbolic_output_dims(gm, len(out_names))):
+            axes[name] = {**axes[name], **out_dims}
+        _traceable_sizes(work)
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), _no_fastpath():
         warnings.simplefilter("ignore")
@@ -560,6 +570,9 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
     _fold_static_shapes(model)
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
+        if spec.name == "onnx":  # ONNX Runtime's QDQ fusions; OpenVINO reads the exporter's MatMul form as it is
+            _linear_as_gemm(model)
+            _fold_weight_transpose(model)
         _quantize_conv_bias(model)
     if kind == "fp16":
         _float16_initializers(model)
@@ -574,6 +587,103 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
     except Exception as exc:
         raise UnsupportedError(f"the exported ONNX graph failed onnx.checker: {exc}") from exc
     return model, info
+
+
+def _axis_name(size: Any, dim: int) -> str:
+    return "batch" if dim == 0 else f"dim_{size}"
+
+
+def _symbolic_dims(gm: torch.fx.GraphModule, names: list[str]) -> dict[str, dict[int, str]]:
+    """``{input name: {dim: axis name}}`` for the dims ``torch.export`` kept symbolic (the export frontend's
+    placeholders carry their ``val`` with SymInt sizes); equal symbols get equal names (``input_ids`` and
+    ``attention_mask`` share their sequence length). Empty for a graph from the symbolic tracer."""
+    out: dict[str, dict[int, str]] = {}
+    for node, name in zip(gm.graph.find_nodes(op="placeholder"), names):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            dims = {d: _axis_name(size, d) for d, size in enumerate(val.shape) if isinstance(size, torch.SymInt)}
+            if dims:
+                out[name] = dims
+    return out
+
+
+def _symbolic_output_dims(gm: torch.fx.GraphModule, count: int) -> list[dict[int, str]]:
+    """The symbolic dims of each flat output (from the output node's recorded ``val``), or ``{}`` each."""
+    output = next(iter(gm.graph.find_nodes(op="output")), None)
+    vals = [a.meta.get("val") if isinstance(a, torch.fx.Node) else None
+            for a in pytree.tree_leaves(output.args[0])] if output is not None else []
+    if len(vals) != count:
+        return [{} for _ in range(count)]
+    return [{d: _axis_name(size, d) for d, size in enumerate(v.shape) if isinstance(size, torch.SymInt)}
+            if isinstance(v, torch.Tensor) else {} for v in vals]
+
+
+def _traceable_sizes(gm: nn.Module) -> None:
+    """``aten.sym_size.int(x, d)`` (torch.export's size reads) → ``x.size(d)``: the ONNX tracer records a
+    method ``size`` as a ``Shape → Gather`` on the live tensor, where the aten op's int would be a constant
+    (the example's batch / sequence length baked into the file)."""
+    if not isinstance(gm, torch.fx.GraphModule):
+        return
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int]
+    sized: set[torch.fx.Node] = set()
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            size = gm.graph.call_method("size", tuple(node.args), dict(node.kwargs))
+        node.replace_all_uses_with(size)
+        gm.graph.erase_node(node)
+        sized.add(size)
+    # a traced size is a 0-d tensor, which aten overloads refuse where they take an int: the ops that read a
+    # size go through their Python bindings (which take it), size arithmetic (operator.*) stays as it is
+    for node in gm.graph.nodes:
+        if not any(a in sized for a in pytree.tree_leaves((node.args, node.kwargs))):
+            continue
+        if node.op == "call_function" and node.target in _SIZE_READERS:
+            node.target = _SIZE_READERS[node.target]
+        sized.add(node)  # its value depends on the size (arithmetic, or a tensor shaped by it)
+    if nodes:
+        gm.recompile()
+
+
+def _arange(*args, **kwargs):
+    return torch.arange(*args, **kwargs)
+
+
+def _expand(x, size, implicit=False):
+    return x.expand(*size)
+
+
+def _view(x, size):
+    return x.reshape(*size)
+
+
+def _slice(x, dim=0, start=None, end=None, step=1):
+    length = x.size(dim) - (start or 0) if end is None or (isinstance(end, int) and end >= 2**62) \
+        else end - (start or 0)
+    return x.narrow(dim, start or 0, length) if step == 1 else x[(slice(None),) * (dim % x.dim()) +
+                                                                 (slice(start, end, step),)]
+
+
+def _new_ones(x, size, **kwargs):
+    kwargs.pop("pin_memory", None)
+    return x.new_ones(size, **kwargs)
+
+
+def _new_zeros(x, size, **kwargs):
+    kwargs.pop("pin_memory", None)
+    return x.new_zeros(size, **kwargs)
+
+
+def _full(size, value, **kwargs):
+    kwargs.pop("pin_memory", None)
+    return torch.full(size, value, **kwargs)
+
+
+_aten = torch.ops.aten
+_SIZE_READERS = {_aten.arange.default: _arange, _aten.arange.start: _arange, _aten.arange.start_step: _arange,
+                 _aten.expand.default: _expand, _aten.view.default: _view, _aten.reshape.default: _view,
+                 _aten._unsafe_view.default: _view, _aten.slice.Tensor: _slice,
+                 _aten.new_ones.default: _new_ones, _aten.new_zeros.default: _new_zeros,
+                 _aten.full.default: _full}
 
 
 def _inline_identities(model) -> None:
@@ -646,6 +756,153 @@ def _fold_weight_quantize(model) -> None:
                 if inp == node.output[0]:
                     other.input[i] = name
         graph.node.remove(node)
+    _drop_unused(model)
+
+
+def _linear_as_gemm(model) -> None:
+    """An int8 linear on an N-D input (``DQ(x) → MatMul(·, Transpose(DQ(W))) → Add(bias) → Q``, what the
+    exporter writes for more than 2 dimensions) → ``Reshape`` to 2-D, ``Gemm(transB=1)`` with the bias,
+    ``Reshape`` back, each behind a QDQ with the same qparams. ONNX Runtime fuses the MatMul form into
+    ``MatMulIntegerToFloat`` + a float bias ``Add`` + ``QuantizeLinear``; the Gemm form into one ``QGemm``
+    (int32 bias, int8 output) with the reshapes run on the int8 tensor. The numerics stay: the output is
+    still rounded once, after the bias (the bias becomes int32 in :func:`_quantize_conv_bias`)."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import helper, numpy_helper, shape_inference  # noqa: PLC0415
+
+    graph = model.graph
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - an optimization: an uninferable graph stays as it is
+        return
+    dims: dict[str, list[int | None]] = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    consts = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    count = 0
+    for mm in list(graph.node):
+        if mm.op_type != "MatMul":
+            continue
+        dq_x, tr = producer.get(mm.input[0]), producer.get(mm.input[1])
+        if dq_x is None or dq_x.op_type != "DequantizeLinear" or tr is None:
+            continue
+        # the weight as W [N, K] behind a Transpose (or W [K, N] read directly: the exporter folded the Transpose)
+        trans_b = tr.op_type == "Transpose"
+        dq_w = producer.get(tr.input[0]) if trans_b else tr
+        if dq_w is None or dq_w.op_type != "DequantizeLinear" or dq_w.input[0] not in consts:
+            continue
+        w_shape = consts[dq_w.input[0]].shape
+        perm = next((list(a.ints) for a in tr.attribute if a.name == "perm"), [1, 0]) if trans_b else [1, 0]
+        if len(w_shape) != 2 or perm != [1, 0]:
+            continue
+        n_out, k_in = w_shape if trans_b else w_shape[::-1]
+        x_shape = dims.get(mm.input[0]) or None  # None: unknown (the shapes below then come from Shape)
+        if x_shape is not None and (len(x_shape) < 3 or x_shape[-1] not in (k_in, None)):
+            continue
+        add = users.get(mm.output[0], [])
+        if len(add) != 1 or add[0].op_type != "Add" or mm.output[0] in outputs:
+            continue
+        add = add[0]
+        bias_name = add.input[1] if add.input[0] == mm.output[0] else add.input[0]
+        if bias_name not in consts or consts[bias_name].shape != (n_out,):
+            continue
+        q = users.get(add.output[0], [])
+        if len(q) != 1 or q[0].op_type != "QuantizeLinear" or add.output[0] in outputs:
+            continue
+        q = q[0]
+        if len(dq_x.input) < 3 or len(q.input) < 3:
+            continue
+        base = f"{mm.output[0]}_gemm"
+        if x_shape is not None and all(d is not None for d in x_shape[1:]):
+            back = np.array([-1, *x_shape[1:-1], n_out], np.int64)
+            graph.initializer.append(numpy_helper.from_array(back, f"{base}_shape_out"))
+            shape_nodes = []
+        else:  # more than the batch is dynamic (or unknown): x's shape with the last dimension replaced
+            graph.initializer.extend([numpy_helper.from_array(np.array([n_out], np.int64), f"{base}_n"),
+                                      numpy_helper.from_array(np.array([0], np.int64), f"{base}_s0"),
+                                      numpy_helper.from_array(np.array([-1], np.int64), f"{base}_s1")])
+            shape_nodes = [
+                helper.make_node("Shape", [dq_x.input[0]], [f"{base}_xshape"], name=f"{base}_Shape"),
+                helper.make_node("Slice", [f"{base}_xshape", f"{base}_s0", f"{base}_s1"], [f"{base}_lead"],
+                                 name=f"{base}_Slice"),
+                helper.make_node("Concat", [f"{base}_lead", f"{base}_n"], [f"{base}_shape_out"], axis=0,
+                                 name=f"{base}_Concat")]
+        graph.initializer.append(numpy_helper.from_array(np.array([-1, k_in], np.int64), f"{base}_shape_in"))
+        xq = list(dq_x.input[1:3])
+        oq = list(q.input[1:3])
+        new = [
+            *shape_nodes,
+            helper.make_node("Reshape", [mm.input[0], f"{base}_shape_in"], [f"{base}_x2d"], name=f"{base}_Reshape"),
+            helper.make_node("QuantizeLinear", [f"{base}_x2d", *xq], [f"{base}_x2d_q"], name=f"{base}_xq"),
+            helper.make_node("DequantizeLinear", [f"{base}_x2d_q", *xq], [f"{base}_x2d_dq"], name=f"{base}_xdq"),
+            helper.make_node("Gemm", [f"{base}_x2d_dq", dq_w.output[0], bias_name], [f"{base}_y2d"],
+                             transB=int(trans_b), name=f"{base}_Gemm"),
+            helper.make_node("QuantizeLinear", [f"{base}_y2d", *oq], [f"{base}_y2d_q"], name=f"{base}_yq"),
+            helper.make_node("DequantizeLinear", [f"{base}_y2d_q", *oq], [f"{base}_y2d_dq"], name=f"{base}_ydq"),
+            helper.make_node("Reshape", [f"{base}_y2d_dq", f"{base}_shape_out"], [f"{base}_y"],
+                             name=f"{base}_Reshape_out"),
+        ]
+        at = list(graph.node).index(q)  # after the constants of both QDQs
+        for k, node in enumerate(new):
+            graph.node.insert(at + k, node)
+        q.input[0] = f"{base}_y"
+        graph.node.remove(add)
+        graph.node.remove(mm)
+        if trans_b and all(u is mm for u in users.get(tr.output[0], [])):
+            graph.node.remove(tr)
+        count += 1
+    if count:
+        _drop_dead_nodes(model)
+
+
+def _fold_weight_transpose(model) -> None:
+    """``DequantizeLinear(int8 weight) → Transpose → MatMul`` → ``DequantizeLinear(transposed int8 weight) →
+    MatMul``: the exporter writes a linear on a 3-D input as ``MatMul(x, Transpose(W))``, which it
+    constant-folds for a float weight but not behind a DQ. ONNX Runtime's QDQ fusions need the DQ to feed the
+    MatMul directly (with the Transpose in between the linear ran as a float MatMul on a dequantized weight)."""
+    import numpy as np  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+    for dq in list(graph.node):
+        if dq.op_type != "DequantizeLinear" or dq.input[0] not in inits or dq.output[0] in graph_outputs:
+            continue
+        readers = users.get(dq.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "Transpose":
+            continue
+        transpose = readers[0]
+        w = numpy_helper.to_array(inits[dq.input[0]])
+        perm = next((list(a.ints) for a in transpose.attribute if a.name == "perm"), [1, 0])
+        if w.ndim != 2 or perm != [1, 0] or transpose.output[0] in graph_outputs:
+            continue
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        name, k = f"{dq.input[0]}_t", 0
+        while name in inits:
+            k += 1
+            name = f"{dq.input[0]}_t{k}"
+        inits[name] = numpy_helper.from_array(np.ascontiguousarray(w.T), name)
+        graph.initializer.append(inits[name])
+        dq.input[0] = name
+        del dq.attribute[:]
+        dq.attribute.append(helper.make_attribute("axis", 1 - axis % 2))
+        for reader in users.get(transpose.output[0], []):
+            for i, inp in enumerate(reader.input):
+                if inp == transpose.output[0]:
+                    reader.input[i] = dq.output[0]
+        graph.node.remove(transpose)
     _drop_unused(model)
 
 

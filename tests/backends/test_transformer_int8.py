@@ -83,9 +83,11 @@ def test_encoder_onnx_float_int8_fp16(encoder, x86_int8, tmp_path):
     proto = _saved_onnx(q, tmp_path)
     onnx.checker.check_model(proto, full_check=True)
     producers = {out: node for node in proto.graph.node for out in node.output}
+    weights = {i.name for i in proto.graph.initializer}
     matmuls = [n for n in proto.graph.node if n.op_type == "MatMul"
-               and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear" for i in n.input)]
-    assert len(matmuls) == 2 * 2  # q @ kᵀ and weights @ v of each layer, both operands int8 (Linear: DQ → Transpose)
+               and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                       and producers[i].input[0] not in weights for i in n.input)]
+    assert len(matmuls) == 2 * 2  # q @ kᵀ and weights @ v of each layer, both int8 activations (not a Linear)
     assert any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)
 
 
