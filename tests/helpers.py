@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
+import torch.nn as nn
 
 import fxopt
 from fxopt import backends, meta
@@ -72,3 +73,23 @@ def calibrate(gm: torch.fx.GraphModule, batches) -> torch.fx.GraphModule:
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     """SQNR of ``out`` against ``ref`` in dB (``fxopt.compare``'s definition)."""
     return sqnr_db(ref, out)
+
+
+class SmallEncoder(nn.Module):
+    """Linear stem, a 2-layer ``nn.TransformerEncoder`` (batch_first), mean-pooled 5-way head. The encoder's
+    cloned layers start equal; ``distinct_layers=True`` perturbs each so that no two share weights."""
+
+    def __init__(self, width: int = 64, layers: int = 2, distinct_layers: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, width)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 5)
+        if distinct_layers:
+            with torch.no_grad():
+                for i, lyr in enumerate(self.encoder.layers):
+                    for p in lyr.parameters():
+                        p.add_(0.05 * (i + 1) * torch.randn_like(p))
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))

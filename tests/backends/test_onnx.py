@@ -14,6 +14,7 @@ import fxopt
 from fxopt import recipes
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.graph_utils import is_observer
+from tests.helpers import SmallEncoder
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -206,21 +207,9 @@ def test_bad_input_errors(small, monkeypatch):
         fxopt.compile(model, recipes.fuse(), example_inputs=(x,), backend="onnx")
 
 
-class Encoder(nn.Module):
-    def __init__(self, width: int = 64, layers: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Linear(16, width)
-        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(width, 5)
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x)).mean(1))
-
-
 def test_transformer_encoder_float_and_dynamic():
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = SmallEncoder().eval()
     x = torch.randn(2, 12, 16)
     f = fxopt.compile(model, recipes.fuse(), example_inputs=(x,), backend="onnx")
     with torch.no_grad():
@@ -266,7 +255,7 @@ def test_zoo_float_int8_fp16(name):
 @pytest.mark.slow
 def test_transformer_encoder_static_int8():
     torch.manual_seed(0)
-    model = Encoder(width=96).eval()
+    model = SmallEncoder(width=96).eval()
     x = torch.randn(2, 12, 16)
     data = [torch.randn(2, 12, 16) for _ in range(4)]
     with torch.no_grad():

@@ -21,7 +21,9 @@ pytest.importorskip("onnx")
 
 from fxopt.backends.openvino import OpenVinoBackend, OpenVinoModule  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the shared models of test_onnx.py
-from test_onnx import Encoder, SmallNet, sqnr, trained_looking  # noqa: E402
+from test_onnx import SmallNet, sqnr, trained_looking  # noqa: E402
+
+from tests.helpers import SmallEncoder  # noqa: E402
 
 
 def runtime_ops(module: OpenVinoModule) -> Counter:
@@ -101,7 +103,7 @@ def test_missing_openvino_says_how_to_install(small, monkeypatch):
 
 def test_transformer_encoder_fp16_ir():
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = SmallEncoder().eval()
     x = torch.randn(2, 12, 16)
     out = fxopt.compile(model, recipes.fuse(), example_inputs=(x,), backend="openvino")
     with torch.no_grad():

@@ -3,17 +3,16 @@ small Hugging Face BERT through the export frontend (OpenVINO), attention MatMul
 
 from __future__ import annotations
 
-import io
 import pathlib
 import sys
 from collections import Counter
 
 import pytest
 import torch
-import torch.nn as nn
 
 import fxopt
 from fxopt import recipes
+from tests.helpers import SmallEncoder
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -26,28 +25,10 @@ from test_openvino import runtime_ops  # noqa: E402
 from fxopt.backends.openvino import OpenVinoBackend, _core  # noqa: E402
 
 
-class Encoder(nn.Module):
-    """Linear stem, a 2-layer nn.TransformerEncoder (distinct layer weights), mean-pooled head."""
-
-    def __init__(self, width: int = 64, layers: int = 2) -> None:
-        super().__init__()
-        self.embed = nn.Linear(16, width)
-        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-        self.head = nn.Linear(width, 5)
-        with torch.no_grad():
-            for i, lyr in enumerate(self.encoder.layers):
-                for p in lyr.parameters():
-                    p.add_(0.05 * (i + 1) * torch.randn_like(p))
-
-    def forward(self, x):
-        return self.head(self.encoder(self.embed(x)).mean(1))
-
-
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
-    model = Encoder().eval()
+    model = SmallEncoder(distinct_layers=True).eval()
     x = torch.randn(2, 12, 16)
     data = [torch.randn(8, 12, 16) for _ in range(6)]
     return model, x, data
