@@ -759,6 +759,28 @@ def _fold_weight_quantize(model) -> None:
     _drop_unused(model)
 
 
+def _graph_index(model) -> tuple[dict, dict, dict, dict] | None:
+    """What the ONNX rewrites read: inferred dims by value name (``None`` for a symbolic dim), constants,
+    each value's producer node and each value's user nodes. ``None`` when shape inference fails."""
+    from onnx import shape_inference  # noqa: PLC0415
+
+    try:
+        inferred = shape_inference.infer_shapes(model).graph
+    except Exception:  # noqa: BLE001 - callers treat an uninferable graph as one to leave alone
+        return None
+    dims: dict[str, list[int | None]] = {}
+    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
+        t = info.type.tensor_type
+        if t.HasField("shape"):
+            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return dims, _constants(model), producer, users
+
+
 def _linear_as_gemm(model) -> None:
     """An int8 linear on an N-D input (``DQ(x) → MatMul(·, Transpose(DQ(W))) → Add(bias) → Q``, what the
     exporter writes for more than 2 dimensions) → ``Reshape`` to 2-D, ``Gemm(transB=1)`` with the bias,
@@ -767,24 +789,13 @@ def _linear_as_gemm(model) -> None:
     (int32 bias, int8 output) with the reshapes run on the int8 tensor. The numerics stay: the output is
     still rounded once, after the bias (the bias becomes int32 in :func:`_quantize_conv_bias`)."""
     import numpy as np  # noqa: PLC0415
-    from onnx import helper, numpy_helper, shape_inference  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
 
     graph = model.graph
-    try:
-        inferred = shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - an optimization: an uninferable graph stays as it is
+    index = _graph_index(model)
+    if index is None:  # an optimization: an uninferable graph stays as it is
         return
-    dims: dict[str, list[int | None]] = {}
-    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
-        t = info.type.tensor_type
-        if t.HasField("shape"):
-            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    consts = _constants(model)
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    dims, consts, producer, users = index
     outputs = {o.name for o in graph.output}
     count = 0
     for mm in list(graph.node):
@@ -942,24 +953,13 @@ def _fold_static_shapes(model) -> None:
     the dimension is static (every one but the dynamic batch), and a ``Shape`` still needed reads the
     tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape."""
     import numpy as np  # noqa: PLC0415
-    from onnx import helper, numpy_helper, shape_inference  # noqa: PLC0415
+    from onnx import helper, numpy_helper  # noqa: PLC0415
 
     graph = model.graph
-    try:
-        inferred = shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - folding is an optimization; an uninferable graph stays as it is
+    index = _graph_index(model)
+    if index is None:  # an optimization: an uninferable graph stays as it is
         return
-    dims: dict[str, list[int | None]] = {}
-    for info in [*inferred.value_info, *inferred.input, *inferred.output]:
-        t = info.type.tensor_type
-        if t.HasField("shape"):
-            dims[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    consts = _constants(model)
-    producer = {o: n for n in graph.node for o in n.output}
-    users: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            users.setdefault(name, []).append(node)
+    dims, consts, producer, users = index
 
     def constant(name: str, value) -> Any:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, f"{name}_value"),
