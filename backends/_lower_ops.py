@@ -23,7 +23,7 @@ from fxopt.graph_utils import bind_args, get_attr_path, is_observer, single_user
 from fxopt.quant.nn import FusedModule
 from fxopt.quant.nn import int8 as qm
 from fxopt.quant.observers import make_observer
-from fxopt.quant.spec import QSpec, qparams_from_range
+from fxopt.quant.spec import QSpec, fused_activation_qparams
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 from fxopt.quant.weight_sim import is_depthwise
 
@@ -217,7 +217,7 @@ class OpLowering:
             activation = _fused_activation(node, module)
             follower = self._absorbable_activation(obs) if activation is None else None
             act = activation or follower
-            qparams = self._clamp(out_qparams, act)
+            qparams = fused_activation_qparams(self.act_spec, out_qparams, act)
             # relu6 runs as the relu kernel with the output range clamped to [0, 6]
             relu = act is not None and "relu" in rule.fused_activations
             self._grid_bits = None
@@ -359,15 +359,6 @@ class OpLowering:
     def _range(self, qparams: tuple[float, int]) -> tuple[float, float]:
         scale, zero_point = qparams
         return (self.act_spec.qmin - zero_point) * scale, (self.act_spec.qmax - zero_point) * scale
-
-    def _clamp(self, qparams: tuple[float, int], act: str | None) -> tuple[float, int]:
-        """Output qparams once ``act`` (relu / relu6) is applied: the range becomes ``[0, hi]``."""
-        if act is None:
-            return qparams
-        lo, hi = self._range(qparams)
-        hi = min(hi, 6.0) if act == "relu6" else hi
-        scale, zero_point = qparams_from_range(self.act_spec, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
-        return float(scale), int(zero_point)
 
     def _check_ranges(self, node: torch.fx.Node, key: str) -> None:
         if key not in ("add", "cat"):

@@ -55,7 +55,7 @@ from fxopt import meta
 from fxopt.errors import UnsupportedError
 from fxopt.graph_utils import is_observer
 from fxopt.quant.nn.fp16 import FP16Module
-from fxopt.quant.spec import qparams_from_range
+from fxopt.quant.spec import fused_activation_qparams
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from ._lower_ops import weight_qparams
@@ -182,13 +182,6 @@ class _QDQBuilder:
         self.qparams[qdq] = qparams
         self.stats["qdq"] += 1
         return qdq
-
-    def _clamp(self, qparams: tuple[float, int], act: str) -> tuple[float, int]:
-        scale, zp = qparams
-        lo, hi = (self.act.qmin - zp) * scale, (self.act.qmax - zp) * scale
-        hi = min(hi, 6.0) if act == "relu6" else hi
-        s, z = qparams_from_range(self.act, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
-        return float(s), int(z)
 
     def _weight(self, weight: torch.Tensor, key: str) -> _QDQWeight:
         rule = self.spec.rule(key)
@@ -329,7 +322,7 @@ class _QDQBuilder:
         producer = self.modules.get(src.target) if src.op == "call_module" else None
         fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
         if fused is not None:
-            qparams = self._clamp(qparams, fused)
+            qparams = fused_activation_qparams(self.act, qparams, fused)
         is_stub = isinstance(producer, QuantStub)
         if module.spec.dtype != self.act.dtype:  # a matmul operand's own (signed, symmetric) qspec
             self._insert_qdq(src, qparams, module.spec.qrange)
@@ -337,7 +330,7 @@ class _QDQBuilder:
         act = None if is_stub or len(src.users) != 1 else self._absorbable_after(src)
         if act is not None:
             follower = next(iter(src.users))
-            self._insert_qdq(follower, self._clamp(qparams, act))
+            self._insert_qdq(follower, fused_activation_qparams(self.act, qparams, act))
             return
         self._insert_qdq(src, qparams)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from fxopt import meta
 from fxopt.quant.fake_quant import fake_quantize
 from fxopt.quant.simulate import QuantDequant
-from fxopt.quant.spec import qparams_from_range
+from fxopt.quant.spec import fused_activation_qparams
 from fxopt.quant.stubs import QuantStub
 
 from fxopt.graph_utils import bypass_node, is_observer
@@ -163,13 +163,13 @@ class _Simulation:
         inner = getattr(producer, "activation", None)
         fused = "relu6" if isinstance(inner, nn.ReLU6) else "relu" if isinstance(inner, nn.ReLU) else None
         if fused is not None:
-            qparams = self._clamp(qparams, fused)
+            qparams = fused_activation_qparams(self.act, qparams, fused)
         if follower is not None:  # the int8 kernel applies it: round once, after it, on [0, hi]
             act_node, act = follower
             node.replace_all_uses_with(src)
             self.gm.graph.erase_node(node)
             self.done.add(act_node)
-            self._round_after(act_node, self._clamp(qparams, act))
+            self._round_after(act_node, fused_activation_qparams(self.act, qparams, act))
             return
         own = observer.spec.qrange if observer.spec.dtype != self.act.dtype else self.full  # matmul operands
         sim = QuantDequant(*qparams, *own)
@@ -191,13 +191,6 @@ class _Simulation:
         if op_key(user, self.gm) == "hardtanh" and _hardtanh_bounds(user, self.modules) != (0.0, 6.0):
             return None
         return user, act
-
-    def _clamp(self, qparams: tuple[float, int], act: str) -> tuple[float, int]:
-        scale, zero_point = qparams
-        lo, hi = (self.act.qmin - zero_point) * scale, (self.act.qmax - zero_point) * scale
-        hi = min(hi, 6.0) if act == "relu6" else hi
-        s, z = qparams_from_range(self.act, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
-        return float(s), int(z)
 
     def _weight_grid(self, weight: torch.Tensor, key: str, groups: int = 1) -> torch.Tensor:
         rule = self.spec.rule(key)

@@ -52,7 +52,7 @@ from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.graph_utils import bind_args, get_attr_path, is_observer
 from fxopt.quant.nn import FusedModule
-from fxopt.quant.spec import QSpec, qparams_from_range
+from fxopt.quant.spec import QSpec, fused_activation_qparams
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from ._lower_ops import is_depthwise, weight_qparams
@@ -215,14 +215,6 @@ class _Writer:
         scale, zp = self.modules[obs[0].target].calculate_qparams()
         return obs[0], (float(torch.as_tensor(scale).reshape(-1)[0]), int(torch.as_tensor(zp).reshape(-1)[0]))
 
-    def clamp(self, qparams: tuple[float, int], act: str) -> tuple[float, int]:
-        """The qparams an int8 kernel with a fused ReLU / ReLU6 writes: the range cut at 0 (and 6)."""
-        scale, zp = qparams
-        lo, hi = (self.act.qmin - zp) * scale, (self.act.qmax - zp) * scale
-        hi = min(hi, 6.0) if act == "relu6" else hi
-        s, z = qparams_from_range(self.act, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
-        return float(s), int(z)
-
     def fusable_follower(self, obs: torch.fx.Node) -> tuple[torch.fx.Node, str] | None:
         """The lowering's rule: the observed value's only reader is a ReLU / ReLU6 in the int8 region."""
         if len(obs.users) != 1:
@@ -239,13 +231,13 @@ class _Writer:
         obs, qparams = self.observed(node)
         aliases = [obs]
         if fused is not None:
-            qparams = self.clamp(qparams, fused)
+            qparams = fused_activation_qparams(self.act, qparams, fused)
         elif can_fuse:
             follower = self.fusable_follower(obs)
             if follower is not None:
                 aliases.append(follower[0])
                 fused = follower[1]
-                qparams = self.clamp(qparams, fused)
+                qparams = fused_activation_qparams(self.act, qparams, fused)
         return qparams, fused, aliases
 
     # ---- values ---------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from fxopt import meta
 from fxopt.graph_utils import is_observer
+from fxopt.quant.spec import fused_activation_qparams
 
 from ._lower_ops import OpLowering, _base, _binary_inputs, _explicit_padding, _fused_activation, _KeepFloat
 from fxopt.quant.nn.onednn import QConvPointwise, onednn_fusion_available
@@ -262,7 +263,7 @@ class X86Lowering(OpLowering):
         activation = _fused_activation(add, module)
         follower = self._absorbable_activation(obs) if activation is None else None
         act = activation or follower
-        qparams = self._clamp(out_qparams, act)
+        qparams = fused_activation_qparams(self.act_spec, out_qparams, act)
         x = conv_node.args[0]
         qx, qacc = self.qvalue(x), self.qvalue(other)
         wq = self._weight_qparams(conv.weight, conv_key, conv.groups)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["QSpec", "qparams_from_range", "quantize", "dequantize", "EPS"]
+__all__ = ["QSpec", "qparams_from_range", "fused_activation_qparams", "quantize", "dequantize", "EPS"]
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -108,6 +108,18 @@ def qparams_from_range(spec: QSpec, min_val: torch.Tensor, max_val: torch.Tensor
         zero_point = qmin - torch.round(min_neg / scale)
         zero_point = torch.clamp(zero_point, qmin, qmax).to(torch.int64)
     return scale.to(torch.float32), zero_point
+
+
+def fused_activation_qparams(spec: QSpec, qparams: tuple[float, int], act: str | None) -> tuple[float, int]:
+    """The per-tensor qparams an int8 kernel with a fused ReLU / ReLU6 writes: the range of ``qparams`` cut
+    at 0 (and at 6 for ``"relu6"``); ``qparams`` unchanged when ``act`` is None."""
+    if act is None:
+        return qparams
+    scale, zero_point = qparams
+    lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+    hi = min(hi, 6.0) if act == "relu6" else hi
+    s, z = qparams_from_range(spec, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
+    return float(s), int(z)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QSpec) -> torch.Tensor:
