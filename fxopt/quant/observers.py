@@ -95,6 +95,10 @@ class Observer(nn.Module):
         with torch.no_grad():
             lo, hi = self._range()
             scale, zero_point = qparams_from_range(self.spec, lo, hi)
+            # An all-zero range (a dead ReLU, a pruned channel) holds no scale: any scale keeps 0 exact. The
+            # float32-eps floor would make a reader's int32 bias (bias / (s_in * s_w) on qnnpack) overflow, 122
+            # steps off (tests/test_properties.py); 1.0 instead, as ONNX Runtime's quantizer does.
+            scale = torch.where((lo == 0) & (hi == 0), torch.ones_like(scale), scale)
         shape = self.min_val.shape
         return scale.reshape(shape), zero_point.reshape(shape)
 
