@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import math
 import os
 import time
 import warnings
@@ -30,6 +32,7 @@ from torchvision.ops import box_iou
 
 import fxopt
 from fxopt import recipes
+from fxopt.passes import PlaceObservers
 
 from bench.quant_reference import engine as quantized_engine
 
@@ -270,7 +273,36 @@ def torchao_backbone_int8(model: nn.Module, calib: list[torch.Tensor], backend: 
     return model
 
 
-def measure(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 8, check: bool = True) -> dict:
+def backbone_sqnr(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 8) -> dict:
+    """SQNR (dB) of each backbone output (Faster R-CNN: the FPN levels; SSDlite: the 6 feature maps) against
+    float, with the backbone alone in int8: fxopt's default recipe, fxopt with min/max or plain-L2 histogram
+    (clip_weight 1) activation observers, and torch.ao FX's default (the same backbone, same calibration)."""
+    model = detector(name)
+    with torch.no_grad():
+        calib = [model.transform([img])[0].tensors for img in scenes(n_calib, seed=1)]
+        test = [model.transform([img])[0].tensors for img in scenes(n_test, seed=2)]
+        ref = [model.backbone(x) for x in test]
+
+    def sqnr(backbone: nn.Module) -> list[float]:
+        with torch.no_grad():
+            outs = [backbone(x) for x in test]
+        return [round(10 * math.log10(sum(float((r[k] ** 2).sum()) for r in ref)
+                                      / sum(float(((r[k] - o[k]) ** 2).sum()) for r, o in zip(ref, outs))), 2)
+                for k in ref[0]]
+
+    def ours(observer: str = "histogram", **options) -> nn.Module:
+        steps = recipes.static_int8([(x,) for x in calib], observer=observer)
+        if options:
+            steps = [dataclasses.replace(p, activation_options=options) if isinstance(p, PlaceObservers) else p
+                     for p in steps]
+        return fxopt.compile(model.backbone, steps, example_inputs=(calib[0],), backend=backend)
+
+    return {"model": name, "backend": backend, "outputs": list(ref[0]), "fxopt": sqnr(ours()),
+            "fxopt minmax": sqnr(ours("minmax")), "fxopt histogram clip_weight 1": sqnr(ours(clip_weight=1.0)),
+            "torch.ao backbone": sqnr(torchao_backbone_int8(model, scenes(n_calib, seed=1), backend).backbone)}
+
+
+def measure(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 24, check: bool = True) -> dict:
     """Retention of the float top-10 by fxopt (whole traced part int8, lowering checked against the
     reference simulation) and by torch.ao (backbone only); ``chance`` is the float model's own retention
     across two different image sets (how much of the top-10 does not depend on the image at all);
@@ -307,11 +339,13 @@ def measure(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 8, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="x86", choices=["x86", "qnnpack"])
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--models", nargs="+", default=list(DETECTORS), choices=DETECTORS)
+    parser.add_argument("--backbone-sqnr", action="store_true",
+                        help="per-output SQNR of the backbone alone in int8 (fxopt observers, torch.ao) instead")
     args = parser.parse_args()
     for name in args.models:
-        print(measure(name, args.backend, n_test=args.images))
+        print(backbone_sqnr(name, args.backend) if args.backbone_sqnr else measure(name, args.backend, n_test=args.images))
 
 
 if __name__ == "__main__":

@@ -76,5 +76,6 @@ def test_measure_reports_a_torch_ao_model_that_fails_at_run_time(monkeypatch):
     monkeypatch.setattr(D, "torchao_backbone_int8", lambda model, calib, backend: _Fails())
     found = D.measure("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack", n_test=3)
     assert found["fxopt"] == 1.0 and found["fxopt, float score >= 0.5"] == 1.0
+    assert found["float detections >= 0.5"] == 3  # one 0.9 box per image
     assert found["torch.ao backbone"] is None and found["torch.ao, float score >= 0.5"] is None
     assert found["torch.ao error"] == "failed to create QNNPACK MaxPool operator"
