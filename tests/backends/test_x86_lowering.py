@@ -257,7 +257,7 @@ class ReLUSqueezeExcite(nn.Module):
         return self.project(self.se(torch.relu(self.expand(x))))
 
 
-def test_convs_on_unit_maps_are_packed_with_fbgemm_and_match_the_onednn_packing():
+def test_convs_on_unit_maps_are_packed_with_fbgemm_and_match_the_onednn_packing(tmp_path):
     torch.manual_seed(0)
     model = ReLUSqueezeExcite().eval()
     prepared, calib = _prepared(model, size=12)
@@ -274,6 +274,10 @@ def test_convs_on_unit_maps_are_packed_with_fbgemm_and_match_the_onednn_packing(
         x = calib[1]
         ref, a, b = model(x), lowered(x), onednn(x)
         out = lowered(torch.randn(3, 8, 12, 12))  # other batch sizes too
+        fxopt.save(lowered, tmp_path / "se.pt")
+        loaded = fxopt.load(tmp_path / "se.pt")
+        assert torch.equal(loaded(x), a)
+    assert dict(loaded.graph_module.named_modules())["se.fc2"].engine == "fbgemm"
     assert out.shape == (3, 8, 12, 12)
     # same int8 arithmetic on both libraries (int32 sums on a VNNI CPU): at most one output step apart
     step = lowered.graph_module.get_submodule("project").scale
