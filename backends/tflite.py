@@ -1157,12 +1157,13 @@ def float_islands_of(gm: torch.fx.GraphModule) -> list[str]:
                                "int8 here")
             continue
         if isinstance(module, DeQuantStub):
-            if not all(u.op == "output" for u in node.users):
+            if not all(u.op == "output" or u in shape_nodes for u in node.users):  # x.shape reads are constants
                 islands.append(f"{node.name} (dequantize): an int8 value leaves int8 for float ops mid-graph")
             continue
         if meta.quant_region(node) is None:
             why = reasons.get(node.name, "no int8 TFLite op for it")
-            islands.append(f"{node.name} ({_describe(node, gm)}): runs in float: {why}")
+            islands.append(f"{node.name} ({_describe(node, gm)}): runs in float: {why}"
+                           f"{_UNWRITTEN.get(op_key(node, gm) or '', '')}")
     return islands
 
 
