@@ -388,18 +388,24 @@ class _DynamicLinearFn(torch.autograd.Function):
         return y
 
 
+def _int8_operands(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MatMulInteger's operands of a ``qint8`` weight [out, in]: the int8 matrix transposed, one scale per column."""
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scale = w.q_per_channel_scales().float()
+    else:
+        scale = torch.full((w.shape[0],), float(w.q_scale()))
+    return w.int_repr().t().contiguous(), scale
+
+
 class _DynamicLinearExport(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
 
         w, b = unpack_linear(module._packed, module.dtype)
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            scale = w.q_per_channel_scales().float()
-        else:
-            scale = torch.full((w.shape[0],), float(w.q_scale()))
+        w_t, scale = _int8_operands(w)
         self._inner = (module,)  # not a submodule: the export must not see its packed weights
-        self.register_buffer("w_t", w.int_repr().t().contiguous())
+        self.register_buffer("w_t", w_t)
         self.register_buffer("w_scale", scale)
         self.register_buffer("bias", None if b is None else b.detach().float())
 
@@ -424,9 +430,99 @@ class _FP16LinearExport(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class _RNNMatrix(nn.Module):
+    """One ``W_ih`` / ``W_hh`` of a dynamic RNN in the export: int8 → ``DynamicQuantizeLinear → MatMulInteger``
+    (the activation quantized per call over its own range, as PyTorch's dynamic kernel does), fp16 → a float
+    MatMul on the fp16-rounded weight (PyTorch's fp16 kernel: fp16 weights, fp32 activations)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.int8 = weight.is_quantized
+        if self.int8:
+            w_t, scale = _int8_operands(weight)
+            self.register_buffer("w_t", w_t)
+            self.register_buffer("w_scale", scale)
+        else:
+            self.register_buffer("weight", weight.detach().to(torch.float16).float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x):
+        if self.int8:
+            return _DynamicLinearFn.apply(x, self.w_t, self.w_scale, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class _DynamicRNNExport(nn.Module):
+    """``DynamicLSTM`` / ``DynamicGRU`` for ONNX, unrolled over the example's time steps with the semantics of
+    PyTorch's CPU kernel that fxopt's module runs (``quantized_lstm`` / ``quantized_gru``): each layer's input
+    projection over the whole sequence at once (one dynamic quantization of the layer input), then per step the
+    hidden state quantized over its own range into ``MatMulInteger`` with ``W_hh``, gates in float. Layers,
+    both directions, ``batch_first``, ``bias=False`` and initial states follow ``nn.LSTM`` / ``nn.GRU``; the
+    sequence length is fixed at the example's (the batch stays dynamic). Outside the export it runs the module."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
+
+        self._inner = (module,)
+        self.mode, self.batch_first = module.mode, module.batch_first
+        self.num_layers, self.hidden_size = module.num_layers, module.hidden_size
+        self.directions = 2 if module.bidirectional else 1
+        self.matrices = nn.ModuleDict()
+        for name, packed, store in module._packed:
+            weight = unpack_linear(packed, store)[0]
+            self.matrices[name] = _RNNMatrix(weight, module._biases[name] if module.bias else None)
+
+    def forward(self, input, hx=None):
+        if not torch.jit.is_tracing():
+            return self._inner[0](input, hx)
+        if not isinstance(input, torch.Tensor) or input.dim() != 3:
+            raise UnsupportedError("the ONNX export of a dynamic LSTM / GRU takes a batched 3-D tensor input "
+                                   "(no PackedSequence, no unbatched 2-D input)")
+        x = input.transpose(0, 1) if self.batch_first else input  # [T, B, F]
+        lstm = self.mode == "LSTM"
+        n_states = self.num_layers * self.directions
+        if hx is None:
+            zeros = x.new_zeros((n_states, x.shape[1], self.hidden_size))
+            states = (zeros, zeros) if lstm else (zeros,)
+        else:
+            states = tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(self.directions):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                k = layer * self.directions + d
+                proj = self.matrices[f"ih{suffix}"](x)  # [T, B, G * H]: the whole sequence at once
+                h = states[0][k]
+                c = states[1][k] if lstm else None
+                steps = list(range(x.shape[0]))
+                ys = [None] * len(steps)
+                for t in (reversed(steps) if d else steps):
+                    hh = self.matrices[f"hh{suffix}"](h)
+                    if lstm:
+                        i, f, g, o = (proj[t] + hh).chunk(4, 1)
+                        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                        h = torch.sigmoid(o) * torch.tanh(c)
+                    else:
+                        ir, iz, in_ = proj[t].chunk(3, 1)
+                        hr, hz, hn = hh.chunk(3, 1)
+                        r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                        h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+                    ys[t] = h
+                outs.append(torch.stack(ys))
+                h_n.append(h)
+                c_n.append(c)
+            x = outs[0] if self.directions == 1 else torch.cat(outs, 2)
+        out = x.transpose(0, 1) if self.batch_first else x
+        h_n = torch.stack(h_n)
+        return (out, (h_n, torch.stack(c_n))) if lstm else (out, h_n)
+
+
 def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) -> tuple[nn.Module, str]:
     """A copy of ``gm`` in the form that exports (QDQ simulation, dynamic-linear symbolics) and its kind."""
     from fxopt.quant.nn import dynamic  # noqa: PLC0415
+    from fxopt.quant.nn.dynamic_rnn import DynamicRNN  # noqa: PLC0415
 
     work = copy.deepcopy(gm)
     if isinstance(work, torch.fx.GraphModule):
@@ -448,11 +544,13 @@ def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) 
                 continue
             _set_submodule(work, name, _DynamicLinearExport(module))
             kind = "dynamic-int8"
-        elif isinstance(module, (dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag)) or \
-                type(module).__name__.startswith("DynamicLSTM") or type(module).__name__.startswith("DynamicGRU"):
+        elif isinstance(module, DynamicRNN):
+            _set_submodule(work, name, _DynamicRNNExport(module))
+            kind = "fp16" if module.dtype == torch.float16 and kind != "dynamic-int8" else "dynamic-int8"
+        elif isinstance(module, (dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag)):
             raise UnsupportedError(
-                f"{name} ({type(module).__name__}) has no ONNX export in fxopt; quantize only linear layers "
-                f"for ONNX: fxopt.passes.QuantizeDynamic(types=(torch.nn.Linear,))")
+                f"{name} ({type(module).__name__}) has no ONNX export in fxopt; quantize the other layers only "
+                f"for ONNX: fxopt.passes.QuantizeDynamic(types=(torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU))")
         elif isinstance(module, FP16Module):
             kind = "fp16"
     return work, kind
