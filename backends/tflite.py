@@ -56,7 +56,7 @@ from fxopt.quant.spec import QSpec, fused_activation_qparams
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from ._lower_ops import is_depthwise, weight_qparams
-from .edgetpu import edgetpu_spec
+from .edgetpu import edgetpu_spec, shape_nodes
 from .lowering import Int8Backend
 from .onnx import _bind_inputs, require
 from .spec import BackendSpec, OpRule, op_key
@@ -111,8 +111,7 @@ def tflite_spec(per_tensor: bool = False) -> BackendSpec:
                          reason="CONV_2D / DEPTHWISE_CONV_2D on a [N, 1, T, C] view"),
         "silu": OpRule("compute", reason="x * LOGISTIC(x) (MUL)"),
     })
-    for key in ("max_pool1d", "avg_pool1d", "adaptive_avg_pool1d", "unflatten"):
-        ops[key] = OpRule("share", reason=f"{key} (a 2-D op on a [N, 1, T, C] view / a RESHAPE)")
+    ops["unflatten"] = OpRule("share", reason="RESHAPE")
     ops.pop("pad", None)  # F.pad is not written: it stays float (and is reported)
     weight = QSpec(torch.qint8, symmetric=True, axis=0, quant_min=-127, quant_max=127)
     return BackendSpec(name="tflite", engine=base.engine, activation=base.activation, weight=weight,
@@ -348,9 +347,9 @@ class _Writer:
 
     # ---- the walk -------------------------------------------------------------------------------
     def run(self) -> None:
-        shape_nodes = _shape_nodes(self.gm)
+        sizes = shape_nodes(self.gm)
         for node in self.gm.graph.nodes:
-            if node in self.env or node in shape_nodes:
+            if node in self.env or node in sizes:
                 continue  # sizes are read from the recorded shapes: the file's shapes are static
             if node.op == "placeholder":
                 continue  # read by its QuantStub
@@ -1058,20 +1057,6 @@ def _same_memory(in_shape, in_order, out_shape, out_order) -> bool:
     return torch.equal(t.permute(*in_order).reshape(-1), t.reshape(out_shape).permute(*out_order).reshape(-1))
 
 
-def _shape_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """``x.size()`` / ``x.shape`` reads and the integer arithmetic on them: constants in the file (the shapes the
-    example recorded), not ops."""
-    found: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        if op_key(node, gm) == "size" or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"):
-            found.add(node)
-        elif node.all_input_nodes and all(a in found for a in node.all_input_nodes) and meta.shape_of(node) is None:
-            found.add(node)
-    return found
-
-
 def _same_matches(shape, kernel, stride, dilation, padding, out_shape) -> bool:
     """Whether TFLite's SAME padding (``ceil(in / stride)`` outputs, the odd pixel after) reads the same windows
     as PyTorch's symmetric ``padding`` for this input (NCHW ``shape``) and output size."""
@@ -1143,10 +1128,10 @@ def float_islands_of(gm: torch.fx.GraphModule) -> list[str]:
     modules = dict(gm.named_modules())
     reasons = {i.node: i.reason for i in meta.float_islands(gm)}
     placeholders = set(gm.graph.find_nodes(op="placeholder"))
-    shape_nodes = _shape_nodes(gm)
+    sizes = shape_nodes(gm)
     islands = []
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method") or node in shape_nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or node in sizes:
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is not None and is_observer(module):
@@ -1157,7 +1142,7 @@ def float_islands_of(gm: torch.fx.GraphModule) -> list[str]:
                                "int8 here")
             continue
         if isinstance(module, DeQuantStub):
-            if not all(u.op == "output" or u in shape_nodes for u in node.users):  # x.shape reads are constants
+            if not all(u.op == "output" or u in sizes for u in node.users):  # x.shape reads are constants
                 islands.append(f"{node.name} (dequantize): an int8 value leaves int8 for float ops mid-graph")
             continue
         if meta.quant_region(node) is None:
