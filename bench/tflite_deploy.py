@@ -1,10 +1,12 @@
 """backend="tflite" figures for the README: digits accuracy, SQNR, file size and LiteRT latency vs fp32 eager.
 
     .venv/bin/python bench/tflite_deploy.py [--models mobilenet_v2,resnet18] [--size 224] [--rounds 10] [--threads N]
+    .venv/bin/python bench/tflite_deploy.py --models shufflenet_v2_x1_0,efficientnet_b0,regnet_x_400mf,kws --skip-digits
 
 * digits: the CNN trained in seconds on scikit-learn's digits; float vs the full-int8 ``.tflite`` (float I/O
   and int8 I/O) in the LiteRT interpreter;
-* torchvision models (weights=None, BatchNorm statistics made plausible as in the tests): prepared once with
+* torchvision models (weights=None, BatchNorm statistics made plausible as in the tests; or ``kws``: the Conv1d
+  keyword spotter of tests/backends/test_tflite_ops.py on 40 MFCCs x 49 frames): prepared once with
   ``recipes.static_int8`` (x86), then lowered to ``x86`` (fxopt's own int8), ``reference`` (the float
   simulation) and ``tflite``; SQNR of the ``.tflite`` outputs against each on held-out random inputs; file size
   against the fp32 weights; latency at batch 1 of fp32 eager, fxopt x86 int8 and the ``.tflite`` in LiteRT,
@@ -46,28 +48,43 @@ def digits() -> None:
           f"({len(tfl.model_bytes) / float_bytes:.2f}x fp32 weights)")
 
 
+def build(name: str, size: int) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    """A torchvision classifier (random weights, plausible BatchNorm statistics) at ``size`` px, or ``kws``: the
+    Conv1d keyword spotter of the tests on 40 MFCCs x 49 frames."""
+    if name == "kws":
+        from test_tflite_ops import KeywordSpotter  # noqa: PLC0415
+
+        class Logits(KeywordSpotter):
+            def forward(self, x):
+                return super().forward(x)[0]
+
+        return Logits().eval(), (1, 40, 49)
+    return trained_looking(getattr(torchvision.models, name)(weights=None, num_classes=1000)), (1, 3, size, size)
+
+
 def zoo(name: str, size: int, rounds: int) -> None:
     torch.manual_seed(0)
-    model = trained_looking(getattr(torchvision.models, name)(weights=None, num_classes=1000))
-    x = torch.randn(1, 3, size, size)
-    calib = [torch.randn(1, 3, size, size) for _ in range(8)]
+    model, shape = build(name, size)
+    x = torch.randn(shape)
+    calib = [torch.randn(shape) for _ in range(8)]
     prepared = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(x,))
     x86, ref = fxopt.lower(prepared, "x86"), fxopt.lower(prepared, "reference")
     tfl = fxopt.lower(prepared, "tflite")
     tfl_io = fxopt.lower(prepared, TFLiteBackend(int8_io=True))
     report = backends.get("edgetpu").check(tfl_io)
-    test = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+    test = torch.randn((4, *shape[1:]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         f, q, r, t = model(test), x86(test), ref(test), tfl(test)
     float_bytes = sum(p.numel() * 4 for p in model.parameters())
-    print(f"{name} {size}px: SQNR tflite vs reference {sqnr(r, t):.1f} dB, vs fxopt x86 int8 {sqnr(q, t):.1f} dB, "
+    size = "x".join(map(str, shape[2:]))
+    print(f"{name} {size}: SQNR tflite vs reference {sqnr(r, t):.1f} dB, vs fxopt x86 int8 {sqnr(q, t):.1f} dB, "
           f"vs float {sqnr(f, t):.1f} dB (x86 int8 vs float {sqnr(f, q):.1f} dB); file {len(tfl.model_bytes):,} B = "
           f"{len(tfl.model_bytes) / float_bytes:.3f}x fp32 weights ({float_bytes:,} B); ops {tfl.meta['ops']}; "
           f"EdgeTPU check (int8 I/O): {'ok' if report.ok else report}")
     own = fxopt.compile(model, recipes.static_int8(calib, backend="tflite"), example_inputs=(x,))
     with torch.no_grad():
         own_sqnr = sqnr(fxopt.lower(own, "reference")(test), fxopt.lower(own, "tflite")(test))
-    print(f"{name} {size}px prepared for tflite (weights in [-127, 127] everywhere): SQNR tflite vs its reference "
+    print(f"{name} {size} prepared for tflite (weights in [-127, 127] everywhere): SQNR tflite vs its reference "
           f"simulation {own_sqnr:.1f} dB")
     result = fxopt.benchmark_many({"fp32 eager": model, "fxopt x86 int8": x86, "tflite int8 (LiteRT)": tfl,
                                    "tflite int8 I/O": tfl_io}, (x,), rounds=rounds, iters=5, warmup=3)
