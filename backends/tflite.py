@@ -73,6 +73,10 @@ _UNWRITTEN = {  # ops with no int8 form here, and what to do
     "layer_norm": " (TFLite has no int8 LayerNorm kernel and the EdgeTPU none at all: its converter decomposes "
                   "it into float mean / variance ops; keep LayerNorm outside the exported model or use BatchNorm)",
     "softmax": " (not written yet: export the logits and apply softmax on the host)",
+    "multiheadattention": " (attention is not written yet: its matmuls of two activations need BATCH_MATMUL, which "
+                          "the EdgeTPU does not run)",
+    "scaled_dot_product_attention": " (attention is not written yet: its matmuls of two activations need "
+                                    "BATCH_MATMUL, which the EdgeTPU does not run)",
     "matmul": " (a matmul of two activations, e.g. attention, is not written yet: the EdgeTPU has no BATCH_MATMUL)",
     "sub": " (not written yet: SUB of two int8 tensors; write it as an add of a negated conv output)",
     "pad": " (F.pad is not written; use the conv's own padding)",
@@ -373,7 +377,7 @@ class _Writer:
             if handler is None or self.spec.rule(key) is None:
                 raise UnsupportedError(
                     f"{node.name} ({_describe(node, self.gm)}): the tflite backend has no int8 TFLite op for it"
-                    f"{_UNWRITTEN.get(key or '', '')}. Rewrite it with supported ops "
+                    f"{_UNWRITTEN.get(_describe(node, self.gm).lower(), '')}. Rewrite it with supported ops "
                     f"({', '.join(sorted(self.spec.ops))}) or keep it outside the exported model")
             handler(node, module)
 
@@ -1148,7 +1152,7 @@ def float_islands_of(gm: torch.fx.GraphModule) -> list[str]:
         if meta.quant_region(node) is None:
             why = reasons.get(node.name, "no int8 TFLite op for it")
             islands.append(f"{node.name} ({_describe(node, gm)}): runs in float: {why}"
-                           f"{_UNWRITTEN.get(op_key(node, gm) or '', '')}")
+                           f"{_UNWRITTEN.get(_describe(node, gm).lower(), '')}")
     return islands
 
 

@@ -16,6 +16,7 @@ import torchvision
 
 import fxopt
 from fxopt import backends, recipes
+from fxopt.errors import UnsupportedError
 
 pytest.importorskip("ai_edge_litert")
 from ai_edge_litert import schema_py_generated as schema  # noqa: E402
@@ -210,6 +211,26 @@ def test_reshape_plan_and_collapse():
     # that move on [N, 8, 8, 2, 58]: one transpose of [N, 64, 2, 58], the batch kept apart
     assert _collapse((1, 8, 8, 2, 58), [0, 1, 2, 4, 3]) == ((1, 64, 2, 58), [0, 1, 3, 2])
     assert _reshape_plan((2, 3, 4), (0, 1, 2), (3, 2, 4)) is None  # the batch changes
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+        self.enc, self.head = nn.TransformerEncoder(layer, 1), nn.Linear(32, 5)
+
+    def forward(self, x):
+        return torch.softmax(self.head(self.enc(x)), -1)
+
+
+def test_transformer_encoder_is_refused_naming_each_op_and_what_to_do():
+    prepared, _ = _prepare(TinyEncoder(), (1, 8, 32), n=1)
+    with pytest.raises(UnsupportedError) as err:
+        fxopt.lower(prepared, "tflite")
+    text = str(err.value)
+    assert "(layer_norm): runs in float" in text and "no int8 LayerNorm kernel" in text
+    assert "(scaled_dot_product_attention): runs in float" in text and "BATCH_MATMUL" in text
+    assert "(softmax): runs in float" in text and "apply softmax on the host" in text
 
 
 @pytest.mark.slow
