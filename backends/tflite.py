@@ -828,12 +828,12 @@ class _Writer:
     def _reshape(self, node: torch.fx.Node) -> None:
         x = self.value(node.args[0], node)
         out_shape = _shape(node)
-        if x.nhwc and len(x.shape) == 4 and len(out_shape) == 2 and out_shape[0] == x.shape[0] \
-                and x.shape[2] * x.shape[3] > 1:
-            # a flatten of a spatial map: written in NHWC order; a linear layer reading it permutes its weight
-            # columns instead (other readers put it back in torch order: canonical)
+        if x.nhwc and len(x.shape) in (3, 4) and len(out_shape) == 2 and out_shape[0] == x.shape[0] \
+                and int(np.prod(x.shape[2:])) > 1:
+            # a flatten of a spatial map (NHWC) or a sequence (NWC): written in stored order; a linear layer reading
+            # it permutes its weight columns instead (other readers put it back in torch order: canonical)
             x = self.canonical(x, f"{node.name}_in")
-            n, c, h, w = x.shape
+            n, c, h, w = x.shape if len(x.shape) == 4 else (x.shape[0], x.shape[1], 1, x.shape[2])
             out = _Value(self.act_tensor(node.name, out_shape, self.int8_qparams(x.qparams)), tuple(out_shape),
                          x.qparams, None, (c, h, w))
             self.reshape_op(x.tensor, out.tensor, out_shape, node.name)

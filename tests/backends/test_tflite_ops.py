@@ -83,6 +83,26 @@ def test_conv1d_keyword_spotter():
     _tpu_ok(prepared)
 
 
+class SequenceHead(nn.Module):
+    """Conv1d features flattened (channels x time) into a linear layer, and returned flattened too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv1d(10, 6, 3, stride=2), nn.Linear(6 * 7, 4)
+
+    def forward(self, x):
+        flat = torch.flatten(torch.relu(self.conv(x)), 1)
+        return self.fc(flat), flat
+
+
+def test_flattened_sequence_reads_in_stored_order():
+    torch.manual_seed(0)
+    prepared, _ = _prepare(SequenceHead(), (1, 10, 16))
+    tfl, (logits, flat), (ref_logits, ref_flat) = _run(prepared, (1, 10, 16), batch=3)
+    assert tfl.meta["ops"]["TRANSPOSE"] == 1  # only for the flattened output, put back in torch order
+    assert sqnr(ref_logits, logits) >= 30 and sqnr(ref_flat, flat) >= 30
+
+
 class GroupedBlock(nn.Module):
     """A ResNeXt bottleneck: 1x1, grouped 3x3 (4 groups of 8, stride 2), 1x1, projection shortcut."""
 
