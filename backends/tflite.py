@@ -12,13 +12,19 @@ itself, with the schema's object API that ``ai-edge-litert`` ships (``ai_edge_li
   symmetric per output channel (zero point 0, range ``[-127, 127]``), fully-connected weights per tensor;
   biases int32 with scale ``input_scale * weight_scale``. ``TFLiteBackend(per_tensor=True)`` makes every
   weight per tensor;
-* **NHWC**: 4-D values are stored NHWC (the returned module transposes its NCHW inputs and outputs);
-  a flatten of a spatial map feeding a linear layer permutes the layer's weight columns instead;
-* **ops**: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MUL, CONCATENATION (inputs re-quantized to the
-  output's qparams, as the int8 kernel requires), AVERAGE_POOL_2D, MAX_POOL_2D, MEAN (global average pool,
-  ``torch.mean``), RESHAPE, HARD_SWISH, LOGISTIC, TANH, RELU / RELU6 (fused into the op before them
-  where the int8 lowering fuses them, as in the reference simulation), PAD (PyTorch's explicit padding
-  when TFLite's SAME padding would place it differently), QUANTIZE / DEQUANTIZE at the boundaries;
+* **layout**: 4-D values are stored NHWC, Conv1d values NWC (the returned module transposes its inputs and
+  outputs); every value records the order its tensor is stored in and, after a view, the tensor's real shape, so
+  reshapes / transposes / permutes cost no op until a reader needs another order, and then one TRANSPOSE on the
+  smallest equivalent shape (ShuffleNet's channel shuffle: [N, H*W, 2, C/2], never 5-D); a flatten of a spatial
+  map or sequence feeding a linear layer permutes the layer's weight columns instead;
+* **ops**: CONV_2D, DEPTHWISE_CONV_2D (also for Conv1d, on the [N, 1, T, C] view; a grouped conv as SPLIT, one
+  CONV_2D per group and CONCATENATION, which the EdgeTPU maps), FULLY_CONNECTED, ADD, MUL, CONCATENATION (inputs
+  re-quantized to the output's qparams, as the int8 kernel requires), AVERAGE_POOL_2D, MAX_POOL_2D (also 1-D),
+  MEAN (global average pool, ``torch.mean``), RESHAPE, TRANSPOSE, SPLIT / SPLIT_V (chunk / split), HARD_SWISH,
+  LOGISTIC, TANH, SiLU as ``x * LOGISTIC(x)``, RELU / RELU6 (fused into the op before them where the int8
+  lowering fuses them, as in the reference simulation), PAD (PyTorch's explicit padding when TFLite's SAME
+  padding would place it differently), QUANTIZE / DEQUANTIZE at the boundaries. Not written (an error says
+  what to do): LayerNorm, attention / batch matmul, softmax, ``F.pad``, tensor slicing;
 * **full integer**: every op in int8. A float island (an op fxopt kept float, a value leaving int8
   mid-graph) raises :class:`UnsupportedError` listing them; an op this writer cannot express raises one
   naming the node.
