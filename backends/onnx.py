@@ -18,7 +18,9 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
-  with the stored per-channel int8 weights, then the float rescale and bias.
+  with the stored per-channel int8 weights, then the float rescale and bias; a dynamic LSTM as one
+  ``com.microsoft.DynamicQuantizeLSTM`` per layer for ONNX Runtime, a dynamic GRU (and an LSTM for other
+  runtimes) unrolled over the example's time steps (see :class:`_DynamicRNNExport`).
 
 Sizes the model reads (``x.size(d)``) are constants for every dimension but the dynamic batch, and a
 ``Shape`` reads a tensor before its ``DequantizeLinear``. A graph from the export frontend (``torch.export``,
