@@ -1,0 +1,227 @@
+"""The input/output structure of a ``torch.export`` graph as plain data, rebuilt from allowlisted types only.
+
+A graph from the export frontend (``fxopt.trace(..., mode="export")``, or auto mode falling back to it) takes
+its inputs through a pytree spec and rebuilds the model's output type on return (a Hugging Face
+``BaseModelOutputWithPoolingAndCrossAttentions``, a tuple, a dict...): its code generator is a
+``torch.fx.graph._PyTreeCodeGen`` holding ``orig_args``, ``in_spec`` and ``out_spec``. This module stores
+those as::
+
+    {"orig_args": ["input_ids", "attention_mask"],
+     "in_spec":  spec, "out_spec": spec or None}
+    spec = {"leaf": True}
+         | {"type": "tuple" | "list" | "dict" | "OrderedDict" | "None" | <output type name>,
+            "context": None | [key, ...], "children": [spec, ...]}
+
+Output types are resolved by name, never imported from a name in the file:
+
+* the built-in containers above;
+* Hugging Face ``transformers`` output classes (``ModelOutput`` dataclasses): those of
+  ``transformers.modeling_outputs`` (a fixed module fxopt imports itself) and any ``ModelOutput`` subclass the
+  loading process has already defined (e.g. by importing the model's module), found in torch's pytree registry;
+* classes registered in this process with :func:`allow_output_type`.
+
+A type is rebuilt only with field names: for a ``ModelOutput`` or a registered dataclass, each stored key must
+be one of its fields, so loading constructs a dataclass of tensors and nothing else.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import importlib
+from typing import Any
+
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+
+from ..errors import FxoptError, UnsupportedError
+from .graph_format import is_identifier
+
+__all__ = ["allow_output_type", "decode_codegen", "encode_codegen", "pytree_codegen"]
+
+_BUILTIN: dict[str, type] = {"tuple": tuple, "list": list, "dict": dict, "OrderedDict": collections.OrderedDict,
+                             "None": type(None)}
+_KEYED = (dict, collections.OrderedDict)  # context: the list of keys
+_HF_OUTPUTS_MODULE = "transformers.modeling_outputs"
+_REGISTERED: dict[str, type] = {}  # allow_output_type(): stored name -> class
+
+
+def allow_output_type(cls: type, name: str | None = None) -> str:
+    """Let saved graphs return (or take) instances of ``cls``: a dataclass registered as a torch pytree node.
+
+    ``torch.export`` keeps a model's output type through torch's pytree registry; fxopt stores the type by
+    name. Hugging Face ``ModelOutput`` classes are known already; register your own (a
+    ``torch.utils._pytree.register_dataclass`` class, say) in the process that saves **and** in the one that
+    loads. ``name`` defaults to ``"<module>.<qualname>"``; returns the stored name.
+    """
+    if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
+        raise TypeError(f"allow_output_type expects a dataclass type, got {cls!r}")
+    if cls not in pytree.SUPPORTED_NODES:
+        raise ValueError(f"allow_output_type: {cls.__qualname__} is not registered with torch's pytree; register it "
+                         f"first (torch.utils._pytree.register_dataclass({cls.__qualname__}))")
+    if name is None:
+        name = f"{cls.__module__}.{cls.__qualname__}"
+    if not isinstance(name, str) or not all(is_identifier(p) for p in name.split(".")) or name in _BUILTIN:
+        raise ValueError(f"allow_output_type: name {name!r} must be a dotted path of identifiers (pass name=...)")
+    if _REGISTERED.get(name, cls) is not cls:
+        raise ValueError(f"allow_output_type: {name!r} already names another class; pass name=...")
+    _REGISTERED[name] = cls
+    return name
+
+
+def pytree_codegen(graph: torch.fx.Graph) -> _PyTreeInfo | None:
+    """The pytree info of a graph from ``torch.export`` (``None`` for a plain fx graph)."""
+    codegen = graph._codegen
+    return codegen.pytree_info if isinstance(codegen, _PyTreeCodeGen) else None
+
+
+def encode_codegen(graph: torch.fx.Graph) -> dict[str, Any] | None:
+    info = pytree_codegen(graph)
+    if info is None:
+        return None
+    return {"orig_args": list(info.orig_args), "in_spec": _encode_spec(info.in_spec, "input"),
+            "out_spec": None if info.out_spec is None else _encode_spec(info.out_spec, "output")}
+
+
+def decode_codegen(data: Any, graph: torch.fx.Graph) -> None:
+    """Give ``graph`` the stored pytree code generator; checks names and types before anything is built."""
+    if data is None:
+        return
+    if not isinstance(data, dict) or not isinstance(data.get("orig_args"), list):
+        raise FxoptError("malformed input/output structure ('pytree') in the stored graph")
+    orig_args = data["orig_args"]
+    if not all(is_identifier(a) for a in orig_args):  # they become the generated forward's parameter names
+        raise FxoptError(f"input names {str(orig_args)[:100]} in the stored graph are not all plain identifiers")
+    in_spec = _decode_spec(data.get("in_spec"), "input")
+    out = data.get("out_spec")
+    out_spec = None if out is None else _decode_spec(out, "output")
+    placeholders = sum(1 for n in graph.nodes if n.op == "placeholder")
+    if in_spec.num_leaves != placeholders:
+        raise FxoptError(f"the stored input structure has {in_spec.num_leaves} tensors, the graph {placeholders}")
+    if in_spec.type is tuple and in_spec.num_children == 2 and in_spec.child(1).type is dict:
+        keys = in_spec.child(1).context  # written into the generated forward as '{key}': identifiers only
+        if not all(is_identifier(k) for k in keys):
+            raise FxoptError(f"keyword input names {str(keys)[:100]} in the stored graph are not plain identifiers")
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(orig_args, in_spec, out_spec))
+
+
+def _type_name(kind: type, where: str) -> str:
+    for name, known in _BUILTIN.items():
+        if kind is known:
+            return name
+    name = next((n for n, known in _REGISTERED.items() if known is kind), None)
+    if name is not None:
+        return name
+    if _is_model_output(kind):
+        return f"{kind.__module__}.{kind.__qualname__}"
+    shown = f"{kind.__module__}.{kind.__qualname__}"
+    raise UnsupportedError(
+        f"the graph's {where} is a {shown}, a type fxopt cannot rebuild safely (known: tuple, list, dict, "
+        f"OrderedDict, Hugging Face ModelOutput classes and types you registered). If it is a dataclass registered "
+        f"with torch's pytree, register it before saving and before loading: fxopt.io.allow_output_type({shown})")
+
+
+def _is_model_output(kind: type) -> bool:
+    base = _model_output_base()
+    return base is not None and isinstance(kind, type) and issubclass(kind, base) and kind is not base
+
+
+def _model_output_base() -> type | None:
+    import sys
+
+    generic = sys.modules.get("transformers.utils.generic")  # only if transformers is in use already
+    return getattr(generic, "ModelOutput", None)
+
+
+def _resolve_type(name: str, where: str) -> type:
+    if name in _BUILTIN:
+        return _BUILTIN[name]
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    parts = name.split(".")
+    if name.startswith("transformers.") and all(is_identifier(p) for p in parts):
+        kind = _hf_output_type(name)
+        if kind is not None:
+            return kind
+    raise UnsupportedError(
+        f"the stored {where} structure names the type {name[:100]!r}, which fxopt does not know in this process; "
+        f"refusing to load it (fxopt.load never imports a name from a file). For a Hugging Face output class, "
+        f"import the module that defines it first; for a type of yours, register it with "
+        f"fxopt.io.allow_output_type(cls)")
+
+
+def _hf_output_type(name: str) -> type | None:
+    """A ``ModelOutput`` subclass by its qualified name: one of ``transformers.modeling_outputs`` (imported by
+    fxopt itself) or one this process has defined already (it is then in torch's pytree registry)."""
+    module_name, _, attr = name.rpartition(".")
+    if module_name == _HF_OUTPUTS_MODULE:
+        try:
+            kind = getattr(importlib.import_module(_HF_OUTPUTS_MODULE), attr, None)
+        except ImportError:
+            kind = None
+        if isinstance(kind, type) and _is_model_output(kind):
+            return kind
+    for kind in list(pytree.SUPPORTED_NODES):
+        if f"{kind.__module__}.{kind.__qualname__}" == name and _is_model_output(kind):
+            return kind
+    return None
+
+
+def _encode_spec(spec: pytree.TreeSpec, where: str) -> dict[str, Any]:
+    if spec.is_leaf():
+        return {"leaf": True}
+    kind = spec.type
+    if kind is collections.namedtuple:
+        raise UnsupportedError(f"the graph's {where} holds a named tuple ({spec.context.__qualname__}); fxopt stores "
+                               f"tuples, lists, dicts and dataclass outputs: return a tuple or a dataclass")
+    name = _type_name(kind, where)
+    context = spec.context
+    if context is not None:
+        if not (_str_list(context) or (isinstance(context, list) and len(context) == 2
+                                       and all(_str_list(c) for c in context))):
+            raise UnsupportedError(f"the graph's {where} structure ({name}) has keys that are not strings "
+                                   f"({str(context)[:80]}); fxopt stores string keys only")
+        context = [list(c) if isinstance(c, list) else c for c in context]
+    return {"type": name, "context": context,
+            "children": [_encode_spec(c, where) for c in spec.children()]}
+
+
+def _str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(k, str) for k in value)
+
+
+def _decode_spec(data: Any, where: str) -> pytree.TreeSpec:
+    if not isinstance(data, dict):
+        raise FxoptError(f"malformed {where} structure in the stored graph: {str(data)[:80]!r}")
+    if data.get("leaf") is True and len(data) == 1:
+        return pytree.treespec_leaf()
+    name, context, children = data.get("type"), data.get("context"), data.get("children")
+    if not isinstance(name, str) or not isinstance(children, list):
+        raise FxoptError(f"malformed {where} structure in the stored graph: {str(data)[:80]!r}")
+    kind = _resolve_type(name, where)
+    specs = [_decode_spec(c, where) for c in children]
+    if kind in (tuple, list, type(None)):
+        if context is not None:
+            raise FxoptError(f"a stored {name} in the {where} structure carries keys")
+    else:
+        # dict / OrderedDict / ModelOutput: [key, ...]; a torch.utils._pytree.register_dataclass class:
+        # [[field set, ...], [field left None, ...]]
+        split = kind not in _KEYED and isinstance(context, list) and len(context) == 2 and all(
+            _str_list(c) for c in context)
+        keys = context[0] if split else context
+        if not _str_list(keys):
+            raise FxoptError(f"the stored {name} in the {where} structure needs a list of string keys")
+        names = [*keys, *(context[1] if split else [])]
+        if len(keys) != len(specs) or len(set(names)) != len(names):
+            raise FxoptError(f"the stored {name} in the {where} structure has {len(keys)} keys for "
+                             f"{len(specs)} values")
+        if kind not in _KEYED:
+            fields = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set()
+            unknown = [k for k in names if k not in fields]
+            if unknown:
+                raise FxoptError(f"the stored {where} structure gives {name} the fields {unknown[:5]}, which it "
+                                 f"does not have")
+    if kind is type(None) and specs:
+        raise FxoptError(f"a stored None in the {where} structure has children")
+    return pytree.TreeSpec(kind, context, specs)
