@@ -11,6 +11,11 @@ Used by fxopt's model file format (:mod:`fxopt.io.envelope`). A node is stored a
   Two more sources: :data:`KNOWN_FUNCTIONS` (pure tensor functions of torchvision that traced models call,
   imported by fxopt itself, never by a name from the file) and the functions the user registered in this
   process with :func:`allow_function`.
+* Operators (what graphs from ``torch.export`` call: ``torch.ops.aten.relu.default``...) are stored by their
+  qualified name ``"torch.ops.<namespace>.<op>.<overload>"`` and resolved on load through ``torch.ops`` (the
+  dispatcher's registry; nothing is imported), only for the namespaces in :data:`OP_NAMESPACES` and never for
+  :data:`REFUSED_OPS` or operators taking storages, futures or opaque objects (:func:`resolve_op`).
+  Higher-order operators (``torch.cond``, wrapped subgraphs) are refused at save time.
 * ``call_method`` names must be public ``torch.Tensor`` methods; those that take callables, expose storage or
   run autograd (:data:`REFUSED_METHODS`) are refused. ``getattr`` reads only :data:`SAFE_ATTRIBUTES`.
 * Arguments are encoded by :func:`encode_value`: every dict in the encoding is a one-key tag

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib
+import math
+import re
 from typing import Any
 
 import torch.fx
@@ -38,7 +41,8 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from ..errors import FxoptError, UnsupportedError
 from .graph_format import is_identifier
 
-__all__ = ["allow_output_type", "decode_codegen", "encode_codegen", "pytree_codegen"]
+__all__ = ["allow_output_type", "decode_codegen", "decode_input_checks", "encode_codegen", "encode_input_checks",
+           "install_input_checks", "pytree_codegen"]
 
 _BUILTIN: dict[str, type] = {"tuple": tuple, "list": list, "dict": dict, "OrderedDict": collections.OrderedDict,
                              "None": type(None)}
@@ -225,3 +229,106 @@ def _decode_spec(data: Any, where: str) -> pytree.TreeSpec:
     if kind is type(None) and specs:
         raise FxoptError(f"a stored None in the {where} structure has children")
     return pytree.TreeSpec(kind, context, specs)
+
+
+# --- input shape checks -----------------------------------------------------------------------------------------
+# A module from torch.export checks its inputs before running (a forward pre-hook reading each placeholder's
+# example shape and the exported dims' ranges): a dimension fixed at export time must match, a dynamic one must
+# lie in its range and equal the other dimensions that share its symbol. The file keeps that as data:
+#     [None | [dim, ...] per input], dim = int | [symbol, min, max or None] | None (an expression: not checked)
+# and load installs fxopt's own check (:func:`_check_inputs`) on the rebuilt module.
+
+_SYMBOL = re.compile(r"^[A-Za-z_]\w{0,30}$")
+
+
+def _has_torch_input_check(gm: torch.nn.Module) -> bool:
+    return any(getattr(h, "__name__", "") == "_check_input_constraints_pre_hook" for h in gm._forward_pre_hooks.values())
+
+
+def encode_input_checks(gm: torch.fx.GraphModule) -> list | None:
+    """The input checks of a module from torch.export (``None`` when it has none: a symbolic graph, or a graph
+    that fxopt rebuilt after export, which does not check its inputs either)."""
+    ranges = getattr(gm, "range_constraints", None)
+    if pytree_codegen(gm.graph) is None or not isinstance(ranges, dict) or not _has_torch_input_check(gm):
+        return None
+    checks: list = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            checks.append(None)
+            continue
+        dims: list = []
+        for dim in val.shape:
+            if not isinstance(dim, torch.SymInt):
+                dims.append(int(dim))
+                continue
+            expr = dim.node.expr
+            if expr.is_number:
+                dims.append(int(expr))
+            elif expr.is_Symbol and expr in ranges:
+                low, high = ranges[expr].lower, ranges[expr].upper
+                dims.append([str(expr), _bound(low) or 0, _bound(high)])
+            else:
+                dims.append(None)
+        checks.append(dims)
+    return checks
+
+
+def _bound(value: Any) -> int | None:
+    """A range bound as an int; ``None`` for an infinite one."""
+    return int(value) if isinstance(value, int) or getattr(value, "is_Integer", False) else None
+
+
+def decode_input_checks(data: Any, graph: torch.fx.Graph) -> list | None:
+    """The stored input checks, validated against ``graph`` (numbers and short symbol names only)."""
+    if data is None:
+        return None
+    placeholders = len(graph.find_nodes(op="placeholder"))
+    if pytree_codegen(graph) is None or not isinstance(data, list) or len(data) != placeholders:
+        raise FxoptError("malformed input checks in the stored graph")
+    for dims in data:
+        if dims is not None and not (isinstance(dims, list) and all(_valid_dim(d) for d in dims)):
+            raise FxoptError(f"malformed input check {str(dims)[:80]!r} in the stored graph")
+    return data
+
+
+def install_input_checks(checks: list | None, gm: torch.fx.GraphModule) -> None:
+    """Check inputs as the exported module did before every call of ``gm`` (fxopt's own hook, not the file's)."""
+    info = pytree_codegen(gm.graph)
+    if checks is not None and info is not None:
+        gm.register_forward_pre_hook(functools.partial(_check_inputs, checks, list(info.orig_args)),
+                                     with_kwargs=True)
+
+
+def _valid_dim(dim: Any) -> bool:
+    if dim is None or (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0):
+        return True
+    return (isinstance(dim, list) and len(dim) == 3 and isinstance(dim[0], str) and bool(_SYMBOL.match(dim[0]))
+            and isinstance(dim[1], int) and (dim[2] is None or isinstance(dim[2], int)))
+
+
+def _check_inputs(checks: list, names: list[str], module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    values = [*args, *(kwargs[n] for n in names[len(args):] if n in kwargs)]
+    leaves = [leaf for v in values for leaf in pytree.tree_leaves(v)]
+    if len(leaves) != len(checks):
+        raise FxoptError(f"the model takes {len(checks)} inputs ({', '.join(names)}), got {len(leaves)}")
+    seen: dict[str, int] = {}
+    for i, (leaf, dims) in enumerate(zip(leaves, checks)):
+        if dims is None:
+            continue
+        where = f"input {i} ({names[i]})" if len(names) == len(checks) else f"input {i}"
+        if not isinstance(leaf, torch.Tensor) or leaf.dim() != len(dims):
+            shown = tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else type(leaf).__name__
+            raise FxoptError(f"{where}: expected a tensor with {len(dims)} dimensions, got {shown}")
+        for j, (size, dim) in enumerate(zip(leaf.shape, dims)):
+            if isinstance(dim, int) and size != dim:
+                raise FxoptError(f"{where}: dimension {j} must be {dim} (fixed when the model was exported), got "
+                                 f"{size}; export with an example input that varies it to make it dynamic")
+            if isinstance(dim, list):
+                symbol, low, high = dim
+                if (low > 2 and size < low) or (high is not None and size > high):
+                    raise FxoptError(f"{where}: dimension {j} must lie in [{low}, {high if high is not None else math.inf}]"
+                                     f", got {size}")
+                if seen.setdefault(symbol, size) != size:
+                    raise FxoptError(f"{where}: dimension {j} must equal the other input dimensions exported as "
+                                     f"{symbol} ({seen[symbol]}), got {size}")
