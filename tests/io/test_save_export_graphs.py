@@ -350,3 +350,36 @@ def test_higher_order_operators_are_refused_at_save(tmp_path):
     with pytest.raises(UnsupportedError, match="higher-order operator torch.ops.higher_order.cond"):
         fxopt.save(gm, tmp_path / "m.pt")
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_auto_mode_bert_dynamic_int8_round_trip(tmp_path):
+    """The issue's route: compile a BertModel without naming a trace mode (auto falls back to torch.export)."""
+    ids, mask = _tokens(2, 8)
+    compiled = fxopt.compile(_bert(), fxopt.recipes.dynamic_int8(), example_inputs=(ids, mask))
+    fresh = _tokens(1, 13)
+    for suffix in (".pt", ".pt2"):
+        fxopt.save(compiled, tmp_path / f"m{suffix}")
+        loaded = fxopt.load(tmp_path / f"m{suffix}")
+        assert type(loaded(*fresh)) is BaseModelOutputWithPoolingAndCrossAttentions
+        assert _same(loaded(*fresh), compiled(*fresh))
+
+
+@pytest.mark.slow
+def test_a_fresh_process_loads_the_bert_file_without_importing_transformers_itself(bert_float, tmp_path):
+    """The output class comes from transformers.modeling_outputs, which fxopt imports by its fixed name."""
+    import subprocess
+    import sys
+
+    fxopt.save(bert_float, tmp_path / "m.pt2")
+    ids, mask = _tokens(2, 9)
+    torch.save({"ids": ids, "mask": mask, "expected": bert_float(ids, mask).last_hidden_state}, tmp_path / "x.pt")
+    script = (
+        "import sys, torch, fxopt\n"
+        "assert 'transformers' not in sys.modules\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"out = fxopt.load({str(tmp_path / 'm.pt2')!r})(x['ids'], x['mask'])\n"
+        "assert torch.equal(out.last_hidden_state, x['expected'])\n"
+        "print(type(out).__name__)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().endswith("BaseModelOutputWithPoolingAndCrossAttentions")
