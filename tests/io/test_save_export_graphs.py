@@ -10,7 +10,6 @@ files that name an operator or a type outside the allowlists are refused before 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
