@@ -382,3 +382,27 @@ def test_a_fresh_process_loads_the_bert_file_without_importing_transformers_itse
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().endswith("BaseModelOutputWithPoolingAndCrossAttentions")
+
+
+def test_gpt2_conv1d_layers_are_stored_as_a_known_library_class(tmp_path):
+    """The export frontend lifts GPT-2's Conv1D back to module calls; the file names that class, which load
+    finds in the fixed module transformers.pytorch_utils (and nowhere else)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(0, 1000, (2, 8))
+    compiled = fxopt.compile(model, [], example_inputs=(ids,), trace_mode="export")
+    fresh = torch.randint(0, 1000, (3, 5))
+    fxopt.save(compiled, tmp_path / "g.pt")
+    stored = read_payload(tmp_path / "g.pt")
+    assert stored["modules"]["h.0.attn.c_attn"]["class"] == "library:transformers.pytorch_utils.Conv1D"
+    loaded = fxopt.load(tmp_path / "g.pt")
+    assert type(loaded.get_submodule("h.0.attn.c_attn")) is transformers.pytorch_utils.Conv1D
+    assert _same(loaded(fresh), compiled(fresh))
+
+    def edit(obj):
+        obj["modules"]["h.0.attn.c_attn"]["class"] = "library:subprocess.Popen"
+    path = tamper(compiled, tmp_path / "t.pt", edit)
+    with pytest.raises(UnsupportedError, match="class 'library:subprocess.Popen', which is not in fxopt's allowlist"):
+        fxopt.load(path)
