@@ -10,7 +10,8 @@ those as::
      "in_spec":  spec, "out_spec": spec or None}
     spec = {"leaf": True}
          | {"type": "tuple" | "list" | "dict" | "OrderedDict" | "None" | <output type name>,
-            "context": None | [key, ...], "children": [spec, ...]}
+            "context": None | [key, ...] | [[key, ...], [key left None, ...]], "children": [spec, ...]}
+         | {"type": "namedtuple", "context": <registered class name>, "children": [spec, ...]}
 
 Output types are resolved by name, never imported from a name in the file:
 
@@ -18,7 +19,7 @@ Output types are resolved by name, never imported from a name in the file:
 * Hugging Face ``transformers`` output classes (``ModelOutput`` dataclasses): those of
   ``transformers.modeling_outputs`` (a fixed module fxopt imports itself) and any ``ModelOutput`` subclass the
   loading process has already defined (e.g. by importing the model's module), found in torch's pytree registry;
-* classes registered in this process with :func:`allow_output_type`.
+* classes registered in this process with :func:`allow_output_type` (dataclasses, named tuples).
 
 A type is rebuilt only with field names: for a ``ModelOutput`` or a registered dataclass, each stored key must
 be one of its fields, so loading constructs a dataclass of tensors and nothing else.
@@ -52,21 +53,23 @@ _REGISTERED: dict[str, type] = {}  # allow_output_type(): stored name -> class
 
 
 def allow_output_type(cls: type, name: str | None = None) -> str:
-    """Let saved graphs return (or take) instances of ``cls``: a dataclass registered as a torch pytree node.
+    """Let saved graphs return (or take) instances of ``cls``: a named tuple class, or a dataclass registered as
+    a torch pytree node.
 
     ``torch.export`` keeps a model's output type through torch's pytree registry; fxopt stores the type by
     name. Hugging Face ``ModelOutput`` classes are known already; register your own (a
-    ``torch.utils._pytree.register_dataclass`` class, say) in the process that saves **and** in the one that
-    loads. ``name`` defaults to ``"<module>.<qualname>"``; returns the stored name.
+    ``torch.utils._pytree.register_dataclass`` class, a ``typing.NamedTuple``) in the process that saves
+    **and** in the one that loads. ``name`` defaults to ``"<module>.<qualname>"``; returns the stored name.
     """
-    if not isinstance(cls, type) or not dataclasses.is_dataclass(cls):
-        raise TypeError(f"allow_output_type expects a dataclass type, got {cls!r}")
-    if cls not in pytree.SUPPORTED_NODES:
+    named = isinstance(cls, type) and pytree.is_namedtuple_class(cls)
+    if not isinstance(cls, type) or not (named or dataclasses.is_dataclass(cls)):
+        raise TypeError(f"allow_output_type expects a dataclass or named tuple class, got {cls!r}")
+    if not named and cls not in pytree.SUPPORTED_NODES:
         raise ValueError(f"allow_output_type: {cls.__qualname__} is not registered with torch's pytree; register it "
                          f"first (torch.utils._pytree.register_dataclass({cls.__qualname__}))")
     if name is None:
         name = f"{cls.__module__}.{cls.__qualname__}"
-    if not isinstance(name, str) or not all(is_identifier(p) for p in name.split(".")) or name in _BUILTIN:
+    if not isinstance(name, str) or not all(is_identifier(p) for p in name.split(".")) or name in (*_BUILTIN, "namedtuple"):
         raise ValueError(f"allow_output_type: name {name!r} must be a dotted path of identifiers (pass name=...)")
     if _REGISTERED.get(name, cls) is not cls:
         raise ValueError(f"allow_output_type: {name!r} already names another class; pass name=...")
@@ -122,8 +125,9 @@ def _type_name(kind: type, where: str) -> str:
     shown = f"{kind.__module__}.{kind.__qualname__}"
     raise UnsupportedError(
         f"the graph's {where} is a {shown}, a type fxopt cannot rebuild safely (known: tuple, list, dict, "
-        f"OrderedDict, Hugging Face ModelOutput classes and types you registered). If it is a dataclass registered "
-        f"with torch's pytree, register it before saving and before loading: fxopt.io.allow_output_type({shown})")
+        f"OrderedDict, Hugging Face ModelOutput classes and types you registered). If it is a named tuple or a "
+        f"dataclass registered with torch's pytree, register it before saving and before loading: "
+        f"fxopt.io.allow_output_type({shown})")
 
 
 def _is_model_output(kind: type) -> bool:
@@ -176,9 +180,9 @@ def _encode_spec(spec: pytree.TreeSpec, where: str) -> dict[str, Any]:
     if spec.is_leaf():
         return {"leaf": True}
     kind = spec.type
-    if kind is collections.namedtuple:
-        raise UnsupportedError(f"the graph's {where} holds a named tuple ({spec.context.__qualname__}); fxopt stores "
-                               f"tuples, lists, dicts and dataclass outputs: return a tuple or a dataclass")
+    if kind is collections.namedtuple:  # torch's pytree: the node type is namedtuple, the context the class
+        return {"type": "namedtuple", "context": _type_name(spec.context, where),
+                "children": [_encode_spec(c, where) for c in spec.children()]}
     name = _type_name(kind, where)
     context = spec.context
     if context is not None:
@@ -203,8 +207,18 @@ def _decode_spec(data: Any, where: str) -> pytree.TreeSpec:
     name, context, children = data.get("type"), data.get("context"), data.get("children")
     if not isinstance(name, str) or not isinstance(children, list):
         raise FxoptError(f"malformed {where} structure in the stored graph: {str(data)[:80]!r}")
-    kind = _resolve_type(name, where)
     specs = [_decode_spec(c, where) for c in children]
+    if name == "namedtuple":
+        cls = _REGISTERED.get(context) if isinstance(context, str) else None
+        if cls is None or not pytree.is_namedtuple_class(cls):
+            raise UnsupportedError(
+                f"the stored {where} structure holds a named tuple {str(context)[:100]!r}, which is not registered "
+                f"in this process; refusing to load it. Register the class first: fxopt.io.allow_output_type(cls)")
+        if len(cls._fields) != len(specs):
+            raise FxoptError(f"the stored {where} structure gives {context} {len(specs)} values for "
+                             f"{len(cls._fields)} fields")
+        return pytree.TreeSpec(collections.namedtuple, cls, specs)
+    kind = _resolve_type(name, where)
     if kind in (tuple, list, type(None)):
         if context is not None:
             raise FxoptError(f"a stored {name} in the {where} structure carries keys")

@@ -10,6 +10,7 @@ files that name an operator or a type outside the allowlists are refused before 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -338,6 +339,36 @@ def test_output_type_of_your_own_needs_registering(clean_registries, tmp_path):
         fxopt.load(path)
     with pytest.raises(TypeError, match="dataclass"):
         allow_output_type(dict)
+
+
+class _Pair(NamedTuple):
+    logits: torch.Tensor
+    probs: torch.Tensor
+
+
+class _ReturnsNamedTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        logits = self.fc(x)
+        return _Pair(logits, torch.softmax(logits, -1))
+
+
+def test_named_tuple_output_needs_registering(clean_registries, tmp_path):
+    x = torch.randn(2, 6)
+    gm = fxopt.trace(_ReturnsNamedTuple().eval(), (x,), mode="export")
+    path = tmp_path / "m.pt2"
+    with pytest.raises(UnsupportedError, match=r"fxopt.io.allow_output_type\(.*_Pair\)"):
+        fxopt.save(gm, path)
+    name = allow_output_type(_Pair)
+    fxopt.save(gm, path)
+    out = fxopt.load(path)(x)
+    assert type(out) is _Pair and _same(out, gm(x))
+    pytree_format._REGISTERED.clear()
+    with pytest.raises(UnsupportedError, match=f"named tuple '{name}', which is not registered"):
+        fxopt.load(path)
 
 
 def test_higher_order_operators_are_refused_at_save(tmp_path):
