@@ -33,8 +33,10 @@ import functools
 import importlib
 import math
 import re
+import sys
 from typing import Any
 
+import torch
 import torch.fx
 import torch.utils._pytree as pytree
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
@@ -136,8 +138,6 @@ def _is_model_output(kind: type) -> bool:
 
 
 def _model_output_base() -> type | None:
-    import sys
-
     generic = sys.modules.get("transformers.utils.generic")  # only if transformers is in use already
     return getattr(generic, "ModelOutput", None)
 
