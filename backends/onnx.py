@@ -496,7 +496,8 @@ def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
                 torch.full((rows,), int(weight.q_zero_point()), dtype=torch.int8))
     w = weight.float()
     scale = w.abs().amax(1).clamp_min(1e-12) / 127.0
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale, torch.zeros_like(scale, dtype=torch.int8)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale, torch.zeros_like(scale, dtype=torch.int8)
 
 
 class _DynamicRNNExport(nn.Module):

@@ -705,7 +705,8 @@ class _Writer:
         gate = self.act_tensor(f"{node.name}_sigmoid", x.stored, self.int8_qparams(_SIGMOID_QPARAMS))
         self.op("LOGISTIC", [x.tensor], [gate])
         out = self.new_value(node, _shape(node), qparams, perm=x.perm)
-        self.op("MUL", [x.tensor, gate], [out.tensor], "MulOptions", self.options("MulOptionsT", fusedActivationFunction=0))
+        self.op("MUL", [x.tensor, gate], [out.tensor], "MulOptions",
+                self.options("MulOptionsT", fusedActivationFunction=0))
         self.bind(node, out, aliases)
 
     # ---- share ops: output on the input's grid ------------------------------------------------------
@@ -827,7 +828,8 @@ class _Writer:
             perm = None if perm == tuple(range(len(perm))) else perm
         out = self.new_value(node, out_shape, x.qparams, perm=perm)
         axis = self.const_i32(f"{node.name}_axes", sorted(x.order.index(d) for d in dims))
-        self.op("MEAN", [x.tensor, axis], [out.tensor], "ReducerOptions", self.options("ReducerOptionsT", keepDims=keep))
+        self.op("MEAN", [x.tensor, axis], [out.tensor], "ReducerOptions",
+                self.options("ReducerOptionsT", keepDims=keep))
         self.env[node] = out
 
     # ---- data movement: views cost no op until a reader needs the shape -----------------------------
@@ -901,7 +903,8 @@ class _Writer:
             shape = list(x.shape)
             shape[dim] = size
             v = _Value(-1, tuple(shape), x.qparams, x.perm)
-            values.append(replace(v, tensor=self.act_tensor(f"{node.name}_{i}", v.stored, self.int8_qparams(x.qparams))))
+            tensor = self.act_tensor(f"{node.name}_{i}", v.stored, self.int8_qparams(x.qparams))
+            values.append(replace(v, tensor=tensor))
         outs = [v.tensor for v in values]
         if len(set(sizes)) == 1:
             self.op("SPLIT", [self.const_i32(f"{node.name}_axis", axis), x.tensor], outs, "SplitOptions",

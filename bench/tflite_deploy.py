@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torchvision
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "tests" / "backends"), str(Path(__file__).resolve().parents[1])]
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT / "tests" / "backends"), str(_ROOT)]
 
 import fxopt  # noqa: E402
 from fxopt import backends, recipes  # noqa: E402

@@ -128,7 +128,8 @@ def test_grouped_conv_is_split_into_per_group_convs():
     codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     graph = model.subgraphs[0]
     convs = [op for op in graph.operators if codes[model.operatorCodes[op.opcodeIndex].builtinCode] == "CONV_2D"]
-    group_weights = [graph.tensors[op.inputs[1]] for op in convs if list(graph.tensors[op.inputs[1]].shape) == [8, 3, 3, 8]]
+    weights = [graph.tensors[op.inputs[1]] for op in convs]
+    group_weights = [w for w in weights if list(w.shape) == [8, 3, 3, 8]]
     assert len(group_weights) == 4 and all(len(w.quantization.scale) == 8 for w in group_weights)  # per channel
     assert sqnr(ref, out) >= 30, sqnr(ref, out)
     _tpu_ok(prepared)
