@@ -97,6 +97,22 @@ def test_non_float_inputs_pass_through_unobserved(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_all_zero_values_get_scale_one_not_eps(kind):
+    """A dead value (all zeros in calibration) or an all-zero weight channel: any scale holds 0 exactly, and the
+    float32-eps floor made a reader's int32 bias overflow on qnnpack (tests/test_properties.py)."""
+    obs = make_observer(kind, QUINT8)
+    obs(torch.zeros(2, 3, 4, 4))
+    scale, zero_point = obs.calculate_qparams()
+    assert float(scale) == 1.0 and int(zero_point) == 0
+    weights = make_observer("minmax", QSpec(torch.qint8, symmetric=True, axis=0))
+    w = torch.randn(3, 4)
+    w[1] = 0
+    weights(w)
+    scale, _ = weights.calculate_qparams()
+    assert scale[1] == 1.0 and (scale[[0, 2]] < 0.1).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_nan_and_inf_raise_calibration_error(kind, bad):
     obs = make_observer(kind, QUINT8, name="layer1.conv_out")
