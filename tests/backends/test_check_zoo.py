@@ -70,8 +70,8 @@ def test_check_detectors(name, backend):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, backend", [
-    ("ssdlite320_mobilenet_v3_large", "x86"),
-    ("ssdlite320_mobilenet_v3_large", "qnnpack"),  # 58.8 % each (README)
+    ("ssdlite320_mobilenet_v3_large", "x86"),  # 68.3 % against 60.0 % (README, 24 scenes)
+    ("ssdlite320_mobilenet_v3_large", "qnnpack"),  # 67.1 % against 63.8 %
     ("fasterrcnn_mobilenet_v3_large_320_fpn", "x86"),  # 62.4 % against 54.0 % (README; 300-step heads)
     ("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack"),  # 60.1 %, chance 3.3 %; torch.ao fails (README)
 ])
