@@ -92,6 +92,24 @@ def test_shuffle_shapes_are_constants_but_the_batch(exported):
             assert src is None or src.op_type != "DequantizeLinear", node.name
 
 
+def test_chunk_split_points_are_constants(exported, tmp_path):
+    """``chunk`` exports as ``Slice`` with its split point computed from ``Shape → Gather([1]) → Add → Div →
+    Mul``; for ONNX Runtime the 1-D Gather of the static channel dim is folded, so no Slice reads a Shape and
+    the session runs no shape arithmetic at all."""
+    _, model = exported
+    producer = _producers(model.graph)
+
+    def reads_shape(name: str) -> bool:
+        node = producer.get(name)
+        return node is not None and (node.op_type == "Shape" or any(reads_shape(i) for i in node.input))
+
+    slices = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert len(slices) >= 2 * 3  # one chunk (two halves) per stride-1 block: 3 + 7 + 3 in shufflenet_v2
+    assert not [s.name for s in slices if any(reads_shape(i) for i in s.input[1:])]
+    ops = Counter(n.op_type for n in _optimized(model.SerializeToString(), tmp_path / "opt.onnx").graph.node)
+    assert not {"Gather", "Add", "Div", "Mul"} & set(ops), ops
+
+
 def test_no_qdq_inside_the_channel_shuffle(exported):
     _, model = exported
     graph = model.graph
