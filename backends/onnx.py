@@ -14,7 +14,10 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   last op, so OpenVINO can fuse a channel shuffle), fixed-range ops (sigmoid…) their fixed qparams; for
   ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels), and a
   linear on a [batch, seq, hidden] input (which the exporter writes as ``MatMul`` + ``Add``) becomes
-  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``;
+  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``. For
+  OpenVINO a conv / linear read only by an activation its CPU plugin fuses as a post-op (SiLU, sigmoid,
+  hardswish, GELU…) gets no QDQ before it (one requantization, after the activation, as NNCF places it), and
+  an activation range whose zero point is within 16 of 128 is written symmetric (zero point 128: s8 there);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
