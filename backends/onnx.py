@@ -182,7 +182,7 @@ class _QDQBuilder:
         self.split_silu = spec.name == "onnx" and sigmoid is not None and sigmoid.kind == "fixed"
         # OpenVINO's CPU plugin runs an activation after a conv / linear as a post-op of the int8 kernel and wants
         # one quantization, after the activation (NNCF's placement): a QDQ between them is a second requantization
-        # post-op in every such kernel (efficientnet_b0: 65 of them, ~6 % of its time) and a rounding fxopt's own
+        # post-op in every such kernel (efficientnet_b0: 65 of them, ~5 % of its CPU time) and a rounding fxopt's own
         # x86 lowering does not have either (it fuses conv + SiLU).
         self.float_into_activation = spec.name == "openvino"
         # OpenVINO's low-precision transformations run a FakeQuantize whose range is symmetric ([-128, 127] steps)
