@@ -38,6 +38,8 @@ def static_int8(
     max_float_fraction: float = 0.1,
     metric: Any = None,
     min_metric: float | None = None,
+    share_cat: bool = True,
+    headroom: float | str = 1.0,
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
@@ -53,16 +55,28 @@ def static_int8(
     ``adaround=True`` (or a number of iterations) learns each weight's rounding (``AdaRound``) after calibration;
     ``min_sqnr=dB`` (or ``metric=fn(outputs, reference)`` with ``min_metric=``) adds ``FloatFallback``, which
     keeps the most damaging ops float (at most ``max_float_fraction`` of them) until the target holds.
+    ``headroom``: the histogram observers' chosen ranges are widened this many times (``HistogramObserver``),
+    for the tails of inputs the calibration data did not show; ``"auto"`` picks it per model by 2-fold
+    cross-validation over the calibration batches (``TuneHeadroom``, among 1, 1.1 and 1.25).
+    ``share_cat`` (default on): a ``cat`` and the inputs computed only for it share one set of qparams
+    (``PlaceObservers(share_cat=True)``), so the int8 cat is a copy; ``share_cat=False`` requantizes.
     """
-    calibration = list(calibration) if (bias_correction or adaround or min_sqnr is not None or min_metric is not None) \
-        else calibration
+    if headroom != "auto" and (isinstance(headroom, str) or headroom < 1):
+        raise ValueError(f"static_int8(headroom={headroom!r}): give a number >= 1 or 'auto'")
+    calibration = list(calibration) if (bias_correction or adaround or min_sqnr is not None or min_metric is not None
+                                        or headroom == "auto") else calibration
+    options = dict(HISTOGRAM_DEFAULTS) if observer == "histogram" else {}
+    if observer == "histogram" and headroom != "auto" and headroom != 1.0:
+        options["headroom"] = float(headroom)
     steps = [fp.DecomposeAttention(backend=backend), fp.RemoveIdentities(), fp.FoldBatchNorm()]
     if equalize:
         steps.append(fp.EqualizeCrossLayer())
     steps += [fp.FuseActivations(), fp.EliminateDeadCode(),
               fp.InsertQuantStubs(backend=backend),
-              fp.PlaceObservers(activation=observer, per_channel=per_channel,
-                                activation_options=dict(HISTOGRAM_DEFAULTS) if observer == "histogram" else {})]
+              fp.PlaceObservers(activation=observer, per_channel=per_channel, share_cat=share_cat,
+                                activation_options=options)]
+    if headroom == "auto" and observer == "histogram":
+        steps.append(fp.TuneHeadroom(calibration, num_batches=num_batches))
     if bias_correction:
         mode = "empirical" if bias_correction is True else str(bias_correction)
         steps.append(fp.CorrectBias(None if mode == "analytical" else calibration, num_batches=num_batches,
