@@ -9,9 +9,11 @@ Prints one table; the same comparison runs as a (slow) test in tests/quant/test_
 ``--natural``: 224-px natural-looking images (crops of scikit-learn's bundled photos and smooth random
 fields, bench/quant_reference.natural_images), BatchNorm statistics re-estimated on such images, 16
 calibration images, 32 held-out test images (``--test-images``; 8 proved too few to rank two flows on
-these random-weight networks, whose per-batch SQNR varies by several dB), x86 only, 1 thread. Columns: SQNR and top-1 agreement of fxopt's default
-static recipe and of torch.ao FX (histogram observers for both), then fxopt with each ``--options`` set (e.g.
-``"equalize=1;bias_correction=1;bias_correction=analytical"``: one column each) and with ``min_sqnr`` (the float fallback: float ops / total and why).
+these random-weight networks, whose per-batch SQNR varies by several dB), x86 only, 1 thread.
+Columns: SQNR and top-1 agreement of fxopt's default static recipe and of torch.ao FX (histogram
+observers for both), then fxopt with each ``--options`` set (e.g.
+``"headroom=auto;bias_correction=1;bias_correction=analytical;equalize=1"``: one column each) and with
+``min_sqnr`` (the float fallback: float ops / total and why).
 """
 
 from __future__ import annotations

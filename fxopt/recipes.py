@@ -39,7 +39,7 @@ def static_int8(
     metric: Any = None,
     min_metric: float | None = None,
     share_cat: bool = True,
-    headroom: float | str = 1.0,
+    headroom: float | str = "auto",
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
@@ -56,8 +56,9 @@ def static_int8(
     ``min_sqnr=dB`` (or ``metric=fn(outputs, reference)`` with ``min_metric=``) adds ``FloatFallback``, which
     keeps the most damaging ops float (at most ``max_float_fraction`` of them) until the target holds.
     ``headroom``: the histogram observers' chosen ranges are widened this many times (``HistogramObserver``),
-    for the tails of inputs the calibration data did not show; ``"auto"`` picks it per model by 2-fold
-    cross-validation over the calibration batches (``TuneHeadroom``, among 1, 1.1 and 1.25).
+    for the tails of inputs the calibration data did not show; ``"auto"`` (the default) picks it per model
+    by 2-fold cross-validation over the calibration batches (``TuneHeadroom``, among 1, 1.1 and 1.25; with
+    a single batch it stays 1); ``headroom=1.0`` skips the search.
     ``share_cat`` (default on): a ``cat`` and the inputs computed only for it share one set of qparams
     (``PlaceObservers(share_cat=True)``), so the int8 cat is a copy; ``share_cat=False`` requantizes.
     """

@@ -80,14 +80,17 @@ class TuneHeadroom(Pass):
             trial = copy.deepcopy(gm)
             Calibrate(fit)(trial)
             batches = [as_call(item, i) for i, item in enumerate(held_out)]
+            sim = simulation_of(trial)
+            sim.configure([])
+            reference = sim.run(batches)
+            sim.configure(sim.units)
+            observer_of = {n.name: trial.get_submodule(n.target) for n in trial.graph.nodes if n.name in sim.sims}
             for headroom in self.candidates:
-                for m in trial.modules():
-                    if isinstance(m, HistogramObserver):
-                        m.headroom = headroom
-                sim = simulation_of(trial)
-                sim.configure([])
-                reference = sim.run(batches)
-                sim.configure(sim.units)
+                for name, act in sim.sims.items():  # the same simulation, each rounding at this headroom's qparams
+                    observer = observer_of[name]
+                    if isinstance(observer, HistogramObserver):
+                        observer.headroom = headroom
+                        act.scale, act.zero_point = observer.calculate_qparams()
                 noise, signal = _noise_and_signal(sim.run(batches), reference)
                 totals[headroom][0] += noise
                 totals[headroom][1] += signal
