@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from tabulate import tabulate
 
 from .errors import FxoptError
-from .layer_groups import run_recording_groups
+from .layer_groups import run_recording_groups, sequential_group_ends
 
 __all__ = ["Comparison", "compare", "sqnr_db"]
 
@@ -254,11 +254,14 @@ def _run_with_hooks(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[
     seen: dict[str, list[Any]] = {}
     handles = []
     prefix = _wrapper_prefix(model)
+    # A conv's value is read at the end of its Sequential group (conv -> BatchNorm -> ReLU), like in a graph.
+    groups = sequential_group_ends(model)
     for name, mod in model.named_modules():
-        if name.startswith(prefix) and len(name) > len(prefix):
-            name = name[len(prefix):]
+        record_as = groups.get(name, name)
+        if record_as is not None and record_as.startswith(prefix) and len(record_as) > len(prefix):
+            record_as = record_as[len(prefix):]
             handles.append(mod.register_forward_hook(
-                lambda _m, _i, out, name=name: seen.setdefault(name, []).append(_snapshot(out))))
+                lambda _m, _i, out, name=record_as: seen.setdefault(name, []).append(_snapshot(out))))
     try:
         with torch.no_grad():
             out = model(*args, **kwargs)

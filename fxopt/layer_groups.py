@@ -17,7 +17,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["group_ends", "run_recording_groups"]
+__all__ = ["group_ends", "run_recording_groups", "sequential_group_ends"]
 
 _GROUP_MODULES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
 _GROUP_FUNCTIONS = {F.batch_norm, F.relu, torch.relu, F.relu6, F.dropout}
@@ -25,13 +25,16 @@ _GROUP_METHODS = {"relu", "relu_"}
 _PASS_THROUGH = ("QuantStub", "DeQuantStub")
 
 
+def _module_extends_group(mod: nn.Module | None) -> bool:
+    if isinstance(mod, nn.Hardtanh):
+        return (float(mod.min_val), float(mod.max_val)) == (0.0, 6.0)
+    return isinstance(mod, _GROUP_MODULES) or type(mod).__name__ in _PASS_THROUGH or (
+        callable(getattr(mod, "calculate_qparams", None)) and hasattr(mod, "calibrated"))  # observers
+
+
 def _extends_group(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
-        mod = modules.get(node.target)
-        if isinstance(mod, nn.Hardtanh):
-            return (float(mod.min_val), float(mod.max_val)) == (0.0, 6.0)
-        return isinstance(mod, _GROUP_MODULES) or type(mod).__name__ in _PASS_THROUGH or (
-            callable(getattr(mod, "calculate_qparams", None)) and hasattr(mod, "calibrated"))  # observers
+        return _module_extends_group(modules.get(node.target))
     if node.op == "call_function":
         if node.target is F.hardtanh:
             return tuple(node.args[1:3]) == (0.0, 6.0) or tuple(node.args[1:3]) == (0, 6)
@@ -60,6 +63,33 @@ def group_ends(gm: torch.fx.GraphModule) -> dict[torch.fx.Node, tuple[str, int]]
         index = calls.get(node.target, 0)
         calls[node.target] = index + 1
         ends[end] = (node.target, index)
+    return ends
+
+
+def sequential_group_ends(model: nn.Module) -> dict[str, str | None]:
+    """Group ends for a model read through forward hooks (no graph), from its ``nn.Sequential`` containers.
+
+    In a Sequential the output of one child is the input of the next, so a child followed by BatchNorm /
+    ReLU / ReLU6 / ... siblings (torchvision's ``Conv2dNormActivation``) forms the same group as in a graph.
+    Returns ``{module name: layer name to record its output under, or None to not record it}``: the group's
+    last module records under the leader's name and the leader itself records nothing. Modules that are not
+    in such a group are absent (they record under their own name).
+    """
+    ends: dict[str, str | None] = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = [(f"{prefix}.{n}" if prefix else n, m) for n, m in seq.named_children()]
+        i = 0
+        while i < len(children):
+            j = i + 1
+            if not _module_extends_group(children[i][1]):
+                while j < len(children) and _module_extends_group(children[j][1]):
+                    j += 1
+            if j > i + 1:
+                ends[children[i][0]] = None
+                ends[children[j - 1][0]] = children[i][0]
+            i = j
     return ends
 
 

@@ -4,12 +4,14 @@
 * :mod:`.envelope`      the self-contained file of a compiled model (graph + modules + constants as plain data);
 * :mod:`.graph_format`  fx graphs as data, rebuilt from allowlisted functions only;
 * :mod:`.module_format` modules as data, rebuilt from allowlisted classes only;
+* :mod:`.pytree_format` a torch.export graph's input/output structure (e.g. a Hugging Face output class);
 * :mod:`.pt2_check`     refuses ``.pt2`` archives that ``torch.export.load`` would run code from.
 
 Imports only the core (``fxopt.meta``, ``fxopt.registry``, ``fxopt.quant.nn``...), never passes or backends.
 
-Public registration hooks: :func:`allow_function` (a function a traced graph calls) and :func:`allow_module`
-(a module class kept as a leaf) let ``save``/``load`` store graphs that use them; register them in the
+Public registration hooks: :func:`allow_function` (a function, or an operator outside aten/prims/quantized, a
+traced graph calls), :func:`allow_module` (a module class kept as a leaf) and :func:`allow_output_type` (a
+dataclass an exported graph returns) let ``save``/``load`` store graphs that use them; register them in the
 saving and in the loading process.
 """
 
@@ -19,5 +21,6 @@ from .dispatch import FORMAT_TAG, load, save
 from .graph_format import allow_function
 from .module_format import allow_module
 from .pt2_check import check_pt2_archive
+from .pytree_format import allow_output_type
 
-__all__ = ["FORMAT_TAG", "allow_function", "allow_module", "check_pt2_archive", "load", "save"]
+__all__ = ["FORMAT_TAG", "allow_function", "allow_module", "allow_output_type", "check_pt2_archive", "load", "save"]

@@ -8,7 +8,8 @@ written as plain data only (``.pt``: with ``torch.save``; ``.pt2``: the same byt
      "backend": "x86" | None, "float_islands": [[node, op, reason], ...],
      "graph": [node entries],                  # fxopt.io.graph_format
      "modules": {target: {"class": name, "state": ...}},   # fxopt.io.module_format
-     "attrs": {target: tensor or {"int_repr": ..., ...}}}  # get_attr constants
+     "attrs": {target: tensor or {"int_repr": ..., ...}},  # get_attr constants
+     "pytree": None | {"orig_args": [...], "in_spec": ..., "out_spec": ...}}  # fxopt.io.pytree_format
 
 ``load`` reads it with ``torch.load(weights_only=True)`` (a pickled object is refused before anything is
 built), rebuilds modules only from the allowlisted classes, packs the int8 weights again under the stored
@@ -31,6 +32,8 @@ from ..quant.nn import QuantizedModel, engine_scope, local_engine
 from ..quant.qstate import qtensor_from_state, qtensor_state
 from .graph_format import decode_graph, encode_graph, is_module_path
 from .module_format import check_entry, decode_module, encode_module
+from .pytree_format import (decode_codegen, decode_input_checks, encode_codegen, encode_input_checks,
+                            install_input_checks)
 
 __all__ = ["FORMAT_TAG", "FORMAT_TAGS", "from_plain", "is_graph_model", "to_plain"]
 
@@ -69,6 +72,8 @@ def to_plain(module: nn.Module) -> dict[str, Any]:
     return {
         "format": FORMAT_TAG, "wrapper": wrapper, "engine": engine, "backend": meta.backend_of(gm),
         "float_islands": islands, "graph": graph, "modules": modules, "attrs": attrs,
+        "pytree": encode_codegen(gm.graph),  # a torch.export graph's input/output structure, else None
+        "input_checks": encode_input_checks(gm),  # and the input shapes it accepts, if it checks them
         "torch_version": str(torch.__version__),
     }
 
@@ -130,6 +135,8 @@ def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
         raise FxoptError(f"{where} is not a valid fxopt model file (no engine named)")
     # every check before anything is built: functions and methods of the graph, then every module class
     graph = decode_graph(graph_data)
+    decode_codegen(obj.get("pytree"), graph)
+    input_checks = decode_input_checks(obj.get("input_checks"), graph)
     for target, entry in modules.items():
         check_entry(entry, str(target)[:80])
     engine = local_engine(engine)
@@ -150,6 +157,7 @@ def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
             raise FxoptError(f"node {node.name!r} of {where} reads {node.target!r}, which the file does not hold")
     gm = torch.fx.GraphModule(root, graph, class_name="Int8GraphModule" if wrapper == "QuantizedModel"
                               else "FxoptGraphModule")
+    install_input_checks(input_checks, gm)
     backend = obj.get("backend")
     if isinstance(backend, str):
         meta.set_backend(gm, backend)

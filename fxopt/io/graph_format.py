@@ -11,6 +11,11 @@ Used by fxopt's model file format (:mod:`fxopt.io.envelope`). A node is stored a
   Two more sources: :data:`KNOWN_FUNCTIONS` (pure tensor functions of torchvision that traced models call,
   imported by fxopt itself, never by a name from the file) and the functions the user registered in this
   process with :func:`allow_function`.
+* Operators (what graphs from ``torch.export`` call: ``torch.ops.aten.relu.default``...) are stored by their
+  qualified name ``"torch.ops.<namespace>.<op>.<overload>"`` and resolved on load through ``torch.ops`` (the
+  dispatcher's registry; nothing is imported), only for the namespaces in :data:`OP_NAMESPACES` and never for
+  :data:`REFUSED_OPS` or operators taking storages, futures or opaque objects (:func:`resolve_op`).
+  Higher-order operators (``torch.cond``, wrapped subgraphs) are refused at save time.
 * ``call_method`` names must be public ``torch.Tensor`` methods; those that take callables, expose storage or
   run autograd (:data:`REFUSED_METHODS`) are refused. ``getattr`` reads only :data:`SAFE_ATTRIBUTES`.
 * Arguments are encoded by :func:`encode_value`: every dict in the encoding is a one-key tag
@@ -40,7 +45,9 @@ from ..errors import FxoptError, UnsupportedError
 
 __all__ = [
     "KNOWN_FUNCTIONS",
+    "OP_NAMESPACES",
     "REFUSED_METHODS",
+    "REFUSED_OPS",
     "allow_function",
     "SAFE_ATTRIBUTES",
     "check_method",
@@ -50,7 +57,9 @@ __all__ = [
     "encode_value",
     "function_name",
     "is_module_path",
+    "op_name",
     "resolve_function",
+    "resolve_op",
 ]
 
 REFUSED_METHODS = frozenset({
@@ -70,6 +79,28 @@ KNOWN_FUNCTIONS: dict[str, tuple[str, str]] = {
 }
 _REGISTERED: dict[str, Callable] = {}  # allow_function()
 _F_MODULES = ("torch.nn.functional", "torch._C._nn", "torch")
+# symbolic-size helpers torch.export graphs call on SymInts (pure arithmetic; not native ops of torch)
+_SYM_FUNCTIONS = ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite", "sym_sum", "sym_sqrt")
+
+# --- operator overloads (torch.ops.<namespace>.<op>.<overload>), what aten-level graphs call -----------------
+# Namespaces whose operators a stored graph may call. aten and prims are PyTorch's tensor operator sets (what
+# torch.export emits); quantized holds PyTorch's int8 kernels (fxopt's int8 modules call them); fxopt is the
+# namespace fxopt's own operators would be registered under. Their operators are registered by torch's C++
+# library (or fxopt) with a fixed schema: a file picks an operator and its data arguments, never code. They
+# are resolved through the dispatcher's registry (torch.ops), which imports no module. Other namespaces are
+# refused: an extension library's operators are whatever its authors wrote, and "prim" (TorchScript) ops
+# drive the interpreter itself.
+OP_NAMESPACES = frozenset({"aten", "prims", "quantized", "fxopt"})
+# operators of those namespaces that reach beyond tensor math: files (from_file, save), raw storage (set_),
+# process-wide state (seeds, grad mode), printing and futures. Also refused: any operator whose schema takes a
+# Storage, Future, Capsule, Await or RRef argument.
+REFUSED_OPS = frozenset({
+    "from_file", "save", "set_", "set", "set_data", "set_grad_enabled", "manual_seed", "seed", "_print", "warn",
+    "wait", "record_stream", "pin_memory", "_pin_memory", "_test_warn_in_autograd",
+})
+_REFUSED_ARG_TYPES = ("Storage", "Future", "Capsule", "Await", "RRef")
+_OP_PREFIX = "torch.ops."
+_OP_NAME = re.compile(r"^torch\.ops\.([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?$")
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,6 +124,7 @@ def function_table() -> dict[str, Callable]:
     table.update({f"math.{n}": getattr(math, n) for n in dir(math)
                   if not n.startswith("_") and callable(getattr(math, n))})
     table.update({"builtins.getattr": builtins.getattr, "builtins.len": builtins.len})
+    table.update({f"torch.{n}": getattr(torch, n) for n in _SYM_FUNCTIONS if callable(getattr(torch, n, None))})
     for name, (module_name, attr) in KNOWN_FUNCTIONS.items():
         try:
             table[name] = getattr(importlib.import_module(module_name), attr)
@@ -111,6 +143,8 @@ def allow_function(fn: Callable, name: str | None = None) -> str:
     """
     if not callable(fn) or isinstance(fn, type):
         raise TypeError(f"allow_function expects a function, got {type(fn).__name__}")
+    if name is None and isinstance(fn, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        name = op_name(fn)  # an operator of another library: stored under its torch.ops name
     if name is None:
         name = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', None)}"
     if not isinstance(name, str) or not all(is_identifier(p) for p in name.split(".")):
@@ -135,8 +169,72 @@ def _public_method(name: str) -> bool:
             and callable(getattr(torch.Tensor, name, None)))
 
 
+def op_name(op: torch._ops.OpOverload | torch._ops.OpOverloadPacket) -> str:
+    """``"torch.ops.<namespace>.<op>.<overload>"`` (or ``"torch.ops.<namespace>.<op>"`` for a packet)."""
+    if isinstance(op, torch._ops.OpOverload):
+        return f"{_OP_PREFIX}{op.namespace}.{op._schema.name.split('::', 1)[1]}.{op._overloadname}"
+    namespace, name = op._qualified_op_name.split("::", 1)
+    return f"{_OP_PREFIX}{namespace}.{name}"
+
+
+def resolve_op(name: str) -> torch._ops.OpOverload | torch._ops.OpOverloadPacket:
+    """The operator a stored ``torch.ops`` name refers to, looked up in the dispatcher's registry only.
+
+    :class:`UnsupportedError` for a namespace outside :data:`OP_NAMESPACES`, an operator in :data:`REFUSED_OPS`
+    or with a refused argument type, or a name that no registered operator has.
+    """
+    match = _OP_NAME.match(name)
+    if match is None:
+        raise UnsupportedError(f"{name[:100]!r} is not an operator name of the form torch.ops.<namespace>.<op>"
+                               f".<overload>")
+    namespace, op, overload = match.groups()
+    if namespace not in OP_NAMESPACES:
+        raise UnsupportedError(
+            f"operator {name[:100]!r} is in namespace {namespace!r}; a saved graph may call operators of "
+            f"{', '.join(sorted(OP_NAMESPACES))} only (custom operator libraries are not loaded from files). "
+            f"If you trust it, register it before saving and before loading: fxopt.io.allow_function({name})")
+    if op in REFUSED_OPS:
+        raise UnsupportedError(f"operator {name[:100]!r} reaches beyond tensor math (files, storage or "
+                               f"process-wide state); fxopt does not store or load graphs that call it")
+    try:  # _OpNamespace.__getattr__ asks the dispatcher for "<namespace>::<op>"; it imports nothing
+        packet = getattr(getattr(torch.ops, namespace), op)
+    except (AttributeError, RuntimeError):
+        packet = None
+    if not isinstance(packet, torch._ops.OpOverloadPacket) or packet._qualified_op_name != f"{namespace}::{op}":
+        raise UnsupportedError(f"operator {name[:100]!r} is not registered in this PyTorch ({torch.__version__}); "
+                               f"the file was written by another version or names an operator that does not exist")
+    resolved: Any = packet
+    schemas = [getattr(packet, o)._schema for o in packet.overloads()]  # a packet may dispatch to any of them
+    if overload is not None:
+        try:
+            resolved = getattr(packet, overload)
+        except (AttributeError, RuntimeError):
+            resolved = None
+        if not isinstance(resolved, torch._ops.OpOverload):
+            raise UnsupportedError(f"operator {name[:100]!r}: {namespace}::{op} has no overload {overload!r} in "
+                                   f"this PyTorch ({torch.__version__})")
+        schemas = [resolved._schema]
+    for schema in schemas:
+        if any(t in str(a.type) for a in schema.arguments for t in _REFUSED_ARG_TYPES):
+            raise UnsupportedError(f"operator {name[:100]!r} takes a storage, future or opaque object; fxopt does "
+                                   f"not store or load graphs that call it")
+    return resolved
+
+
 def function_name(target: Callable) -> str:
     """The stored name of a ``call_function`` target; :class:`UnsupportedError` if it is not allowlisted."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        name = next((n for n, fn in _REGISTERED.items() if fn is target), None)
+        if name is not None:
+            return name
+        name = op_name(target)
+        resolve_op(name)  # the same policy as load: refuse at save time, before the file is written
+        return name
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        raise UnsupportedError(
+            f"the graph calls the higher-order operator torch.ops.higher_order.{target.name()} (control flow or a "
+            f"wrapped subgraph from torch.export); fxopt's file format stores flat graphs only. Export the model "
+            f"without it (e.g. outside torch.no_grad / torch.cond), or save it with torch.export.save")
     name = _names_by_id().get(id(target))
     if name is None:
         name = next((n for n, fn in _REGISTERED.items() if fn is target), None)
@@ -154,6 +252,8 @@ def resolve_function(name: Any) -> Callable:
     fn = None
     if isinstance(name, str):
         fn = function_table().get(name) or _REGISTERED.get(name)
+        if fn is None and name.startswith(_OP_PREFIX):
+            return resolve_op(name)
     if fn is None:
         raise UnsupportedError(f"the file calls function {str(name)[:100]!r}, which is not in fxopt's allowlist; "
                                f"refusing to load it (fxopt.load never runs code from a file). If you trust that "

@@ -9,7 +9,10 @@ Three kinds of classes can be stored:
   (numbers, strings, tuples...), parameters, buffers and children. They are rebuilt with ``nn.Module.__init__``
   and those attributes, without running the class's ``__init__``. fxopt's float modules
   (:data:`fxopt.quant.nn.PLAIN_STORABLE`: fused conv/linear/add, fp16 storage) are stored the same way;
-* classes the user registered in this process with :func:`allow_module` (stored the same way too).
+* classes the user registered in this process with :func:`allow_module` (stored the same way too);
+* :data:`KNOWN_MODULES`: library classes fxopt's own frontends put in graphs (the export frontend lifts Hugging
+  Face transformers' ``Conv1D``, GPT-2's linear layer, back to a module call), stored the same way and looked up
+  in a fixed module fxopt imports itself, never in a module named by the file.
 
 Any other class, in ``save`` or in a file, raises :class:`fxopt.UnsupportedError` naming it and saying how to
 register it. :func:`check_entry` validates every class name of a stored module tree before anything is built.
@@ -18,6 +21,7 @@ register it. :func:`check_entry` validates every class name of a stored module t
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import Any
 
 import torch
@@ -27,12 +31,30 @@ from ..errors import FxoptError, UnsupportedError
 from ..quant.nn import PLAIN_STORABLE, STORABLE
 from .graph_format import decode_value, encode_value, is_identifier, is_module_path
 
-__all__ = ["allow_module", "check_entry", "decode_module", "encode_module", "fxopt_classes", "is_fxopt_module"]
+__all__ = ["KNOWN_MODULES", "allow_module", "check_entry", "decode_module", "encode_module", "fxopt_classes", "is_fxopt_module"]
 
 _FXOPT_PREFIX = "fxopt."
 _TORCH_PREFIX = "torch.nn."
 _USER_PREFIX = "user:"
 _REGISTERED: dict[str, type] = {}  # allow_module(): stored name (without the prefix) -> class
+_LIBRARY_PREFIX = "library:"
+# stored name -> (module fxopt imports, class name); only these fixed modules are ever imported. Each class's
+# forward needs only its attributes (numbers), parameters, buffers and children.
+KNOWN_MODULES: dict[str, tuple[str, str]] = {
+    "transformers.pytorch_utils.Conv1D": ("transformers.pytorch_utils", "Conv1D"),
+}
+
+
+def _known_class(name: str) -> type | None:
+    """A :data:`KNOWN_MODULES` class, or ``None`` (unknown name, or the library is not installed)."""
+    where = KNOWN_MODULES.get(name)
+    if where is None:
+        return None
+    try:
+        cls = getattr(importlib.import_module(where[0]), where[1], None)
+    except ImportError:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
 
 
 def allow_module(cls: type, name: str | None = None) -> str:
@@ -63,7 +85,10 @@ def _plain_name(cls: type) -> str | None:
     if cls in PLAIN_STORABLE:
         return _FXOPT_PREFIX + cls.__name__
     name = next((n for n, known in _REGISTERED.items() if known is cls), None)
-    return None if name is None else _USER_PREFIX + name
+    if name is not None:
+        return _USER_PREFIX + name
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return _LIBRARY_PREFIX + name if name in KNOWN_MODULES and _known_class(name) is cls else None
 
 
 def _plain_class(name: str) -> type | None:
@@ -71,6 +96,8 @@ def _plain_class(name: str) -> type | None:
         return _torch_class(name[len(_TORCH_PREFIX):])
     if name.startswith(_USER_PREFIX):
         return _REGISTERED.get(name[len(_USER_PREFIX):])
+    if name.startswith(_LIBRARY_PREFIX):
+        return _known_class(name[len(_LIBRARY_PREFIX):])
     return next((c for c in PLAIN_STORABLE if _FXOPT_PREFIX + c.__name__ == name), None)
 
 

@@ -8,7 +8,6 @@ By default resnet18 and efficientnet_b0 run every recipe and mobilenet_v3_large 
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from fxopt.io import graph_format, module_format
 from fxopt.io.envelope import FORMAT_TAG
 from fxopt.quant.nn import FP16Module, FusedConv, QuantizedModel
 from fxopt.quant.nn.int8 import QConv
+from tests.io.payload import read_payload, tamper, write_payload
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions", "ignore:.*TypedStorage")
 
@@ -117,21 +117,6 @@ def test_file_sizes_follow_the_weight_bytes(tmp_path):
 
 # --- tampered files: refused with UnsupportedError before anything is built --------------------------------
 
-def _payload(path: Path) -> dict:
-    if path.suffix == ".pt":
-        return torch.load(path, weights_only=True)
-    data = dispatch._read_pt2_payload(path)
-    return torch.load(io.BytesIO(data), weights_only=True)
-
-
-def _write(payload: dict, path: Path) -> None:
-    if path.suffix == ".pt":
-        torch.save(payload, path)
-    else:
-        path.unlink()
-        dispatch._write_pt2_payload(payload, path)
-
-
 @pytest.fixture
 def nothing_built(monkeypatch):
     """Records every module fxopt.load starts to rebuild."""
@@ -141,14 +126,6 @@ def nothing_built(monkeypatch):
         cls, state, where))
     monkeypatch.setattr(QConv, "fxopt_from_state", classmethod(lambda cls, state: built.append("qconv")))
     return built
-
-
-def _tamper(module, path, edit):
-    fxopt.save(module, path)
-    payload = _payload(path)
-    edit(payload)
-    _write(payload, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +145,7 @@ def test_tampered_function_target_is_refused_before_anything_is_built(which, suf
     def edit(obj):
         node = next(n for n in obj["graph"] if n["op"] in ("call_function", "call_module"))
         node.update(op="call_function", target="os.system")
-    path = _tamper(module, tmp_path / f"m{suffix}", edit)
+    path = tamper(module, tmp_path / f"m{suffix}", edit)
     with pytest.raises(UnsupportedError, match="function 'os.system'.*not in fxopt's allowlist"):
         fxopt.load(path)
     assert nothing_built == []
@@ -188,7 +165,7 @@ def test_tampered_module_class_is_refused_before_anything_is_built(which, suffix
             next(iter(entry["state"]["children"].values()))["class"] = "subprocess.Popen"
         else:
             entry["class"] = "subprocess.Popen"
-    path = _tamper(module, tmp_path / f"m{suffix}", edit)
+    path = tamper(module, tmp_path / f"m{suffix}", edit)
     with pytest.raises(UnsupportedError, match="class 'subprocess.Popen', which is not in fxopt's allowlist"):
         fxopt.load(path)
     assert nothing_built == []
@@ -203,9 +180,9 @@ def test_pt2_payload_with_pickled_object_is_refused(small_int8, tmp_path):
 
     path = tmp_path / "m.pt2"
     fxopt.save(small_int8, path)
-    payload = _payload(path)
+    payload = read_payload(path)
     payload["extra"] = Payload()
-    _write(payload, path)
+    write_payload(payload, path)
     with pytest.raises(FxoptError, match="never runs code"):
         fxopt.load(path)
     assert not marker.exists()
