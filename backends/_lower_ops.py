@@ -296,7 +296,7 @@ class OpLowering:
         extra = [(lo - s, hi - s) for (lo, hi), s in zip(pads, sym)]
         if any(lo or hi for lo, hi in extra):  # asymmetric: pad explicitly (zero point = exact 0.0)
             qx = self.graph.call_function(F.pad, (qx, [p for lr in reversed(extra) for p in lr]))
-        qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self._conv_engine(conv, dim))
+        qmod = qm.QConv.from_float(conv, wq, qparams, relu=relu, padding=sym, engine=self._conv_engine(conv, dim, x))
         return self._emit_module(_base(node), qmod, (qx,))
 
     def _fold_pad(self, x: torch.fx.Node, pads: list[tuple[int, int]], dim: int):
@@ -339,8 +339,8 @@ class OpLowering:
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
         return weight_qparams(weight, per_channel, self.spec, self.config, is_depthwise(weight, groups))
 
-    def _conv_engine(self, conv: nn.Module, dim: int) -> str:
-        """The engine to pack ``conv``'s weights under (a backend may pick a faster library per conv)."""
+    def _conv_engine(self, conv: nn.Module, dim: int, x: torch.fx.Node | None = None) -> str:
+        """The engine to pack ``conv``'s weights under (a backend may pick a faster library per conv and input)."""
         return self.spec.engine
 
     def _observer_of(self, node: torch.fx.Node) -> torch.fx.Node:

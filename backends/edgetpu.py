@@ -47,10 +47,11 @@ from .lowering import Int8Backend
 from .onnx import OnnxModule, export_onnx, require
 from .spec import BackendSpec, OpRule, op_key
 
-__all__ = ["EdgeTpuBackend", "EdgeTpuIssue", "EdgeTpuReport", "edgetpu_spec"]
+__all__ = ["EdgeTpuBackend", "EdgeTpuIssue", "EdgeTpuReport", "edgetpu_spec", "shape_nodes"]
 
 _PER_TENSOR_ONLY = {"linear": "FullyConnected"}
-_SPATIAL_ONLY = {"adaptive_avg_pool2d", "avg_pool2d", "max_pool2d", "mean"}
+_MOVES = {"reshape", "flatten", "unflatten", "transpose", "permute", "contiguous", "squeeze", "unsqueeze"}
+_SPATIAL_ONLY = {"adaptive_avg_pool2d", "adaptive_avg_pool1d", "avg_pool2d", "max_pool2d", "mean"}
 _NOT_ON_TPU = {  # ops in PyTorch's int8 tables that the EdgeTPU compiler does not map
     "hardswish": "HardSwish is not in the EdgeTPU's supported op list",
     "layer_norm": "LayerNorm has no EdgeTPU kernel (it decomposes into float mean/variance ops)",
@@ -66,7 +67,7 @@ def edgetpu_spec() -> BackendSpec:
     relu = frozenset({"relu", "relu6"})
     share = ("relu", "relu6", "hardtanh", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "flatten",
              "reshape", "squeeze", "unsqueeze", "identity", "contiguous", "getitem", "split", "chunk", "pad",
-             "transpose", "permute", "mean")
+             "transpose", "permute", "mean", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d")
     ops = {k: OpRule("share", reason=f"{k} (EdgeTPU supported op)") for k in share}
     ops.update({
         "conv1d": OpRule("compute", per_channel=True, fused_activations=relu, reason="Conv2d"),
@@ -76,6 +77,7 @@ def edgetpu_spec() -> BackendSpec:
         "mul": OpRule("compute", reason="Mul"),
         "cat": OpRule("compute", reason="Concatenation"),
         "sigmoid": OpRule("fixed", fixed_qparams=(1.0 / 256.0, 0), reason="Logistic"),
+        "silu": OpRule("compute", reason="Logistic + Mul (x * sigmoid(x), as TFLite writes SiLU)"),
         "tanh": OpRule("fixed", fixed_qparams=(2.0 / 256.0, 128), reason="Tanh"),
     })
     return BackendSpec(
@@ -190,12 +192,13 @@ class _Checker:
         islands = {i.node: i for i in meta.float_islands(gm)}
         placeholders = set(gm.graph.find_nodes(op="placeholder"))
         output = next(iter(gm.graph.find_nodes(op="output")))
+        sizes = shape_nodes(gm)
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 self._shape(node)
                 continue
-            if node.op not in ("call_module", "call_function", "call_method"):
-                continue
+            if node.op not in ("call_module", "call_function", "call_method") or node in sizes:
+                continue  # x.size() reads: the full-integer exports write the example's (batch-1) sizes
             module = self.modules.get(node.target) if node.op == "call_module" else None
             if module is not None and is_observer(module):
                 continue
@@ -208,7 +211,7 @@ class _Checker:
                              "export takes it as uint8 (see the lowered module's input_qparams)")
                 continue
             if isinstance(module, DeQuantStub):
-                if not all(u is output for u in node.users):
+                if not all(u is output or u in sizes for u in node.users):
                     self.add(node, "dequantize", "float-island",
                              "an int8 value leaves int8 for float ops in the middle of the graph")
                 elif not self.full_integer:
@@ -217,11 +220,6 @@ class _Checker:
                 continue
             key = op_key(node, gm)
             name = key or _target_name(node, gm)
-            if key == "size" or (node.op == "call_function" and node.target is getattr):
-                if any(op_key(u, gm) not in ("size",) for u in node.users):
-                    self.add(node, name, "dynamic-shape", "a size read at run time feeds the graph; the EdgeTPU "
-                             "needs every tensor size fixed at compile time (use constant shapes, e.g. flatten)")
-                continue
             if meta.quant_region(node) is None:
                 why = islands[node.name].reason if node.name in islands else "not in an int8 region"
                 kind = "unsupported-op" if key is None or key in _NOT_ON_TPU or self.spec.rule(key) is None \
@@ -240,7 +238,8 @@ class _Checker:
                          "tensor: prepare with fxopt.recipes.static_int8(data, backend='edgetpu')")
             if key in _SPATIAL_ONLY:
                 self._spatial(node, key)
-            self._shape(node)
+            if key not in _MOVES:  # a view / transpose chain is written on at most 3 dims (see tflite.arrange)
+                self._shape(node)
         return EdgeTpuReport(self.issues)
 
     def _per_channel(self, key: str) -> bool:
@@ -270,13 +269,27 @@ class _Checker:
                 self.add(node, key, "unsupported-op", f"Mean over dims {sorted(d % rank for d in dims)} of a "
                          f"{rank}-D value: the EdgeTPU's Mean reduces only over x/y (dims 2, 3 of NCHW)")
             return
-        if key != "adaptive_avg_pool2d":
+        if key not in ("adaptive_avg_pool2d", "adaptive_avg_pool1d"):
             return
         module = self.modules.get(node.target) if node.op == "call_module" else None
         size = getattr(module, "output_size", node.args[1] if len(node.args) > 1 else None)
-        if size not in (1, (1, 1), [1, 1]):
+        if size not in (1, (1,), [1], (1, 1), [1, 1]):
             self.add(node, key, "unsupported-op", f"adaptive average pooling to {size} is not a Mean over x/y "
                      "(only a global average pool maps to the EdgeTPU's Mean)")
+
+
+def shape_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """``x.size()`` / ``x.shape`` reads and the integer arithmetic on them. The full-integer exports (the
+    ``.tflite`` writer, the fixed-batch ONNX) write the sizes the example recorded: constants, not ops."""
+    found: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if op_key(node, gm) == "size" or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"):
+            found.add(node)
+        elif node.all_input_nodes and all(a in found for a in node.all_input_nodes) and meta.shape_of(node) is None:
+            found.add(node)
+    return found
 
 
 def _target_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:

@@ -21,7 +21,9 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
-  with the stored per-channel int8 weights, then the float rescale and bias.
+  with the stored per-channel int8 weights, then the float rescale and bias; a dynamic LSTM as one
+  ``com.microsoft.DynamicQuantizeLSTM`` per layer for ONNX Runtime, a dynamic GRU (and an LSTM for other
+  runtimes) unrolled over the example's time steps (see :class:`_DynamicRNNExport`).
 
 Sizes the model reads (``x.size(d)``) are constants for every dimension but the dynamic batch, and a
 ``Shape`` reads a tensor before its ``DequantizeLinear``. A graph from the export frontend (``torch.export``,
@@ -442,18 +444,24 @@ class _DynamicLinearFn(torch.autograd.Function):
         return y
 
 
+def _int8_operands(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MatMulInteger's operands of a ``qint8`` weight [out, in]: the int8 matrix transposed, one scale per column."""
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scale = w.q_per_channel_scales().float()
+    else:
+        scale = torch.full((w.shape[0],), float(w.q_scale()))
+    return w.int_repr().t().contiguous(), scale
+
+
 class _DynamicLinearExport(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
 
         w, b = unpack_linear(module._packed, module.dtype)
-        if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
-            scale = w.q_per_channel_scales().float()
-        else:
-            scale = torch.full((w.shape[0],), float(w.q_scale()))
+        w_t, scale = _int8_operands(w)
         self._inner = (module,)  # not a submodule: the export must not see its packed weights
-        self.register_buffer("w_t", w.int_repr().t().contiguous())
+        self.register_buffer("w_t", w_t)
         self.register_buffer("w_scale", scale)
         self.register_buffer("bias", None if b is None else b.detach().float())
 
@@ -478,9 +486,183 @@ class _FP16LinearExport(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class _RNNMatrix(nn.Module):
+    """One ``W_ih`` / ``W_hh`` of a dynamic RNN in the export: int8 → ``DynamicQuantizeLinear → MatMulInteger``
+    (the activation quantized per call over its own range, as PyTorch's dynamic kernel does), fp16 → a float
+    MatMul on the fp16-rounded weight (PyTorch's fp16 kernel: fp16 weights, fp32 activations)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.int8 = weight.is_quantized
+        if self.int8:
+            w_t, scale = _int8_operands(weight)
+            self.register_buffer("w_t", w_t)
+            self.register_buffer("w_scale", scale)
+        else:
+            self.register_buffer("weight", weight.detach().to(torch.float16).float())
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x):
+        if self.int8:
+            return _DynamicLinearFn.apply(x, self.w_t, self.w_scale, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _missing(g):
+    """An omitted optional input of an ONNX node."""
+    none = g.op("prim::Constant")
+    none.setType(torch._C.OptionalType.ofTensor())
+    return none
+
+
+class _DynamicQuantizeLSTMFn(torch.autograd.Function):
+    """One LSTM layer as ONNX Runtime's ``com.microsoft.DynamicQuantizeLSTM`` (int8 W / R with per-row scales,
+    X and h quantized dynamically inside the kernel); the forward only gives the export its output shapes."""
+
+    @staticmethod
+    def forward(ctx, x, w, r, b, w_scale, w_zp, r_scale, r_zp, h0, c0, hidden, directions):  # noqa: ARG004
+        steps, batch = x.shape[0], x.shape[1]
+        return (x.new_zeros(steps, directions, batch, hidden), x.new_zeros(directions, batch, hidden),
+                x.new_zeros(directions, batch, hidden))
+
+    @staticmethod
+    def symbolic(g, x, w, r, b, w_scale, w_zp, r_scale, r_zp, h0, c0, hidden, directions):
+        return g.op("com.microsoft::DynamicQuantizeLSTM", x, w, r, b, _missing(g), h0, c0, _missing(g),
+                    w_scale, w_zp, r_scale, r_zp, hidden_size_i=hidden,
+                    direction_s="bidirectional" if directions == 2 else "forward", outputs=3)
+
+
+def _onnx_gates(t: torch.Tensor) -> torch.Tensor:
+    """PyTorch's LSTM gate blocks (i, f, g, o) in ONNX's order (i, o, f, c) along dim 0."""
+    i, f, g, o = t.chunk(4, 0)
+    return torch.cat([i, o, f, g], 0)
+
+
+def _int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(int8 rows, scale per row, int8 zero point per row) of a stored RNN matrix; an fp16 one (fxopt keeps the
+    first layer's input projection fp16) is quantized per row, symmetric, for the int8-only ONNX kernel."""
+    if weight.is_quantized:
+        if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+            return (weight.int_repr(), weight.q_per_channel_scales().float(),
+                    weight.q_per_channel_zero_points().to(torch.int8))
+        rows = weight.shape[0]
+        return (weight.int_repr(), torch.full((rows,), float(weight.q_scale())),
+                torch.full((rows,), int(weight.q_zero_point()), dtype=torch.int8))
+    w = weight.float()
+    scale = w.abs().amax(1).clamp_min(1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale, torch.zeros_like(scale, dtype=torch.int8)
+
+
+class _DynamicRNNExport(nn.Module):
+    """``DynamicLSTM`` / ``DynamicGRU`` for ONNX (outside the export it runs the module itself).
+
+    * LSTM for ONNX Runtime (``fused=True``): one ``com.microsoft.DynamicQuantizeLSTM`` per layer (both
+      directions in one node), int8 W / R with fxopt's per-row scales, X and h quantized dynamically inside the
+      kernel; measured ~10x faster in ONNX Runtime than the unrolled form (see the README). fxopt's fp16 input
+      projection of the first layer is quantized per row to int8 there (the kernel takes int8 weights only).
+    * GRU (ONNX Runtime has no quantized GRU kernel), and LSTM for other runtimes: unrolled over the example's
+      time steps with the semantics of PyTorch's CPU kernel that fxopt's module runs: each layer's input
+      projection over the whole sequence at once (one dynamic quantization of the layer input), then per step the
+      hidden state quantized over its own range into ``MatMulInteger`` with ``W_hh``, gates in float. The
+      sequence length is then fixed at the example's.
+
+    Layers, both directions, ``batch_first``, ``bias=False`` and initial states follow ``nn.LSTM`` / ``nn.GRU``.
+    """
+
+    def __init__(self, module: nn.Module, fused: bool) -> None:
+        super().__init__()
+        from fxopt.quant.nn.dynamic import unpack_linear  # noqa: PLC0415
+
+        self._inner = (module,)
+        self.mode, self.batch_first = module.mode, module.batch_first
+        self.num_layers, self.hidden_size = module.num_layers, module.hidden_size
+        self.directions = 2 if module.bidirectional else 1
+        self.fused = fused and self.mode == "LSTM"
+        weights = {name: unpack_linear(packed, store)[0] for name, packed, store in module._packed}
+        biases = {name: module._biases[name] if module.bias else None for name in weights}
+        self.matrices = nn.ModuleDict()
+        if not self.fused:
+            for name, weight in weights.items():
+                self.matrices[name] = _RNNMatrix(weight, biases[name])
+            return
+        for layer in range(self.num_layers):
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("w", "r", "b", "ws", "wz", "rs", "rz")}
+            for d in range(self.directions):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                for kind, key in (("ih", "w"), ("hh", "r")):
+                    q, scale, zp = _int8_rows(weights[f"{kind}{suffix}"])
+                    parts[key].append(_onnx_gates(q).t().contiguous())  # [in, 4H]
+                    parts[key + "s"].append(_onnx_gates(scale))
+                    parts[key + "z"].append(_onnx_gates(zp))
+                zeros = torch.zeros(4 * self.hidden_size)
+                b_ih, b_hh = biases[f"ih{suffix}"], biases[f"hh{suffix}"]
+                parts["b"].append(torch.cat([_onnx_gates(b_ih if b_ih is not None else zeros),
+                                             _onnx_gates(b_hh if b_hh is not None else zeros)]))
+            for key, tensors in parts.items():
+                self.register_buffer(f"{key}{layer}", torch.stack(tensors))
+
+    def forward(self, input, hx=None):
+        if not torch.jit.is_tracing():
+            return self._inner[0](input, hx)
+        if not isinstance(input, torch.Tensor) or input.dim() != 3:
+            raise UnsupportedError("the ONNX export of a dynamic LSTM / GRU takes a batched 3-D tensor input "
+                                   "(no PackedSequence, no unbatched 2-D input)")
+        x = input.transpose(0, 1) if self.batch_first else input  # [T, B, F]
+        lstm = self.mode == "LSTM"
+        if hx is None:
+            zeros = x.new_zeros((self.num_layers * self.directions, x.shape[1], self.hidden_size))
+            states = (zeros, zeros) if lstm else (zeros,)
+        else:
+            states = tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
+        run = self._fused_layer if self.fused else self._unrolled_layer
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            k = slice(layer * self.directions, (layer + 1) * self.directions)
+            x, h, c = run(layer, x, states[0][k], states[1][k] if lstm else None)
+            h_n.append(h)
+            c_n.append(c)
+        out = x.transpose(0, 1) if self.batch_first else x
+        h_n = torch.cat(h_n)
+        return (out, (h_n, torch.cat(c_n))) if lstm else (out, h_n)
+
+    def _fused_layer(self, layer, x, h0, c0):
+        b = {k: getattr(self, f"{k}{layer}") for k in ("w", "r", "b", "ws", "wz", "rs", "rz")}
+        y, h, c = _DynamicQuantizeLSTMFn.apply(x, b["w"], b["r"], b["b"], b["ws"], b["wz"], b["rs"], b["rz"],
+                                               h0, c0, self.hidden_size, self.directions)
+        return y.transpose(1, 2).flatten(2), h, c  # [T, D, B, H] -> [T, B, D * H]
+
+    def _unrolled_layer(self, layer, x, h0, c0):
+        outs, h_n, c_n = [], [], []
+        for d in range(self.directions):
+            suffix = f"_l{layer}" + ("_reverse" if d else "")
+            proj = self.matrices[f"ih{suffix}"](x)  # [T, B, G * H]: the whole sequence at once
+            h, c = h0[d], c0[d] if c0 is not None else None
+            steps = list(range(x.shape[0]))
+            ys = [None] * len(steps)
+            for t in (reversed(steps) if d else steps):
+                hh = self.matrices[f"hh{suffix}"](h)
+                if self.mode == "LSTM":
+                    i, f, g, o = (proj[t] + hh).split(self.hidden_size, 1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                else:
+                    ir, iz, in_ = proj[t].split(self.hidden_size, 1)
+                    hr, hz, hn = hh.split(self.hidden_size, 1)
+                    r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)
+                    h = (1 - z) * torch.tanh(in_ + r * hn) + z * h
+                ys[t] = h
+            outs.append(torch.stack(ys))
+            h_n.append(h)
+            c_n.append(c)
+        y = outs[0] if self.directions == 1 else torch.cat(outs, 2)
+        return y, torch.stack(h_n), torch.stack(c_n) if c0 is not None else None
+
+
 def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) -> tuple[nn.Module, str]:
     """A copy of ``gm`` in the form that exports (QDQ simulation, dynamic-linear symbolics) and its kind."""
     from fxopt.quant.nn import dynamic  # noqa: PLC0415
+    from fxopt.quant.nn.dynamic_rnn import DynamicRNN  # noqa: PLC0415
 
     work = copy.deepcopy(gm)
     if isinstance(work, torch.fx.GraphModule):
@@ -502,11 +684,13 @@ def _export_ready(gm: nn.Module, spec: BackendSpec, float_outputs: bool = True) 
                 continue
             _set_submodule(work, name, _DynamicLinearExport(module))
             kind = "dynamic-int8"
-        elif isinstance(module, (dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag)) or \
-                type(module).__name__.startswith("DynamicLSTM") or type(module).__name__.startswith("DynamicGRU"):
+        elif isinstance(module, DynamicRNN):
+            _set_submodule(work, name, _DynamicRNNExport(module, fused=spec.name == "onnx"))
+            kind = "fp16" if module.dtype == torch.float16 and kind != "dynamic-int8" else "dynamic-int8"
+        elif isinstance(module, (dynamic.DynamicEmbedding, dynamic.DynamicEmbeddingBag)):
             raise UnsupportedError(
-                f"{name} ({type(module).__name__}) has no ONNX export in fxopt; quantize only linear layers "
-                f"for ONNX: fxopt.passes.QuantizeDynamic(types=(torch.nn.Linear,))")
+                f"{name} ({type(module).__name__}) has no ONNX export in fxopt; quantize the other layers only "
+                f"for ONNX: fxopt.passes.QuantizeDynamic(types=(torch.nn.Linear, torch.nn.LSTM, torch.nn.GRU))")
         elif isinstance(module, FP16Module):
             kind = "fp16"
     return work, kind

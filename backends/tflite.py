@@ -12,13 +12,19 @@ itself, with the schema's object API that ``ai-edge-litert`` ships (``ai_edge_li
   symmetric per output channel (zero point 0, range ``[-127, 127]``), fully-connected weights per tensor;
   biases int32 with scale ``input_scale * weight_scale``. ``TFLiteBackend(per_tensor=True)`` makes every
   weight per tensor;
-* **NHWC**: 4-D values are stored NHWC (the returned module transposes its NCHW inputs and outputs);
-  a flatten of a spatial map feeding a linear layer permutes the layer's weight columns instead;
-* **ops**: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, ADD, MUL, CONCATENATION (inputs re-quantized to the
-  output's qparams, as the int8 kernel requires), AVERAGE_POOL_2D, MAX_POOL_2D, MEAN (global average pool,
-  ``torch.mean``), RESHAPE, HARD_SWISH, LOGISTIC, TANH, RELU / RELU6 (fused into the op before them
-  where the int8 lowering fuses them, as in the reference simulation), PAD (PyTorch's explicit padding
-  when TFLite's SAME padding would place it differently), QUANTIZE / DEQUANTIZE at the boundaries;
+* **layout**: 4-D values are stored NHWC, Conv1d values NWC (the returned module transposes its inputs and
+  outputs); every value records the order its tensor is stored in and, after a view, the tensor's real shape, so
+  reshapes / transposes / permutes cost no op until a reader needs another order, and then one TRANSPOSE on the
+  smallest equivalent shape (ShuffleNet's channel shuffle: [N, H*W, 2, C/2], never 5-D); a flatten of a spatial
+  map or sequence feeding a linear layer permutes the layer's weight columns instead;
+* **ops**: CONV_2D, DEPTHWISE_CONV_2D (also for Conv1d, on the [N, 1, T, C] view; a grouped conv as SPLIT, one
+  CONV_2D per group and CONCATENATION, which the EdgeTPU maps), FULLY_CONNECTED, ADD, MUL, CONCATENATION (inputs
+  re-quantized to the output's qparams, as the int8 kernel requires), AVERAGE_POOL_2D, MAX_POOL_2D (also 1-D),
+  MEAN (global average pool, ``torch.mean``), RESHAPE, TRANSPOSE, SPLIT / SPLIT_V (chunk / split), HARD_SWISH,
+  LOGISTIC, TANH, SiLU as ``x * LOGISTIC(x)``, RELU / RELU6 (fused into the op before them where the int8
+  lowering fuses them, as in the reference simulation), PAD (PyTorch's explicit padding when TFLite's SAME
+  padding would place it differently), QUANTIZE / DEQUANTIZE at the boundaries. Not written (an error says
+  what to do): LayerNorm, attention / batch matmul, softmax, ``F.pad``, tensor slicing;
 * **full integer**: every op in int8. A float island (an op fxopt kept float, a value leaving int8
   mid-graph) raises :class:`UnsupportedError` listing them; an op this writer cannot express raises one
   naming the node.
@@ -56,7 +62,7 @@ from fxopt.quant.spec import QSpec, fused_activation_qparams
 from fxopt.quant.stubs import DeQuantStub, QuantStub
 
 from ._lower_ops import is_depthwise, weight_qparams
-from .edgetpu import edgetpu_spec
+from .edgetpu import edgetpu_spec, shape_nodes
 from .lowering import Int8Backend
 from .onnx import _bind_inputs, require
 from .spec import BackendSpec, OpRule, op_key
@@ -67,13 +73,26 @@ _FORMAT_KEY = "fxopt.tflite.v1"
 _METADATA = "fxopt"
 _IDENTIFIER = b"TFL3"
 _NCHW_TO_NHWC = (0, 2, 3, 1)
-_NHWC_AXIS = (0, 3, 1, 2)  # NCHW dim d lives at NHWC axis _NHWC_AXIS[d]
+_SIGMOID_QPARAMS = (1.0 / 256.0, 0)  # LOGISTIC's fixed output grid (uint8 form; int8: zero point -128)
+_ONE_D = {"conv1d", "max_pool1d", "avg_pool1d", "adaptive_avg_pool1d"}
+_UNWRITTEN = {  # ops with no int8 form here, and what to do
+    "layer_norm": " (TFLite has no int8 LayerNorm kernel and the EdgeTPU none at all: its converter decomposes "
+                  "it into float mean / variance ops; keep LayerNorm outside the exported model or use BatchNorm)",
+    "softmax": " (not written yet: export the logits and apply softmax on the host)",
+    "multiheadattention": " (attention is not written yet: its matmuls of two activations need BATCH_MATMUL, which "
+                          "the EdgeTPU does not run)",
+    "scaled_dot_product_attention": " (attention is not written yet: its matmuls of two activations need "
+                                    "BATCH_MATMUL, which the EdgeTPU does not run)",
+    "matmul": " (a matmul of two activations, e.g. attention, is not written yet: the EdgeTPU has no BATCH_MATMUL)",
+    "sub": " (not written yet: SUB of two int8 tensors; write it as an add of a negated conv output)",
+    "pad": " (F.pad is not written; use the conv's own padding)",
+}
 _ALIASES = {"identity", "contiguous"}
 # op versions for int8 kernels (what the TFLite converter writes for them)
 _VERSIONS = {"CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 4, "ADD": 2, "MUL": 2, "CONCATENATION": 2,
              "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "MEAN": 2, "RESHAPE": 1, "HARD_SWISH": 1, "LOGISTIC": 2,
              "TANH": 2, "QUANTIZE": 2, "DEQUANTIZE": 2, "RELU": 2, "RELU6": 2, "RELU_N1_TO_1": 1, "PAD": 2,
-             "PADV2": 2, "TRANSPOSE": 2}
+             "PADV2": 2, "TRANSPOSE": 2, "SPLIT": 2, "SPLIT_V": 2}
 
 
 def _schema():
@@ -97,8 +116,13 @@ def tflite_spec(per_tensor: bool = False) -> BackendSpec:
         "mul": OpRule("compute", fused_activations=relu, reason="MUL"),
         "cat": OpRule("compute", fused_activations=relu, reason="CONCATENATION"),
     })
-    for key in ("conv1d", "transpose", "permute", "squeeze", "unsqueeze", "getitem", "split", "chunk", "pad"):
-        ops.pop(key, None)  # not written by this backend: they stay float (and are reported)
+    ops.update({
+        "conv1d": OpRule("compute", per_channel=not per_tensor, fused_activations=relu,
+                         reason="CONV_2D / DEPTHWISE_CONV_2D on a [N, 1, T, C] view"),
+        "silu": OpRule("compute", reason="x * LOGISTIC(x) (MUL)"),
+    })
+    ops["unflatten"] = OpRule("share", reason="RESHAPE")
+    ops.pop("pad", None)  # F.pad is not written: it stays float (and is reported)
     weight = QSpec(torch.qint8, symmetric=True, axis=0, quant_min=-127, quant_max=127)
     return BackendSpec(name="tflite", engine=base.engine, activation=base.activation, weight=weight,
                        weight_per_tensor=replace(weight, axis=None), ops=ops,
@@ -109,13 +133,31 @@ def tflite_spec(per_tensor: bool = False) -> BackendSpec:
 
 @dataclass
 class _Value:
-    """A value of the TFLite graph: its tensor, torch-order shape, int8 qparams (``None``: float)."""
+    """A value of the TFLite graph: its tensor, torch-order shape, int8 qparams and how it is stored.
+
+    ``perm``: the tensor holds the torch value permuted by ``perm`` (``None``: torch order; 4-D maps are NHWC,
+    Conv1d maps NWC). ``phys``: the tensor's actual shape where a reshape was not written yet (same memory
+    order, another shape: a view / transpose chain costs no op until a reader needs the shape)."""
 
     tensor: int
-    shape: tuple[int, ...]  # the torch (NCHW) shape
+    shape: tuple[int, ...]  # the torch shape
     qparams: tuple[float, int] | None
-    nhwc: bool = False  # a 4-D value stored NHWC
+    perm: tuple[int, ...] | None = None
     flat_hwc: tuple[int, int, int] | None = None  # (C, H, W) of a flatten written in NHWC order
+    phys: tuple[int, ...] | None = None
+
+    @property
+    def order(self) -> tuple[int, ...]:
+        return self.perm if self.perm is not None else tuple(range(len(self.shape)))
+
+    @property
+    def nhwc(self) -> bool:
+        """Channels last (NHWC for 4-D, NWC for 3-D)."""
+        return len(self.shape) >= 3 and self.order == _channels_last(len(self.shape))
+
+    @property
+    def stored(self) -> tuple[int, ...]:
+        return tuple(self.shape[p] for p in self.order)
 
 
 class _Writer:
@@ -248,33 +290,77 @@ class _Writer:
         return self.env[node]
 
     def canonical(self, v: _Value, name: str) -> _Value:
-        """``v`` in torch element order (a 4-D value stays NHWC; a flatten written in NHWC order is re-ordered)."""
-        if v.flat_hwc is None:
-            return v
-        c, h, w = v.flat_hwc
-        n = v.shape[0]
-        shaped = self.act_tensor(name, (n, h, w, c), self.int8_qparams(v.qparams))
-        self.op("RESHAPE", [v.tensor, self.const_i32(f"{name}_shape", [-1, h, w, c])], [shaped],
-                "ReshapeOptions", self.options("ReshapeOptionsT", newShape=[-1, h, w, c]))
-        nchw = self.act_tensor(name, (n, c, h, w), self.int8_qparams(v.qparams))
-        self.op("TRANSPOSE", [shaped, self.const_i32(f"{name}_perm", [0, 3, 1, 2])], [nchw],
-                "TransposeOptions", self.options("TransposeOptionsT"))
-        out = self.act_tensor(name, v.shape, self.int8_qparams(v.qparams))
-        self.op("RESHAPE", [nchw, self.const_i32(f"{name}_shape2", [-1, *v.shape[1:]])], [out],
-                "ReshapeOptions", self.options("ReshapeOptionsT", newShape=[-1, *v.shape[1:]]))
-        return _Value(out, v.shape, v.qparams)
+        """``v`` ready for an op that reads its tensor: a flatten written in NHWC order put back in torch order,
+        a 4-D value NHWC, and the tensor in its stored shape (a pending reshape written)."""
+        if v.flat_hwc is not None:
+            c, h, w = v.flat_hwc
+            n = v.shape[0]
+            shaped = self.act_tensor(name, (n, h, w, c), self.int8_qparams(v.qparams))
+            self.reshape_op(v.tensor, shaped, (n, h, w, c), name)
+            nchw = self.act_tensor(name, (n, c, h, w), self.int8_qparams(v.qparams))
+            self.op("TRANSPOSE", [shaped, self.const_i32(f"{name}_perm", [0, 3, 1, 2])], [nchw],
+                    "TransposeOptions", self.options("TransposeOptionsT"))
+            out = self.act_tensor(name, v.shape, self.int8_qparams(v.qparams))
+            self.reshape_op(nchw, out, v.shape, name)
+            v = _Value(out, v.shape, v.qparams)
+        if len(v.shape) == 4:
+            v = self.arrange(v, _channels_last(4), name)
+        return self.physical(v, name)
+
+    def reshape_op(self, src: int, dst: int, shape, name: str) -> None:
+        """RESHAPE ``src`` into ``dst`` of ``shape`` (the batch dimension left to the runtime: -1)."""
+        target = [-1, *[int(d) for d in shape[1:]]]
+        self.op("RESHAPE", [src, self.const_i32(f"{name}_shape", target)], [dst], "ReshapeOptions",
+                self.options("ReshapeOptionsT", newShape=target))
+
+    def physical(self, v: _Value, name: str) -> _Value:
+        """``v`` with its tensor in the stored shape (a RESHAPE where a view left it in another)."""
+        if v.phys is None or tuple(v.phys) == v.stored:
+            return replace(v, phys=None)
+        out = self.act_tensor(name, v.stored, self.int8_qparams(v.qparams))
+        self.reshape_op(v.tensor, out, v.stored, name)
+        return replace(v, tensor=out, phys=None)
+
+    def arrange(self, v: _Value, perm: tuple[int, ...], name: str) -> _Value:
+        """``v`` stored in ``perm`` order: one TRANSPOSE on the smallest shape that moves the same data (size-1
+        axes dropped, axes that stay neighbours merged, the batch kept first), or none when only a reshape."""
+        perm = tuple(perm)
+        norm = None if perm == tuple(range(len(v.shape))) else perm
+        if v.order == perm:
+            return replace(v, perm=norm)
+        if v.flat_hwc is not None:
+            v = self.canonical(v, name)
+            if v.order == perm:
+                return replace(v, perm=norm)
+        moves = [v.order.index(p) for p in perm]  # target stored axis j = current stored axis moves[j]
+        src, dst = _collapse(v.stored, moves)
+        out_stored = tuple(v.shape[p] for p in perm)
+        if dst == sorted(dst):  # the memory order does not change: a reshape at most (written when read)
+            return _Value(v.tensor, v.shape, v.qparams, norm, phys=v.phys or v.stored)
+        tensor = v.tensor
+        if tuple(v.phys or v.stored) != src:
+            tensor = self.act_tensor(f"{name}_collapsed", src, self.int8_qparams(v.qparams))
+            self.reshape_op(v.tensor, tensor, src, f"{name}_collapse")
+        moved = tuple(src[d] for d in dst)
+        out = self.act_tensor(f"{name}_moved", moved, self.int8_qparams(v.qparams))
+        self.op("TRANSPOSE", [tensor, self.const_i32(f"{name}_perm", list(dst))], [out], "TransposeOptions",
+                self.options("TransposeOptionsT"))
+        return _Value(out, v.shape, v.qparams, norm, phys=moved if moved != out_stored else None)
 
     def new_value(self, node: torch.fx.Node, shape: tuple[int, ...], qparams: tuple[float, int],
-                  nhwc: bool | None = None) -> _Value:
-        nhwc = len(shape) == 4 if nhwc is None else nhwc
-        stored = _nhwc(shape) if nhwc else shape
-        return _Value(self.act_tensor(node.name, stored, self.int8_qparams(qparams)), tuple(shape), qparams, nhwc)
+                  perm: tuple[int, ...] | None | str = "default") -> _Value:
+        """A fresh int8 tensor for ``node`` (``perm="default"``: NHWC for 4-D values, torch order otherwise)."""
+        if perm == "default":
+            perm = _channels_last(4) if len(shape) == 4 else None
+        v = _Value(-1, tuple(shape), qparams, perm)
+        return replace(v, tensor=self.act_tensor(node.name, v.stored, self.int8_qparams(qparams)))
 
     # ---- the walk -------------------------------------------------------------------------------
     def run(self) -> None:
+        sizes = shape_nodes(self.gm)
         for node in self.gm.graph.nodes:
-            if node in self.env:
-                continue
+            if node in self.env or node in sizes:
+                continue  # sizes are read from the recorded shapes: the file's shapes are static
             if node.op == "placeholder":
                 continue  # read by its QuantStub
             if node.op == "output":
@@ -296,31 +382,38 @@ class _Writer:
             handler = getattr(self, f"op_{key}", None) if key else None
             if handler is None or self.spec.rule(key) is None:
                 raise UnsupportedError(
-                    f"{node.name} ({_describe(node, self.gm)}): the tflite backend has no int8 TFLite op for it. "
-                    f"Rewrite it with supported ops ({', '.join(sorted(self.spec.ops))}) or keep it outside "
-                    "the exported model")
+                    f"{node.name} ({_describe(node, self.gm)}): the tflite backend has no int8 TFLite op for it"
+                    f"{_UNWRITTEN.get(_describe(node, self.gm).lower(), '')}. Rewrite it with supported ops "
+                    f"({', '.join(sorted(self.spec.ops))}) or keep it outside the exported model")
             handler(node, module)
 
     def quant_stub(self, node: torch.fx.Node) -> None:
         src = node.args[0]
         shape = _shape(src)
         _, qparams = self.observed(node)
-        stored = _nhwc(shape) if len(shape) == 4 else shape
+        perm = _channels_last(len(shape)) if len(shape) == 4 or (len(shape) == 3 and self._feeds_conv1d(node)) \
+            else None
+        v = _Value(-1, tuple(shape), qparams, perm)
         q8 = self.int8_qparams(qparams)
         name = src.name
         if self.int8_io:
-            tensor = self.act_tensor(name, stored, q8)
+            tensor = self.act_tensor(name, v.stored, q8)
         else:
-            inp = self.tensor(name, stored, "FLOAT32")
-            tensor = self.act_tensor(f"{name}_int8", stored, q8)
+            inp = self.tensor(name, v.stored, "FLOAT32")
+            tensor = self.act_tensor(f"{name}_int8", v.stored, q8)
             self.op("QUANTIZE", [inp], [tensor], "QuantizeOptions", self.options("QuantizeOptionsT"))
             self.inputs.append(inp)
         if self.int8_io:
             self.inputs.append(tensor)
         self.info["inputs"].append(name)
-        self.info["input_layouts"].append("nhwc" if len(shape) == 4 else "plain")
+        self.info["input_layouts"].append(_layout(v))
         self.info["input_qparams"].append(list(q8))
-        self.env[node] = _Value(tensor, tuple(shape), qparams, len(shape) == 4)
+        self.env[node] = replace(v, tensor=tensor)
+
+    def _feeds_conv1d(self, node: torch.fx.Node) -> bool:
+        """Whether a 3-D input goes (through its observer) into a Conv1d / 1-D pool: then it is stored NWC."""
+        readers = [r for u in node.users for r in (u.users if is_observer(self.modules.get(u.target)) else [u])]
+        return any(op_key(r, self.gm) in _ONE_D for r in readers)
 
     def output(self, node: torch.fx.Node) -> None:
         leaves, treespec = pytree.tree_flatten(node.args[0])
@@ -329,12 +422,11 @@ class _Writer:
             if self.int8_io:
                 tensor = v.tensor
             else:
-                stored = _nhwc(v.shape) if v.nhwc else v.shape
-                tensor = self.tensor(f"output_{i}", stored, "FLOAT32")
+                tensor = self.tensor(f"output_{i}", v.stored, "FLOAT32")
                 self.op("DEQUANTIZE", [v.tensor], [tensor], "DequantizeOptions", self.options("DequantizeOptionsT"))
             self.outputs.append(tensor)
             self.info["outputs"].append(f"output_{i}")
-            self.info["output_layouts"].append("nhwc" if v.nhwc else "plain")
+            self.info["output_layouts"].append(_layout(v))
             self.info["output_qparams"].append(list(self.int8_qparams(v.qparams)))
         self.info["treespec"] = pytree.treespec_dumps(treespec)
 
@@ -384,54 +476,103 @@ class _Writer:
             qp = (scales.tolist(), [0] * out_channels, 0)
         return self.tensor(f"{name}_bias", q.shape, "INT32", qp, data=q)
 
-    def op_conv2d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
-        inner, weight, bias, fused = self._weights(node, module, "conv2d")
+    def _conv_args(self, node: torch.fx.Node, inner: nn.Module | None, fn) -> tuple:
         if inner is not None:
-            stride, padding, dilation, groups = inner.stride, inner.padding, inner.dilation, inner.groups
             if getattr(inner, "padding_mode", "zeros") != "zeros":
                 raise UnsupportedError(f"{node.name}: padding_mode={inner.padding_mode!r} has no TFLite conv; use "
                                        "zero padding")
+            stride, padding, dilation, groups = inner.stride, inner.padding, inner.dilation, inner.groups
         else:
-            args = _bind(F.conv2d, node)
+            args = _bind(fn, node)
             stride, padding, dilation, groups = args["stride"], args["padding"], args["dilation"], args["groups"]
-        stride, dilation = _pair(stride), _pair(dilation)
         if isinstance(padding, str):
             raise UnsupportedError(f"{node.name}: padding={padding!r}: write the padding as numbers")
-        padding = _pair(padding)
+        return stride, padding, dilation, int(groups)
+
+    def op_conv2d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        inner, weight, bias, fused = self._weights(node, module, "conv2d")
+        stride, padding, dilation, groups = self._conv_args(node, inner, F.conv2d)
         x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
-        if not x.nhwc:
+        if len(x.shape) != 4:
             raise UnsupportedError(f"{node.name}: conv2d on a {len(x.shape)}-D value; TFLite's CONV_2D takes NHWC")
+        qparams, fused, aliases = self.output_of(node, fused)
+        out = self._conv(node, x, weight, bias, fused, _pair(stride), _pair(padding), _pair(dilation), groups,
+                         _shape(node), qparams, "conv2d")
+        self.bind(node, out, aliases)
+
+    def op_conv1d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        """Conv1d as CONV_2D / DEPTHWISE_CONV_2D over a [N, 1, T, C] view of the NWC-stored value."""
+        inner, weight, bias, fused = self._weights(node, module, "conv1d")
+        stride, padding, dilation, groups = self._conv_args(node, inner, F.conv1d)
+        x = self._as_2d(self.value(node.args[0], node), f"{node.name}_in")
+        qparams, fused, aliases = self.output_of(node, fused)
+        n, c_out, t_out = _shape(node)
+        out4 = self._conv(node, x, weight.unsqueeze(2), bias, fused, (1, _pair(stride)[0]), (0, _pair(padding)[0]),
+                          (1, _pair(dilation)[0]), groups, (n, c_out, 1, t_out), qparams, "conv1d")
+        self.bind(node, self._from_2d(out4), aliases)
+
+    def _as_2d(self, v: _Value, name: str) -> _Value:
+        """A 3-D [N, C, T] value as the 4-D NHWC value [N, 1, T, C] (a RESHAPE of the NWC tensor)."""
+        if len(v.shape) != 3:
+            raise UnsupportedError(f"{name}: a 1-D conv / pool on a {len(v.shape)}-D value (it takes [N, C, T])")
+        v = self.arrange(v, _channels_last(3), name)
+        n, c, t = v.shape
+        v4 = _Value(v.tensor, (n, c, 1, t), v.qparams, _channels_last(4), phys=v.phys or v.stored)
+        return self.physical(v4, name)
+
+    @staticmethod
+    def _from_2d(v4: _Value) -> _Value:
+        n, c, _, t = v4.shape
+        return _Value(v4.tensor, (n, c, t), v4.qparams, _channels_last(3), phys=v4.phys or v4.stored)
+
+    def _conv(self, node: torch.fx.Node, x: _Value, weight: torch.Tensor, bias, fused, stride, padding, dilation,
+              groups: int, out_shape, qparams, key: str) -> _Value:
+        """CONV_2D / DEPTHWISE_CONV_2D on the NHWC value ``x``; a grouped conv (not depthwise) as SPLIT, one
+        CONV_2D per group and CONCATENATION on the output grid (the EdgeTPU has no grouped conv)."""
         out_c, in_per_group, kh, kw = weight.shape
         in_c = x.shape[1]
         depthwise = groups > 1 and groups == in_c and in_per_group == 1
-        if groups > 1 and not depthwise:
-            raise UnsupportedError(f"{node.name}: grouped conv2d (groups={groups}, not depthwise) has no EdgeTPU-ready "
-                                   "TFLite op; split it into per-group convs")
-        out_shape = _shape(node)
-        qparams, fused, aliases = self.output_of(node, fused)
-        wq, wscale, scales = self._quantize_weight(weight, "conv2d", is_depthwise(weight, groups))
+        wq, wscale, scales = self._quantize_weight(weight, key, is_depthwise(weight, groups))
         per_channel = wscale.numel() > 1
-        if depthwise:
-            w_data = wq.permute(1, 2, 3, 0).contiguous().numpy()  # [1, kh, kw, out]
-            w_qp = (scales.tolist(), [0] * out_c, 3) if per_channel else (float(wscale), 0)
-        else:
-            w_data = wq.permute(0, 2, 3, 1).contiguous().numpy()  # [out, kh, kw, in]
-            w_qp = (scales.tolist(), [0] * out_c, 0) if per_channel else (float(wscale), 0)
-        w = self.tensor(f"{node.name}_weight", w_data.shape, "INT8", w_qp, data=w_data)
-        b = self._bias(node.name, bias, x.qparams[0], wscale, out_c)
         src, pad = self._padding(node, x, (kh, kw), stride, dilation, padding, out_shape, pad_value="zero")
         out = self.new_value(node, out_shape, qparams)
         act = _ACT[fused]
         if depthwise:
+            w_data = wq.permute(1, 2, 3, 0).contiguous().numpy()  # [1, kh, kw, out]
+            w_qp = (scales.tolist(), [0] * out_c, 3) if per_channel else (float(wscale), 0)
+            w = self.tensor(f"{node.name}_weight", w_data.shape, "INT8", w_qp, data=w_data)
+            b = self._bias(node.name, bias, x.qparams[0], wscale, out_c)
             opts = self.options("DepthwiseConv2DOptionsT", padding=pad, strideH=stride[0], strideW=stride[1],
                                 depthMultiplier=out_c // in_c, fusedActivationFunction=act,
                                 dilationHFactor=dilation[0], dilationWFactor=dilation[1])
             self.op("DEPTHWISE_CONV_2D", [src, w, b], [out.tensor], "DepthwiseConv2DOptions", opts)
-        else:
+            return out
+        srcs, outs = [src], [out.tensor]
+        if groups > 1:  # SPLIT the (padded) input by channel; every group's conv writes on the output's grid
+            shape = [int(d) for d in self.tensors[src].shape]
+            shape[3] //= groups
+            srcs = [self.act_tensor(f"{node.name}_group{g}_in", shape, self.int8_qparams(x.qparams))
+                    for g in range(groups)]
+            self.op("SPLIT", [self.const_i32(f"{node.name}_split_axis", 3), src], srcs, "SplitOptions",
+                    self.options("SplitOptionsT", numSplits=groups))
+            n, _, oh, ow = out_shape
+            outs = [self.act_tensor(f"{node.name}_group{g}", (n, oh, ow, out_c // groups),
+                                    self.int8_qparams(qparams)) for g in range(groups)]
+        per = out_c // groups
+        for g, (gsrc, gout) in enumerate(zip(srcs, outs)):
+            rows = slice(g * per, (g + 1) * per)
+            w_data = wq[rows].permute(0, 2, 3, 1).contiguous().numpy()  # [out, kh, kw, in]
+            gscale = wscale[rows] if per_channel else wscale
+            w_qp = (scales[rows].tolist(), [0] * per, 0) if per_channel else (float(wscale), 0)
+            w = self.tensor(f"{node.name}_weight", w_data.shape, "INT8", w_qp, data=w_data)
+            b = self._bias(node.name, None if bias is None else bias[rows], x.qparams[0], gscale, per)
             opts = self.options("Conv2DOptionsT", padding=pad, strideH=stride[0], strideW=stride[1],
                                 fusedActivationFunction=act, dilationHFactor=dilation[0], dilationWFactor=dilation[1])
-            self.op("CONV_2D", [src, w, b], [out.tensor], "Conv2DOptions", opts)
-        self.bind(node, out, aliases)
+            self.op("CONV_2D", [gsrc, w, b], [gout], "Conv2DOptions", opts)
+        if groups > 1:
+            self.op("CONCATENATION", outs, [out.tensor], "ConcatenationOptions",
+                    self.options("ConcatenationOptionsT", axis=3, fusedActivationFunction=0))
+        return out
 
     def _padding(self, node: torch.fx.Node, x: _Value, kernel, stride, dilation, padding, out_shape,
                  pad_value: str, same_ok: bool = True) -> tuple[int, int]:
@@ -463,10 +604,9 @@ class _Writer:
     def op_linear(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         inner, weight, bias, fused = self._weights(node, module, "linear")
         x = self.value(node.args[0], node)
-        if x.nhwc:
-            raise UnsupportedError(f"{node.name}: a linear layer on a 4-D NCHW value acts on its width; TFLite "
-                                   "keeps 4-D values NHWC. Flatten before the linear layer")
-        if x.flat_hwc is not None:  # read the NHWC-ordered flatten: permute the weight's columns instead
+        if x.flat_hwc is None:  # a linear layer reads the last torch dimension: the value in torch order
+            x = self.physical(self.arrange(x, tuple(range(len(x.shape))), f"{node.name}_in"), f"{node.name}_in")
+        else:  # read the NHWC-ordered flatten: permute the weight's columns instead
             c, h, w = x.flat_hwc
             weight = weight.reshape(weight.shape[0], c, h, w).permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
         out_shape = _shape(node)
@@ -475,7 +615,7 @@ class _Writer:
         w_qp = (float(wscale), 0) if wscale.numel() == 1 else (wscale.tolist(), [0] * weight.shape[0], 0)
         w = self.tensor(f"{node.name}_weight", wq.shape, "INT8", w_qp, data=wq.numpy())
         b = self._bias(node.name, bias, x.qparams[0], wscale, weight.shape[0])
-        out = self.new_value(node, out_shape, qparams, nhwc=False)
+        out = self.new_value(node, out_shape, qparams, perm=None)
         opts = self.options("FullyConnectedOptionsT", fusedActivationFunction=_ACT[fused],
                             keepNumDims=len(out_shape) > 2)
         self.op("FULLY_CONNECTED", [x.tensor, w, b], [out.tensor], "FullyConnectedOptions", opts)
@@ -493,12 +633,13 @@ class _Writer:
             raise UnsupportedError(f"{node.name} ({code.lower()}) with a constant operand: only tensor {code.lower()} "
                                    "tensor is written in int8; make the constant a tensor input or fold it")
         a, b = (self.canonical(self.value(o, node), f"{node.name}_in{i}") for i, o in enumerate(operands))
-        if len(a.shape) != len(b.shape) or a.nhwc != b.nhwc:
+        if len(a.shape) != len(b.shape):
             raise UnsupportedError(f"{node.name} ({code.lower()}): operands of rank {len(a.shape)} and {len(b.shape)}; "
                                    "broadcast them to the same rank first")
+        b = self.physical(self.arrange(b, a.order, f"{node.name}_in1"), f"{node.name}_in1")
         fused = _fused_kind(node, module) if module is not None else None
         qparams, fused, aliases = self.output_of(node, fused)
-        out = self.new_value(node, _shape(node), qparams, nhwc=a.nhwc)
+        out = self.new_value(node, _shape(node), qparams, perm=a.perm)
         opts = self.options(f"{code.capitalize()}OptionsT", fusedActivationFunction=_ACT[fused])
         self.op(code, [a.tensor, b.tensor], [out.tensor], f"{code.capitalize()}Options", opts)
         self.bind(node, out, aliases)
@@ -516,9 +657,11 @@ class _Writer:
         values = [self.canonical(self.value(t, node), f"{node.name}_in{i}") for i, t in enumerate(args["tensors"])]
         rank = len(values[0].shape)
         dim = args["dim"] % rank
-        nhwc = values[0].nhwc
-        if any(v.nhwc != nhwc or len(v.shape) != rank for v in values):
+        if any(len(v.shape) != rank for v in values):
             raise UnsupportedError(f"{node.name}: cat of values with different ranks")
+        order = values[0].order
+        values = [self.physical(self.arrange(v, order, f"{node.name}_in{i}"), f"{node.name}_in{i}")
+                  for i, v in enumerate(values)]
         qparams, fused, aliases = self.output_of(node, None)
         q8 = self.int8_qparams(qparams)
         inputs = []
@@ -526,27 +669,25 @@ class _Writer:
             if self.int8_qparams(v.qparams) == q8:
                 inputs.append(v.tensor)
                 continue
-            stored = _nhwc(v.shape) if v.nhwc else v.shape
-            t = self.act_tensor(f"{node.name}_requant{i}", stored, q8)
+            t = self.act_tensor(f"{node.name}_requant{i}", v.stored, q8)
             self.op("QUANTIZE", [v.tensor], [t], "QuantizeOptions", self.options("QuantizeOptionsT"))
             inputs.append(t)
-        out = self.new_value(node, _shape(node), qparams, nhwc=nhwc)
-        axis = _NHWC_AXIS[dim] if nhwc else dim
-        opts = self.options("ConcatenationOptionsT", axis=axis, fusedActivationFunction=_ACT[fused])
+        out = self.new_value(node, _shape(node), qparams, perm=values[0].perm)
+        opts = self.options("ConcatenationOptionsT", axis=order.index(dim), fusedActivationFunction=_ACT[fused])
         self.op("CONCATENATION", inputs, [out.tensor], "ConcatenationOptions", opts)
         self.bind(node, out, aliases)
 
     def op_hardswish(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
         qparams, _, aliases = self.output_of(node, None, can_fuse=False)
-        out = self.new_value(node, _shape(node), qparams, nhwc=x.nhwc)
+        out = self.new_value(node, _shape(node), qparams, perm=x.perm)
         self.op("HARD_SWISH", [x.tensor], [out.tensor], "HardSwishOptions", self.options("HardSwishOptionsT"))
         self.bind(node, out, aliases)
 
     def _fixed(self, node: torch.fx.Node, code: str, key: str) -> None:
         x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
         qparams = self.spec.rule(key).fixed_qparams
-        out = self.new_value(node, _shape(node), qparams, nhwc=x.nhwc)
+        out = self.new_value(node, _shape(node), qparams, perm=x.perm)
         self.op(code, [x.tensor], [out.tensor])
         self.env[node] = out
 
@@ -556,10 +697,22 @@ class _Writer:
     def op_tanh(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         self._fixed(node, "TANH", "tanh")
 
+    def op_silu(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        """SiLU as ``x * LOGISTIC(x)``: TFLite has no int8 SiLU (its converter writes the same pair); the
+        sigmoid lands on LOGISTIC's fixed 1/256 grid, the product on the SiLU's calibrated grid."""
+        x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
+        qparams, _, aliases = self.output_of(node, None, can_fuse=False)
+        gate = self.act_tensor(f"{node.name}_sigmoid", x.stored, self.int8_qparams(_SIGMOID_QPARAMS))
+        self.op("LOGISTIC", [x.tensor], [gate])
+        out = self.new_value(node, _shape(node), qparams, perm=x.perm)
+        self.op("MUL", [x.tensor, gate], [out.tensor], "MulOptions",
+                self.options("MulOptionsT", fusedActivationFunction=0))
+        self.bind(node, out, aliases)
+
     # ---- share ops: output on the input's grid ------------------------------------------------------
     def _activation(self, node: torch.fx.Node, kind: str) -> None:
         x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
-        out = self.new_value(node, _shape(node), x.qparams, nhwc=x.nhwc)
+        out = self.new_value(node, _shape(node), x.qparams, perm=x.perm)
         self.op({"relu": "RELU", "relu6": "RELU6", "relu_n1_to_1": "RELU_N1_TO_1"}[kind], [x.tensor], [out.tensor])
         self.env[node] = out
 
@@ -580,8 +733,9 @@ class _Writer:
 
     op_contiguous = op_identity
 
-    def _pool(self, node: torch.fx.Node, module: nn.Module | None, code: str) -> None:
-        fn = F.max_pool2d if code == "MAX_POOL_2D" else F.avg_pool2d
+    def _pool(self, node: torch.fx.Node, module: nn.Module | None, code: str, one_d: bool = False) -> None:
+        fn = {("MAX_POOL_2D", False): F.max_pool2d, ("AVERAGE_POOL_2D", False): F.avg_pool2d,
+              ("MAX_POOL_2D", True): F.max_pool1d, ("AVERAGE_POOL_2D", True): F.avg_pool1d}[code, one_d]
         if module is not None:
             args = {k: getattr(module, k) for k in ("kernel_size", "stride", "padding", "ceil_mode")}
             args["dilation"] = getattr(module, "dilation", 1)
@@ -593,10 +747,17 @@ class _Writer:
         kernel = _pair(args["kernel_size"])
         stride = _pair(args["stride"] or args["kernel_size"])
         padding, dilation = _pair(args["padding"]), _pair(args.get("dilation", 1))
+        if one_d:  # a 1-D pool runs as the 2-D one on the [N, 1, T, C] view
+            kernel, stride, padding, dilation = (1, kernel[0]), (1, stride[0]), (0, padding[0]), (1, dilation[0])
         if dilation != (1, 1) or args.get("divisor_override") or args.get("return_indices"):
             raise UnsupportedError(f"{node.name}: pooling with dilation / divisor_override / indices has no TFLite op")
-        x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
-        out_shape = _shape(node)
+        if one_d:
+            x = self._as_2d(self.value(node.args[0], node), f"{node.name}_in")
+            n, c, t = _shape(node)
+            out_shape = (n, c, 1, t)
+        else:
+            x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
+            out_shape = _shape(node)
         if args.get("ceil_mode") and any(
                 out_shape[2 + i] != (x.shape[2 + i] + 2 * padding[i] - kernel[i]) // stride[i] + 1 for i in range(2)):
             raise UnsupportedError(f"{node.name}: ceil_mode=True changes the output size here; TFLite pools floor")
@@ -610,7 +771,7 @@ class _Writer:
         opts = self.options("Pool2DOptionsT", padding=pad, strideH=stride[0], strideW=stride[1],
                             filterHeight=kernel[0], filterWidth=kernel[1])
         self.op(code, [src], [out.tensor], "Pool2DOptions", opts)
-        self.env[node] = out
+        self.env[node] = self._from_2d(out) if one_d else out
 
     def op_max_pool2d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         self._pool(node, module, "MAX_POOL_2D")
@@ -618,11 +779,17 @@ class _Writer:
     def op_avg_pool2d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         self._pool(node, module, "AVERAGE_POOL_2D")
 
+    def op_max_pool1d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        self._pool(node, module, "MAX_POOL_2D", one_d=True)
+
+    def op_avg_pool1d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        self._pool(node, module, "AVERAGE_POOL_2D", one_d=True)
+
     def op_adaptive_avg_pool2d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
         out_shape = _shape(node)
         if tuple(out_shape[2:]) == (1, 1):
-            self._mean(node, x, [1, 2], True, out_shape)
+            self._mean(node, x, [2, 3], True, out_shape)
             return
         h, w = x.shape[2:]
         oh, ow = out_shape[2:]
@@ -635,53 +802,131 @@ class _Writer:
         self.op("AVERAGE_POOL_2D", [x.tensor], [out.tensor], "Pool2DOptions", opts)
         self.env[node] = out
 
+    def op_adaptive_avg_pool1d(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        x = self.physical(self.value(node.args[0], node), f"{node.name}_in")
+        n, c, t = _shape(node)
+        if t != 1:
+            raise UnsupportedError(f"{node.name}: adaptive average pooling to {t} steps; only the global pool "
+                                   "(output size 1, a MEAN) is written")
+        self._mean(node, x, [2], True, (n, c, t))
+
     def op_mean(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
         rank = len(x.shape)
         dims = list(range(rank)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
-        dims = sorted(d % rank for d in dims)
-        axes = [_NHWC_AXIS[d] for d in dims] if x.nhwc else dims
-        if x.nhwc and not keep and dims != [2, 3]:
-            raise UnsupportedError(f"{node.name}: mean over dims {dims} of a 4-D value without keepdim; only the "
-                                   "spatial mean (dims (2, 3)) is written")
-        self._mean(node, x, axes, keep, _shape(node))
+        self._mean(node, x, sorted(d % rank for d in dims), keep, _shape(node))
 
-    def _mean(self, node: torch.fx.Node, x: _Value, axes: list[int], keep: bool, out_shape) -> None:
-        nhwc = x.nhwc and len(out_shape) == 4
-        out = self.new_value(node, out_shape, x.qparams, nhwc=nhwc)
-        axis = self.const_i32(f"{node.name}_axes", sorted(axes))
-        self.op("MEAN", [x.tensor, axis], [out.tensor], "ReducerOptions", self.options("ReducerOptionsT", keepDims=keep))
+    def _mean(self, node: torch.fx.Node, x: _Value, dims: list[int], keep: bool, out_shape) -> None:
+        """MEAN over the torch ``dims`` of ``x`` (read in its stored order); the result keeps that order."""
+        if keep:
+            perm = x.perm
+        else:
+            rest = [d for d in x.order if d not in dims]
+            perm = tuple(sorted(rest).index(d) for d in rest)
+            perm = None if perm == tuple(range(len(perm))) else perm
+        out = self.new_value(node, out_shape, x.qparams, perm=perm)
+        axis = self.const_i32(f"{node.name}_axes", sorted(x.order.index(d) for d in dims))
+        self.op("MEAN", [x.tensor, axis], [out.tensor], "ReducerOptions",
+                self.options("ReducerOptionsT", keepDims=keep))
         self.env[node] = out
 
+    # ---- data movement: views cost no op until a reader needs the shape -----------------------------
     def _reshape(self, node: torch.fx.Node) -> None:
         x = self.value(node.args[0], node)
         out_shape = _shape(node)
-        if x.nhwc and len(out_shape) == 2 and out_shape[0] == x.shape[0]:
-            n, c, h, w = x.shape
-            flat = None if h == w == 1 else (c, h, w)
+        if x.nhwc and len(x.shape) in (3, 4) and len(out_shape) == 2 and out_shape[0] == x.shape[0] \
+                and int(np.prod(x.shape[2:])) > 1:
+            # a flatten of a spatial map (NHWC) or a sequence (NWC): written in stored order; a linear layer reading
+            # it permutes its weight columns instead (other readers put it back in torch order: canonical)
+            x = self.canonical(x, f"{node.name}_in")
+            n, c, h, w = x.shape if len(x.shape) == 4 else (x.shape[0], x.shape[1], 1, x.shape[2])
             out = _Value(self.act_tensor(node.name, out_shape, self.int8_qparams(x.qparams)), tuple(out_shape),
-                         x.qparams, False, flat)
-            self.op("RESHAPE", [x.tensor, self.const_i32(f"{node.name}_shape", [-1, out_shape[1]])], [out.tensor],
-                    "ReshapeOptions", self.options("ReshapeOptionsT", newShape=[-1, out_shape[1]]))
+                         x.qparams, None, (c, h, w))
+            self.reshape_op(x.tensor, out.tensor, out_shape, node.name)
             self.env[node] = out
             return
-        x = self.canonical(x, f"{node.name}_in")
-        if x.nhwc or len(out_shape) == 4:
-            raise UnsupportedError(f"{node.name}: reshape {tuple(x.shape)} -> {tuple(out_shape)} mixes NCHW and NHWC "
-                                   "orders; only flattening a 4-D value to (batch, features) is written")
-        target = [-1, *out_shape[1:]]
-        out = _Value(self.act_tensor(node.name, out_shape, self.int8_qparams(x.qparams)), tuple(out_shape), x.qparams)
-        self.op("RESHAPE", [x.tensor, self.const_i32(f"{node.name}_shape", target)], [out.tensor],
-                "ReshapeOptions", self.options("ReshapeOptionsT", newShape=target))
-        self.env[node] = out
+        if x.flat_hwc is not None:
+            x = self.canonical(x, f"{node.name}_in")
+        plan = _reshape_plan(x.shape, x.order, out_shape)
+        if plan is None:  # the storage keeps apart what the reshape merges: reshape in torch order
+            in_order, out_order = tuple(range(len(x.shape))), tuple(range(len(out_shape)))
+        else:
+            in_order, out_order = plan
+        x = self.arrange(x, in_order, f"{node.name}_in")
+        norm = None if out_order == tuple(range(len(out_shape))) else tuple(out_order)
+        self.env[node] = _Value(x.tensor, tuple(out_shape), x.qparams, norm, phys=x.phys or x.stored)
 
     def op_flatten(self, node: torch.fx.Node, module: nn.Module | None) -> None:
         self._reshape(node)
 
-    def op_reshape(self, node: torch.fx.Node, module: nn.Module | None) -> None:
-        self._reshape(node)
+    op_reshape = op_squeeze = op_unsqueeze = op_unflatten = op_flatten
+
+    def op_transpose(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        """transpose / permute: the stored tensor stays; only the order it is read in changes."""
+        x = self.value(node.args[0], node)
+        if x.flat_hwc is not None:
+            x = self.canonical(x, f"{node.name}_in")
+        rank = len(x.shape)
+        if op_key(node, self.gm) == "transpose":
+            d0 = node.args[1] if len(node.args) > 1 else node.kwargs["dim0"]
+            d1 = node.args[2] if len(node.args) > 2 else node.kwargs["dim1"]
+            sigma = list(range(rank))
+            sigma[d0 % rank], sigma[d1 % rank] = sigma[d1 % rank], sigma[d0 % rank]
+        else:
+            dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (list, tuple)) \
+                else node.args[1]
+            dims = node.kwargs.get("dims", dims)
+            sigma = [int(d) % rank for d in dims]
+        if sigma[0] != 0:
+            raise UnsupportedError(f"{node.name}: a transpose that moves the batch dimension is not written (the "
+                                   "file keeps the batch first so that the interpreter can resize it)")
+        perm = tuple(sigma.index(p) for p in x.order)
+        norm = None if perm == tuple(range(rank)) else perm
+        self.env[node] = _Value(x.tensor, _shape(node), x.qparams, norm, phys=x.phys)
+
+    op_permute = op_transpose
+
+    def _split(self, node: torch.fx.Node, key: str) -> None:
+        """chunk / split as SPLIT (equal parts) or SPLIT_V on the stored axis of ``dim``."""
+        x = self.canonical(self.value(node.args[0], node), f"{node.name}_in")
+        rest, kw = list(node.args[1:]), node.kwargs
+        parts = rest[0] if rest else kw.get("chunks", kw.get("split_size_or_sections", kw.get("split_size")))
+        dim = (rest[1] if len(rest) > 1 else kw.get("dim", 0)) % len(x.shape)
+        length = x.shape[dim]
+        sizes = [len(p) for p in (torch.arange(length).chunk(parts) if key == "chunk"
+                                  else torch.arange(length).split(parts))]
+        axis = x.order.index(dim)
+        values = []
+        for i, size in enumerate(sizes):
+            shape = list(x.shape)
+            shape[dim] = size
+            v = _Value(-1, tuple(shape), x.qparams, x.perm)
+            tensor = self.act_tensor(f"{node.name}_{i}", v.stored, self.int8_qparams(x.qparams))
+            values.append(replace(v, tensor=tensor))
+        outs = [v.tensor for v in values]
+        if len(set(sizes)) == 1:
+            self.op("SPLIT", [self.const_i32(f"{node.name}_axis", axis), x.tensor], outs, "SplitOptions",
+                    self.options("SplitOptionsT", numSplits=len(sizes)))
+        else:
+            self.op("SPLIT_V", [x.tensor, self.const_i32(f"{node.name}_sizes", sizes),
+                                self.const_i32(f"{node.name}_axis", axis)], outs, "SplitVOptions",
+                    self.options("SplitVOptionsT", numSplits=len(sizes)))
+        self.env[node] = tuple(values)
+
+    def op_chunk(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        self._split(node, "chunk")
+
+    def op_split(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        self._split(node, "split")
+
+    def op_getitem(self, node: torch.fx.Node, module: nn.Module | None) -> None:
+        parts = self.env.get(node.args[0])
+        if not isinstance(parts, tuple) or not isinstance(node.args[1], int):
+            raise UnsupportedError(f"{node.name}: indexing / slicing a tensor is not written by the tflite backend "
+                                   "(only the parts of a chunk / split); use torch.chunk or torch.split")
+        self.env[node] = parts[node.args[1]]
 
     # ---- the model ------------------------------------------------------------------------------
     def model_bytes(self) -> bytes:
@@ -729,9 +974,100 @@ class _AlignedBufferT:
 _ACT = {None: 0, "relu": 1, "relu_n1_to_1": 2, "relu6": 3}
 
 
-def _nhwc(shape) -> tuple[int, ...]:
-    n, c, h, w = shape
-    return n, h, w, c
+def _channels_last(rank: int) -> tuple[int, ...]:
+    """NHWC for 4-D values, NWC for 3-D: the order TFLite's convs and pools read."""
+    return (0, *range(2, rank), 1)
+
+
+def _layout(v: _Value) -> str | list[int]:
+    """How the module moves an input / output between torch order and the file's: plain, nhwc or a perm."""
+    if v.perm is None:
+        return "plain"
+    return "nhwc" if len(v.shape) == 4 and v.nhwc else list(v.perm)
+
+
+def _file_perm(layout: str | list[int], rank: int) -> tuple[int, ...] | None:
+    if layout == "plain":
+        return None
+    return _NCHW_TO_NHWC if layout == "nhwc" else tuple(int(p) for p in layout)
+
+
+def _collapse(shape: tuple[int, ...], moves: list[int]) -> tuple[tuple[int, ...], list[int]]:
+    """The smallest transpose that moves data as ``moves`` does on ``shape`` (output axis j = input axis
+    ``moves[j]``): size-1 axes dropped, input axes that stay neighbours merged, axis 0 (the batch) kept on its
+    own. Returns the collapsed input shape and the permutation of it."""
+    keep = [a for a in range(len(shape)) if shape[a] != 1 or a == 0]
+    runs: list[list[int]] = []
+    for a in (m for m in moves if m in keep):
+        if runs and a != 0 and runs[-1][-1] != 0 and keep.index(a) == keep.index(runs[-1][-1]) + 1:
+            runs[-1].append(a)
+        else:
+            runs.append([a])
+    ordered = sorted(runs, key=lambda r: r[0])
+    src = tuple(int(np.prod([shape[a] for a in r])) for r in ordered)
+    return src, [ordered.index(r) for r in runs]
+
+
+def _reshape_groups(in_shape, out_shape) -> list[tuple[list[int], list[int]]] | None:
+    """The input dims each group of output dims is made of (size-1 dims and the batch left out)."""
+    a = [d for d in range(1, len(in_shape)) if in_shape[d] != 1]
+    b = [d for d in range(1, len(out_shape)) if out_shape[d] != 1]
+    groups, i, j = [], 0, 0
+    while i < len(a) and j < len(b):
+        gi, gj, pi, pj = [a[i]], [b[j]], in_shape[a[i]], out_shape[b[j]]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                if i >= len(a):
+                    return None
+                gi.append(a[i])
+                pi, i = pi * in_shape[a[i]], i + 1
+            else:
+                if j >= len(b):
+                    return None
+                gj.append(b[j])
+                pj, j = pj * out_shape[b[j]], j + 1
+        groups.append((gi, gj))
+    return groups if i == len(a) and j == len(b) else None
+
+
+def _reshape_plan(in_shape, order, out_shape) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """How a reshape runs on a value stored in ``order`` without putting it back in torch order: the order the
+    input must be stored in (``order`` itself where possible) and the order the output is then stored in.
+    ``None`` when the batch changes (the reshape then runs in torch order)."""
+    in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if not in_shape or not out_shape or in_shape[0] != out_shape[0] or order[0] != 0:
+        return None
+    groups = _reshape_groups(in_shape, out_shape)
+    if groups is None:
+        return None
+    group_of = {d: g for g, (dims, _) in enumerate(groups) for d in dims}
+    seen: list[int] = []
+    for d in order:
+        if d in group_of and group_of[d] not in seen:
+            seen.append(group_of[d])
+    core_in = [0, *[d for g in seen for d in groups[g][0]]]
+    ones_in = [d for d in range(1, len(in_shape)) if in_shape[d] == 1]
+    in_order = tuple(order) if [d for d in order if d not in ones_in] == core_in else tuple(core_in + ones_in)
+    core_out = [0, *[d for g in seen for d in groups[g][1]]]
+    ones_out = [d for d in range(1, len(out_shape)) if out_shape[d] == 1]
+    rank = len(out_shape)
+    candidates = [_channels_last(rank)] if rank == 4 else []
+    candidates += [tuple(range(rank))] + ([_channels_last(rank)] if rank == 3 else [])
+    out_order = next((c for c in candidates if [d for d in c if d not in ones_out] == core_out),
+                     (0, *ones_out, *core_out[1:]))
+    if not _same_memory(in_shape, in_order, out_shape, out_order):
+        return None
+    return in_order, tuple(out_order)
+
+
+def _same_memory(in_shape, in_order, out_shape, out_order) -> bool:
+    """Whether the stored input, read flat, is the stored output (checked on element indices)."""
+    numel = int(np.prod(in_shape))
+    if numel > 1 << 22:
+        return True  # the group analysis above is exact; the index check only guards it on small values
+    t = torch.arange(numel).reshape(in_shape)
+    return torch.equal(t.permute(*in_order).reshape(-1), t.reshape(out_shape).permute(*out_order).reshape(-1))
 
 
 def _same_matches(shape, kernel, stride, dilation, padding, out_shape) -> bool:
@@ -805,9 +1141,10 @@ def float_islands_of(gm: torch.fx.GraphModule) -> list[str]:
     modules = dict(gm.named_modules())
     reasons = {i.node: i.reason for i in meta.float_islands(gm)}
     placeholders = set(gm.graph.find_nodes(op="placeholder"))
+    sizes = shape_nodes(gm)
     islands = []
     for node in gm.graph.nodes:
-        if node.op not in ("call_module", "call_function", "call_method"):
+        if node.op not in ("call_module", "call_function", "call_method") or node in sizes:
             continue
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is not None and is_observer(module):
@@ -818,12 +1155,13 @@ def float_islands_of(gm: torch.fx.GraphModule) -> list[str]:
                                "int8 here")
             continue
         if isinstance(module, DeQuantStub):
-            if not all(u.op == "output" for u in node.users):
+            if not all(u.op == "output" or u in sizes for u in node.users):  # x.shape reads are constants
                 islands.append(f"{node.name} (dequantize): an int8 value leaves int8 for float ops mid-graph")
             continue
         if meta.quant_region(node) is None:
             why = reasons.get(node.name, "no int8 TFLite op for it")
-            islands.append(f"{node.name} ({_describe(node, gm)}): runs in float: {why}")
+            islands.append(f"{node.name} ({_describe(node, gm)}): runs in float: {why}"
+                           f"{_UNWRITTEN.get(_describe(node, gm).lower(), '')}")
     return islands
 
 
@@ -927,12 +1265,17 @@ class TFLiteModule(nn.Module):
         arrays = []
         for v, layout in zip(values, self.info["input_layouts"]):
             a = v.detach().cpu().numpy()
-            arrays.append(np.ascontiguousarray(a.transpose(*_NCHW_TO_NHWC) if layout == "nhwc" else a))
+            perm = _file_perm(layout, a.ndim)
+            arrays.append(np.ascontiguousarray(a.transpose(*perm)) if perm is not None else a)
         return arrays
 
     def _from_file(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        return [torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))) if layout == "nhwc"
-                else torch.from_numpy(a) for a, layout in zip(arrays, self.info["output_layouts"])]
+        outs = []
+        for a, layout in zip(arrays, self.info["output_layouts"]):
+            perm = _file_perm(layout, a.ndim)
+            outs.append(torch.from_numpy(np.ascontiguousarray(a.transpose(*np.argsort(perm))) if perm is not None
+                                         else a))
+        return outs
 
     def run_int8(self, *args: torch.Tensor) -> list[torch.Tensor]:
         """The raw int8 interface of an ``int8_io`` file: int8 NCHW tensors in, int8 tensors out (a flat list)."""

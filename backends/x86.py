@@ -54,13 +54,14 @@ class X86Backend(Int8Backend):
     of >100-group convs, conv+SiLU fusion); ``fuse_add=True`` adds conv+add(+ReLU) fusion (off: measured
     slower end to end on this project's reference CPU); ``fuse_unary=False`` keeps SiLU a float island;
     ``float_unit_maps=True`` keeps convs on 1x1 maps (squeeze-excitation gates) float: exact, cheaper per call
-    in isolation, but measured level end to end (see :mod:`fxopt.backends.x86_lowering`).
+    in isolation, but measured level end to end (see :mod:`fxopt.backends.x86_lowering`);
+    ``fbgemm_unit_maps=False`` packs convs on 1x1 maps with oneDNN like the x86 engine does, instead of fbgemm.
     """
 
     name = "x86"
 
     def __init__(self, reduce_range: bool = False, onednn: bool = True, fuse_add: bool = False,
-                 fuse_unary: bool = True, float_unit_maps: bool = False) -> None:
+                 fuse_unary: bool = True, float_unit_maps: bool = False, fbgemm_unit_maps: bool = True) -> None:
         super().__init__(x86_spec(reduce_range))
         self.lowering_cls = functools.partial(X86Lowering, onednn=onednn, fuse_add=fuse_add, fuse_unary=fuse_unary,
-                                              float_unit_maps=float_unit_maps)
+                                              float_unit_maps=float_unit_maps, fbgemm_unit_maps=fbgemm_unit_maps)

@@ -3,12 +3,17 @@
     python -m bench.static_speed [--models resnet18,...] [--batches 1,8] [--threads 2] [--backend x86]
     python -m bench.static_speed --threads 1 --batches 1,2 --clock cpu   # on a shared, loaded machine
     python -m bench.static_speed --models zoo --threads 1 --batches 1 --clock cpu   # the README's 10 classifiers
+    python -m bench.static_speed --models efficientnet_b0 --batches 1 --threads 1 --clock cpu \
+        --variant unit=float_unit_maps=True --variant plain=onednn=False   # x86 lowering options, A/B
 
 Also times calibration + conversion for both (same calibration data, same observer kind).
 Prints one table of medians and ratios; the pytest-benchmark variant is bench/bench_static.py.
 The ratios are *paired*: for every round (wall clock) or every interleaved call (``--clock cpu``) the
 candidates ran back to back, so each round gives one ratio ``float / fxopt`` and ``torch.ao / fxopt``
-(> 1: fxopt is faster) and the table shows the median ratio with its 25-75 % range. On a shared machine
+(> 1: fxopt is faster) and the table shows the median ratio with its 25-75 % range.
+``--variant NAME=OPTION=VALUE[,OPTION=VALUE]`` (x86 only, repeatable) adds the same calibrated graph lowered
+with ``X86Backend(OPTION=VALUE, ...)`` as one more interleaved candidate; its column is ``NAME / fxopt``
+(paired time ratio: < 1 means the variant is faster than fxopt's defaults). On a shared machine
 the paired median is steadier than the ratio of two medians, since a burst of load hits both.
 ``--clock cpu`` (with ``--threads 1``) measures the CPU time of the calling thread instead of wall time:
 on a machine shared with other jobs, time spent waiting for a core is not counted.
@@ -17,6 +22,7 @@ on a machine shared with other jobs, time spent waiting for a core is not counte
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import statistics
 import time
@@ -27,6 +33,7 @@ from tabulate import tabulate
 from bench.quant_reference import ZOO, data, engine, fxopt_int8, torchao_int8, zoo_model
 
 import fxopt
+from fxopt import recipes
 
 SPEED_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0", "shufflenet_v2_x1_0",
                 "regnet_x_400mf"]
@@ -74,6 +81,33 @@ def _fmt(ratio: tuple[float, float, float]) -> str:
     return f"{med:.2f}x [{q1:.2f}-{q3:.2f}]"
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME=OPTION=VALUE[,OPTION=VALUE...]`` -> ``(NAME, {OPTION: VALUE})``; values are Python literals."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--variant wants NAME=OPTION=VALUE[,OPTION=VALUE], got {text!r}")
+    options = {}
+    for item in rest.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--variant {name}: {item!r} is not OPTION=VALUE")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError) as exc:
+            raise ValueError(f"--variant {name}: {value!r} is not a Python literal") from exc
+    return name, options
+
+
+def _variants(model, calib, specs: dict[str, dict], backend: str) -> dict:
+    """The model calibrated once and lowered once per variant with ``X86Backend(**options)``."""
+    if not specs:
+        return {}
+    from fxopt.backends.x86 import X86Backend  # noqa: PLC0415 - only with --variant
+
+    prepared = fxopt.compile(model, recipes.static_int8(calib, backend=backend), example_inputs=(calib[0][:1],))
+    return {name: fxopt.lower(prepared, X86Backend(**options)) for name, options in specs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(SPEED_MODELS), help="comma list, or 'zoo' (README's 10)")
@@ -83,9 +117,20 @@ def main() -> None:
     parser.add_argument("--backend", default="x86")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="NAME=OPTION=VALUE[,OPTION=VALUE]: also time fxopt lowered with X86Backend(OPTION=VALUE)")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
+    try:
+        variants = dict(parse_variant(v) for v in args.variant)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if variants and args.backend != "x86":
+        parser.error("--variant lowers with X86Backend options: use it with --backend x86")
+    reserved = {"float", "fxopt", "torch.ao"} & set(variants)
+    if reserved:
+        parser.error(f"--variant names {sorted(reserved)} are taken by the built-in candidates")
     torch.set_num_threads(args.threads)
     qengine = "x86" if args.backend == "x86" else "qnnpack"
     rows = []
@@ -100,10 +145,11 @@ def main() -> None:
         t = time.perf_counter()
         ref = torchao_int8(model, calib, args.backend)
         t_ref = time.perf_counter() - t
+        extra = _variants(model, calib, variants, args.backend)
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, args.size, args.size)
             iters = 10 if batch == 1 else 3
-            candidates = {"float": model, "fxopt": ours, "torch.ao": ref}
+            candidates = {"float": model, "fxopt": ours, "torch.ao": ref, **extra}
             with engine(qengine):
                 if args.clock == "cpu":
                     samples, group = _cpu_samples(candidates, x, args.rounds, iters), 1
@@ -117,10 +163,12 @@ def main() -> None:
             rows.append([name, batch, f"{ms['float']:.2f}", f"{ms['fxopt']:.2f}", f"{ms['torch.ao']:.2f}",
                          _fmt(vs_float), _fmt(paired_ratio(samples["float"], samples["torch.ao"], group)),
                          _fmt(vs_ao), "SLOWER THAN FLOAT" if vs_float[0] < 1.0 else "",
-                         f"{t_ours:.1f}/{t_ref:.1f}"])
+                         f"{t_ours:.1f}/{t_ref:.1f}"]
+                        + [f"{ms[v]:.2f} ms, {_fmt(paired_ratio(samples[v], samples['fxopt'], group))}" for v in extra])
             print(rows[-1], flush=True)
     print(tabulate(rows, headers=["model", "batch", "float ms", "fxopt ms", "torch.ao ms", "float/fxopt (paired)",
-                                  "float/torch.ao", "torch.ao/fxopt", "", "calib+convert s (fxopt/ao)"]))
+                                  "float/torch.ao", "torch.ao/fxopt", "", "calib+convert s (fxopt/ao)"]
+                   + [f"{v} / fxopt" for v in variants]))
     print(f"load average at the end {os.getloadavg()}")
 
 

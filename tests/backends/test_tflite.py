@@ -259,17 +259,10 @@ def test_float_island_and_unsupported_op_errors():
     with pytest.raises(UnsupportedError, match=r"(?s)float.*gelu \(gelu\): runs in float.*fxopt_quant_1 \(quantize\)"):
         fxopt.lower(prepared, "tflite")
 
-    class Grouped(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(8, 8, 3, groups=2)
-
-        def forward(self, x):
-            return self.conv(x)
-
-    grouped, _ = _prepare(Grouped(), (1, 8, 8, 8))
-    with pytest.raises(UnsupportedError, match=r"conv: grouped conv2d \(groups=2"):
-        fxopt.lower(grouped, "tflite")
+    norm, _ = _prepare(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(2), nn.LayerNorm(196)), (1, 3, 16, 16))
+    with pytest.raises(UnsupportedError, match=r"(?s)\(layer_norm\): runs in float.*no int8 LayerNorm kernel.*keep "
+                                               r"LayerNorm outside the exported model"):
+        fxopt.lower(norm, "tflite")
     clean, x = _prepare(Clean(), (1, 3, 16, 16))
     fp = fxopt.compile(Clean().eval(), recipes.fuse(), example_inputs=(x,))
     with pytest.raises(UnsupportedError, match="graph is float"):

@@ -174,6 +174,8 @@ def test_torchvision_efficientnet_and_shufflenet_have_no_float_islands():
         if name == "efficientnet_b0":
             assert islands == [] and lowered.graph_module.code.count(".dequantize()") == 1
             assert len([m for m in _modules(lowered, QConvPointwise) if m.post_op == "swish"]) == 49
+            # the 16 SE fc2 convs (on 1x1 maps) are packed with fbgemm, every other plain conv with the x86 engine
+            assert len([m for m in _modules(lowered, QConv) if m.engine == "fbgemm"]) == 16
         else:  # only shape arithmetic (on ints) and the final mean stay float
             assert {i.op for i in islands} <= {"floordiv", "mean"}
             assert {m.engine for m in _modules(lowered, QConv) if m.groups > 100} == {"onednn"}
@@ -240,3 +242,44 @@ def test_qmul_channel_gate_equals_the_materialized_broadcast(shape, gate_batch):
             assert out.shape == shape and out.is_contiguous(memory_format=torch.channels_last)
             assert torch.equal(out.int_repr(), expected.int_repr())
             assert (out.q_scale(), out.q_zero_point()) == (0.03, 100)
+
+
+class ReLUSqueezeExcite(nn.Module):
+    """MobileNetV3's gate: conv -> ReLU -> squeeze-excitation with ReLU (conv + ReLU, conv, sigmoid) -> project."""
+
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(8, channels, 1)
+        self.se = torchvision.ops.SqueezeExcitation(channels, 8)
+        self.project = nn.Conv2d(channels, 8, 1)
+
+    def forward(self, x):
+        return self.project(self.se(torch.relu(self.expand(x))))
+
+
+def test_convs_on_unit_maps_are_packed_with_fbgemm_and_match_the_onednn_packing(tmp_path):
+    torch.manual_seed(0)
+    model = ReLUSqueezeExcite().eval()
+    prepared, calib = _prepared(model, size=12)
+    lowered = fxopt.lower(prepared, "x86", check=True)  # NumericsError if a layer diverges from the simulation
+    convs = dict(lowered.graph_module.named_modules())
+    assert (convs["se.fc1"].engine, convs["se.fc1"].relu) == ("fbgemm", True)
+    assert convs["se.fc2"].engine == "fbgemm"
+    assert convs["expand"].engine != "fbgemm" and convs["project"].engine != "fbgemm"  # 12x12 maps
+    onednn = X86Backend(fbgemm_unit_maps=False).lower(copy.deepcopy(prepared))
+    assert "fbgemm" not in {m.engine for m in _modules(onednn, QConv)}
+    plain = X86Backend(onednn=False).lower(copy.deepcopy(prepared))  # the generic walk keeps the engine's choice
+    assert "fbgemm" not in {m.engine for m in _modules(plain, QConv)}
+    with torch.no_grad():
+        x = calib[1]
+        ref, a, b = model(x), lowered(x), onednn(x)
+        out = lowered(torch.randn(3, 8, 12, 12))  # other batch sizes too
+        fxopt.save(lowered, tmp_path / "se.pt")
+        loaded = fxopt.load(tmp_path / "se.pt")
+        assert torch.equal(loaded(x), a)
+    assert dict(loaded.graph_module.named_modules())["se.fc2"].engine == "fbgemm"
+    assert out.shape == (3, 8, 12, 12)
+    # same int8 arithmetic on both libraries (int32 sums on a VNNI CPU): at most one output step apart
+    step = lowered.graph_module.get_submodule("project").scale
+    assert (a - b).abs().max() <= step + 1e-6
+    assert _sqnr(ref, a) > 25.0
