@@ -14,9 +14,12 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   last op, so OpenVINO can fuse a channel shuffle), fixed-range ops (sigmoid…) their fixed qparams; for
   ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels), and a
   linear on a [batch, seq, hidden] input (which the exporter writes as ``MatMul`` + ``Add``) becomes
-  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``, a ReLU /
-  ReLU6 whose QuantizeLinear already saturates at its bounds is left out, and ``chunk``'s split points are
-  constants (ONNX Runtime then runs one ``Split``);
+  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``; also for
+  ONNX Runtime, a ReLU / ReLU6 whose QuantizeLinear already saturates at its bounds is left out, and
+  ``chunk``'s split points are constants (ONNX Runtime then runs one ``Split``). For
+  OpenVINO a conv / linear read only by an activation its CPU plugin fuses as a post-op (SiLU, sigmoid,
+  hardswish, GELU…) gets no QDQ before it (one requantization, after the activation, as NNCF places it), and
+  an activation range whose zero point is within 8 of 128 is written symmetric (zero point 128: s8 there);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
@@ -81,6 +84,11 @@ _NO_QDQ_AFTER = {"identity", "size", "contiguous"}
 # pure data movement: the values (and their int8 grid) pass through unchanged
 _MOVES = {"reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "identity"}
 _SHAPE_ONLY = {"size"}
+# activations OpenVINO's CPU plugin fuses into the conv / FullyConnected before them (eltwise post-ops)
+_OV_POST_OPS = {"silu", "sigmoid", "hardswish", "hardsigmoid", "tanh", "gelu"}
+# OpenVINO: u8 activation zero points this close to 128 become 128 (a symmetric range, s8 in the CPU plugin);
+# the scale widens by at most 1.07x. 16 (1.13x) measured no faster and cost the encoder 0.7 dB
+_SYMMETRIC_WINDOW = 8
 
 
 def require(module: str, extra: str) -> Any:
@@ -176,10 +184,21 @@ class _QDQBuilder:
         # as one fused eltwise, where the extra rounding would only cost time.
         sigmoid = spec.rule("sigmoid")
         self.split_silu = spec.name == "onnx" and sigmoid is not None and sigmoid.kind == "fixed"
+        # OpenVINO's CPU plugin runs an activation after a conv / linear as a post-op of the int8 kernel and wants
+        # one quantization, after the activation (NNCF's placement): a QDQ between them is a second requantization
+        # post-op in every such kernel (efficientnet_b0: 65 of them, ~5 % of its CPU time) and a rounding fxopt's own
+        # x86 lowering does not have either (it fuses conv + SiLU).
+        self.float_into_activation = spec.name == "openvino"
+        # OpenVINO's low-precision transformations run a FakeQuantize whose range is symmetric ([-128, 127] steps)
+        # as s8 without a zero point: FullyConnected / MVN / eltwise kernels then skip the zero-point subtraction
+        # (the encoder's linears ran u8 + zero point, NNCF's symmetric ranges i8)
+        self.snap_symmetric = spec.name == "openvino" and (self.act.qmin, self.act.qmax) == (0, 255)
 
     def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int],
                     qrange: tuple[int, int] | None = None) -> torch.fx.Node:
         qmin, qmax = qrange or (self.act.qmin, self.act.qmax)
+        if qrange is None and self.snap_symmetric:
+            qparams = _near_symmetric(qparams)
         with self.gm.graph.inserting_after(node):
             qdq = self.gm.graph.call_function(_qdq, (node, qparams[0], qparams[1], qmin, qmax))
         node.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
@@ -323,6 +342,9 @@ class _QDQBuilder:
         if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
             self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
             return
+        if self.float_into_activation and self._feeds_activations_only(src):
+            self.stats["float_into_activation"] = self.stats.get("float_into_activation", 0) + 1
+            return
         producer = self.modules.get(src.target) if src.op == "call_module" else None
         fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
         if fused is not None:
@@ -337,6 +359,21 @@ class _QDQBuilder:
             self._insert_qdq(follower, fused_activation_qparams(self.act, qparams, act))
             return
         self._insert_qdq(src, qparams)
+
+    def _feeds_activations_only(self, src: torch.fx.Node) -> bool:
+        """A conv / linear whose every reader is an activation OpenVINO fuses into it as a post-op (looked at
+        through DeQuantStubs: a float activation between two int8 regions counts too)."""
+        if src.op != "call_function" or src.target not in (*_CONV_FUNCS, F.linear):
+            return False
+        users, todo = [], list(src.users)
+        while todo:
+            user = todo.pop()
+            if user.op == "call_module" and isinstance(self.modules.get(user.target), DeQuantStub):
+                todo.extend(user.users)
+                continue
+            users.append(user)
+        return bool(users) and all(user.args and user.args[0] in (src, *src.users) and _post_op_key(user, self.gm)
+                                   in _OV_POST_OPS for user in users)
 
     def _is_output_exit(self, user: torch.fx.Node) -> bool:
         """A DeQuantStub whose value goes straight to the graph output."""
@@ -353,6 +390,23 @@ class _QDQBuilder:
             if mod is None or (float(mod.min_val), float(mod.max_val)) != (0.0, 6.0):
                 return None
         return _ABSORBED.get(key)
+
+
+def _near_symmetric(qparams: tuple[float, int]) -> tuple[float, int]:
+    """u8 qparams whose zero point is within ``_SYMMETRIC_WINDOW`` of 128 → zero point 128, the scale widened
+    to keep both ends of the calibrated range (at most 1.07× coarser); others unchanged."""
+    scale, zp = qparams
+    if zp == 128 or abs(zp - 128) > _SYMMETRIC_WINDOW:
+        return qparams
+    return scale * max(zp / 128, (255 - zp) / 127), 128
+
+
+def _post_op_key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str | None:
+    """The op key of an activation (``gelu`` too, which the int8 tables have no key for: it stays float)."""
+    if (node.op == "call_function" and node.target is F.gelu) or \
+            (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.GELU)):
+        return "gelu"
+    return op_key(node, gm) if node.op in ("call_module", "call_function", "call_method") else None
 
 
 def _activation_name(module: Any) -> str | None:

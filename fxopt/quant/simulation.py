@@ -28,6 +28,7 @@ import torch.fx
 import torch.nn as nn
 
 from fxopt import meta
+from fxopt.graph_utils import unique_name
 
 from .fake_quant import fake_quantize
 from .observers import Observer
@@ -82,8 +83,14 @@ class Simulation:
             if isinstance(obs, Observer) and obs.calibrated:
                 scale, zero_point = obs.calculate_qparams()
                 sim = ActivationSim(scale, zero_point, obs.spec)
-                _set_module(self.gm, node.target, sim)
+                # one sim per node, even where several nodes call one observer (a cat sharing its inputs'
+                # qparams): each is switched on by its own unit
+                node.target = unique_name(f"fxopt_sim_{node.name}", lambda n: hasattr(self.gm, n))
+                self.gm.add_submodule(node.target, sim)
                 self.sims[node.name] = sim
+        if self.sims:
+            self.gm.delete_all_unused_submodules()
+            self.gm.recompile()
         self.units = [n.name for n in self.gm.graph.nodes if meta.quant_region(n) is not None and is_compute(n)]
         self.weights: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
         for name in self.units:
@@ -131,11 +138,6 @@ class Simulation:
     def run(self, batches: list[tuple[tuple, dict]]) -> list[Any]:
         with torch.inference_mode():
             return [self.gm(*args, **kwargs) for args, kwargs in batches]
-
-
-def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _weighted(module: nn.Module | None) -> nn.Module | None:
