@@ -26,6 +26,7 @@ from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.pass_base import Pass, PassResult
 from fxopt.quant.observers import HistogramObserver
+from fxopt.quant.simulation import noise_and_signal
 
 from .calibrate import Calibrate, as_call
 from .float_fallback import simulation_of
@@ -33,16 +34,6 @@ from .float_fallback import simulation_of
 __all__ = ["TuneHeadroom"]
 
 logger = logging.getLogger(__name__)
-
-
-def _noise_and_signal(outputs: list, reference: list) -> tuple[float, float]:
-    signal = noise = 0.0
-    for out, ref in zip(outputs, reference):
-        for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
-            if isinstance(b, torch.Tensor) and b.is_floating_point():
-                signal += float(b.double().pow(2).sum())
-                noise += float((a.double() - b.double()).pow(2).sum())
-    return noise, signal
 
 
 @dataclass(frozen=True)
@@ -91,7 +82,7 @@ class TuneHeadroom(Pass):
                     if isinstance(observer, HistogramObserver):
                         observer.headroom = headroom
                         act.scale, act.zero_point = observer.calculate_qparams()
-                noise, signal = _noise_and_signal(sim.run(batches), reference)
+                noise, signal = noise_and_signal(sim.run(batches), reference)
                 totals[headroom][0] += noise
                 totals[headroom][1] += signal
         scores = {h: 10 * math.log10(s / n) if n > 0 else math.inf for h, (n, s) in totals.items()}

@@ -35,7 +35,7 @@ from .observers import Observer
 from .stubs import QuantConfig
 from .weight_sim import fake_quantize_weight, is_depthwise
 
-__all__ = ["ActivationSim", "Simulation", "sqnr_db"]
+__all__ = ["ActivationSim", "Simulation", "noise_and_signal", "sqnr_db"]
 
 
 class ActivationSim(nn.Module):
@@ -52,14 +52,20 @@ class ActivationSim(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
 
-def sqnr_db(outputs: list[Any], reference: list[Any]) -> float:
-    """Signal-to-quantization-noise ratio of all floating outputs together, in dB."""
+def noise_and_signal(outputs: list[Any], reference: list[Any]) -> tuple[float, float]:
+    """Summed squared error and squared reference over all floating outputs (float64 sums)."""
     signal = noise = 0.0
     for out, ref in zip(outputs, reference):
         for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
             if isinstance(b, torch.Tensor) and b.is_floating_point():
                 signal += float(b.double().pow(2).sum())
                 noise += float((a.double() - b.double()).pow(2).sum())
+    return noise, signal
+
+
+def sqnr_db(outputs: list[Any], reference: list[Any]) -> float:
+    """Signal-to-quantization-noise ratio of all floating outputs together, in dB."""
+    noise, signal = noise_and_signal(outputs, reference)
     if noise == 0.0:
         return float("inf")
     return 10.0 * float(torch.log10(torch.tensor(signal / noise)))
