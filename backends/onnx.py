@@ -14,7 +14,12 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   last op, so OpenVINO can fuse a channel shuffle), fixed-range ops (sigmoid…) their fixed qparams; for
   ONNX Runtime a SiLU becomes ``Sigmoid → QDQ → Mul`` (its QLinearSigmoid / QLinearMul kernels), and a
   linear on a [batch, seq, hidden] input (which the exporter writes as ``MatMul`` + ``Add``) becomes
-  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``;
+  ``Reshape → Gemm (int32 bias) → Reshape`` behind QDQs, which ONNX Runtime runs as one ``QGemm``; also for
+  ONNX Runtime, a ReLU / ReLU6 whose QuantizeLinear already saturates at its bounds is left out, and
+  ``chunk``'s split points are constants (ONNX Runtime then runs one ``Split``). For
+  OpenVINO a conv / linear read only by an activation its CPU plugin fuses as a post-op (SiLU, sigmoid,
+  hardswish, GELU…) gets no QDQ before it (one requantization, after the activation, as NNCF places it), and
+  an activation range whose zero point is within 8 of 128 is written symmetric (zero point 128: s8 there);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
@@ -79,6 +84,11 @@ _NO_QDQ_AFTER = {"identity", "size", "contiguous"}
 # pure data movement: the values (and their int8 grid) pass through unchanged
 _MOVES = {"reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous", "identity"}
 _SHAPE_ONLY = {"size"}
+# activations OpenVINO's CPU plugin fuses into the conv / FullyConnected before them (eltwise post-ops)
+_OV_POST_OPS = {"silu", "sigmoid", "hardswish", "hardsigmoid", "tanh", "gelu"}
+# OpenVINO: u8 activation zero points this close to 128 become 128 (a symmetric range, s8 in the CPU plugin);
+# the scale widens by at most 1.07x. 16 (1.13x) measured no faster and cost the encoder 0.7 dB
+_SYMMETRIC_WINDOW = 8
 
 
 def require(module: str, extra: str) -> Any:
@@ -174,10 +184,21 @@ class _QDQBuilder:
         # as one fused eltwise, where the extra rounding would only cost time.
         sigmoid = spec.rule("sigmoid")
         self.split_silu = spec.name == "onnx" and sigmoid is not None and sigmoid.kind == "fixed"
+        # OpenVINO's CPU plugin runs an activation after a conv / linear as a post-op of the int8 kernel and wants
+        # one quantization, after the activation (NNCF's placement): a QDQ between them is a second requantization
+        # post-op in every such kernel (efficientnet_b0: 65 of them, ~5 % of its CPU time) and a rounding fxopt's own
+        # x86 lowering does not have either (it fuses conv + SiLU).
+        self.float_into_activation = spec.name == "openvino"
+        # OpenVINO's low-precision transformations run a FakeQuantize whose range is symmetric ([-128, 127] steps)
+        # as s8 without a zero point: FullyConnected / MVN / eltwise kernels then skip the zero-point subtraction
+        # (the encoder's linears ran u8 + zero point, NNCF's symmetric ranges i8)
+        self.snap_symmetric = spec.name == "openvino" and (self.act.qmin, self.act.qmax) == (0, 255)
 
     def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int],
                     qrange: tuple[int, int] | None = None) -> torch.fx.Node:
         qmin, qmax = qrange or (self.act.qmin, self.act.qmax)
+        if qrange is None and self.snap_symmetric:
+            qparams = _near_symmetric(qparams)
         with self.gm.graph.inserting_after(node):
             qdq = self.gm.graph.call_function(_qdq, (node, qparams[0], qparams[1], qmin, qmax))
         node.replace_all_uses_with(qdq, delete_user_cb=lambda user: user is not qdq)
@@ -321,6 +342,9 @@ class _QDQBuilder:
         if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
             self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
             return
+        if self.float_into_activation and self._feeds_activations_only(src):
+            self.stats["float_into_activation"] = self.stats.get("float_into_activation", 0) + 1
+            return
         producer = self.modules.get(src.target) if src.op == "call_module" else None
         fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
         if fused is not None:
@@ -335,6 +359,21 @@ class _QDQBuilder:
             self._insert_qdq(follower, fused_activation_qparams(self.act, qparams, act))
             return
         self._insert_qdq(src, qparams)
+
+    def _feeds_activations_only(self, src: torch.fx.Node) -> bool:
+        """A conv / linear whose every reader is an activation OpenVINO fuses into it as a post-op (looked at
+        through DeQuantStubs: a float activation between two int8 regions counts too)."""
+        if src.op != "call_function" or src.target not in (*_CONV_FUNCS, F.linear):
+            return False
+        users, todo = [], list(src.users)
+        while todo:
+            user = todo.pop()
+            if user.op == "call_module" and isinstance(self.modules.get(user.target), DeQuantStub):
+                todo.extend(user.users)
+                continue
+            users.append(user)
+        return bool(users) and all(user.args and user.args[0] in (src, *src.users) and _post_op_key(user, self.gm)
+                                   in _OV_POST_OPS for user in users)
 
     def _is_output_exit(self, user: torch.fx.Node) -> bool:
         """A DeQuantStub whose value goes straight to the graph output."""
@@ -351,6 +390,23 @@ class _QDQBuilder:
             if mod is None or (float(mod.min_val), float(mod.max_val)) != (0.0, 6.0):
                 return None
         return _ABSORBED.get(key)
+
+
+def _near_symmetric(qparams: tuple[float, int]) -> tuple[float, int]:
+    """u8 qparams whose zero point is within ``_SYMMETRIC_WINDOW`` of 128 → zero point 128, the scale widened
+    to keep both ends of the calibrated range (at most 1.07× coarser); others unchanged."""
+    scale, zp = qparams
+    if zp == 128 or abs(zp - 128) > _SYMMETRIC_WINDOW:
+        return qparams
+    return scale * max(zp / 128, (255 - zp) / 127), 128
+
+
+def _post_op_key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str | None:
+    """The op key of an activation (``gelu`` too, which the int8 tables have no key for: it stays float)."""
+    if (node.op == "call_function" and node.target is F.gelu) or \
+            (node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.GELU)):
+        return "gelu"
+    return op_key(node, gm) if node.op in ("call_module", "call_function", "call_method") else None
 
 
 def _activation_name(module: Any) -> str | None:
@@ -744,12 +800,13 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
             raise UnsupportedError(f"torch.onnx could not export this {kind} graph: {exc}") from exc
     model = onnx.load_from_string(buf.getvalue())
     _inline_identities(model)
-    _fold_static_shapes(model)
+    _fold_static_shapes(model, vector_indices=spec.name == "onnx")
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
         if spec.name == "onnx":  # ONNX Runtime's QDQ fusions; OpenVINO reads the exporter's MatMul form as it is
             _linear_as_gemm(model)
             _fold_weight_transpose(model)
+            _drop_clamps_before_quantize(model)
         _quantize_conv_bias(model)
     if kind == "fp16":
         _float16_initializers(model)
@@ -936,14 +993,21 @@ def _fold_weight_quantize(model) -> None:
     _drop_unused(model)
 
 
-def _graph_index(model) -> tuple[dict, dict, dict, dict] | None:
+def _graph_index(model, data_prop: bool = False) -> tuple[dict, dict, dict, dict] | None:
     """What the ONNX rewrites read: inferred dims by value name (``None`` for a symbolic dim), constants,
-    each value's producer node and each value's user nodes. ``None`` when shape inference fails."""
+    each value's producer node and each value's user nodes. ``None`` when shape inference fails.
+    ``data_prop``: shape inference also evaluates shape arithmetic (a ``Slice`` whose end is computed from
+    a ``Shape`` gets its dims), falling back to plain inference where that fails."""
     from onnx import shape_inference  # noqa: PLC0415
 
-    try:
-        inferred = shape_inference.infer_shapes(model).graph
-    except Exception:  # noqa: BLE001 - callers treat an uninferable graph as one to leave alone
+    inferred = None
+    for prop in ([True, False] if data_prop else [False]):
+        try:
+            inferred = shape_inference.infer_shapes(model, data_prop=prop).graph
+            break
+        except Exception:  # noqa: BLE001 - callers treat an uninferable graph as one to leave alone
+            continue
+    if inferred is None:
         return None
     dims: dict[str, list[int | None]] = {}
     for info in [*inferred.value_info, *inferred.input, *inferred.output]:
@@ -1094,6 +1158,51 @@ def _fold_weight_transpose(model) -> None:
     _drop_unused(model)
 
 
+def _drop_clamps_before_quantize(model) -> None:
+    """``Relu`` / ``Clip`` → ``QuantizeLinear`` whose int8 grid already saturates at the clamp's bounds → the
+    ``QuantizeLinear`` alone (what ONNX Runtime's own quantizer writes). The codes are the same: a value
+    below the clamp's minimum rounds to the grid's lowest code either way (likewise above the maximum).
+    ONNX Runtime removes such a clamp only at ``ORT_ENABLE_EXTENDED`` and above; at ``ORT_ENABLE_BASIC``
+    mobilenet_v2 ran 35 float ``Clip`` nodes more than ``quantize_static``'s graph."""
+    import numpy as np  # noqa: PLC0415
+
+    graph = model.graph
+    index = _graph_index(model)
+    if index is None:
+        return
+    _, consts, _, users = index
+    outputs = {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type not in ("Relu", "Clip") or node.output[0] in outputs:
+            continue
+        readers = users.get(node.output[0], [])
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear" or readers[0].input[0] != node.output[0]:
+            continue
+        q = readers[0]
+        if len(q.input) < 3 or q.input[1] not in consts or q.input[2] not in consts:
+            continue
+        scale, zp = consts[q.input[1]], consts[q.input[2]]
+        if scale.size != 1 or zp.size != 1 or zp.dtype not in (np.uint8, np.int8):
+            continue
+        bounds = [float("-inf"), float("inf")] if node.op_type == "Clip" else [0.0, float("inf")]
+        inputs = [n for n in node.input[1:3] if n] if node.op_type == "Clip" else []  # "": that bound is absent
+        if any(n not in consts or consts[n].size != 1 for n in inputs):
+            continue
+        for k, name in enumerate(node.input[1:3] if node.op_type == "Clip" else []):
+            if name:
+                bounds[k] = float(consts[name].reshape(-1)[0])
+        info, s, z = np.iinfo(zp.dtype), float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
+
+        def code(v: float) -> float:
+            return float(np.rint(v / s)) + z if np.isfinite(v) else v
+
+        if code(bounds[0]) > info.min or code(bounds[1]) < info.max:
+            continue  # the clamp cuts inside the grid: it changes codes
+        q.input[0] = node.input[0]
+        graph.node.remove(node)
+    _drop_unused(model)
+
+
 def _quantize_conv_bias(model) -> None:
     """A Conv with DQ'd input and weight gets its float bias as int32 behind a DQ (ONNX Runtime's QDQ Conv)."""
     import numpy as np  # noqa: PLC0415
@@ -1125,15 +1234,18 @@ def _quantize_conv_bias(model) -> None:
     _drop_unused(model)
 
 
-def _fold_static_shapes(model) -> None:
+def _fold_static_shapes(model, vector_indices: bool = False) -> None:
     """Shape arithmetic the tracer recorded (``x.size(1)`` → ``Shape → Gather``) becomes constants wherever
     the dimension is static (every one but the dynamic batch), and a ``Shape`` still needed reads the
-    tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape."""
+    tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape.
+    ``vector_indices`` (the ONNX Runtime target) also folds a ``Gather`` with a 1-D index, which is how the
+    exporter writes ``chunk``'s split point (``Shape → Gather([1]) → Add → Div → Mul → Slice``: 5 ops per
+    chunk at run time, 13 chunks in shufflenet_v2_x1_0)."""
     import numpy as np  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
     graph = model.graph
-    index = _graph_index(model)
+    index = _graph_index(model, data_prop=vector_indices)
     if index is None:  # an optimization: an uninferable graph stays as it is
         return
     dims, consts, producer, users = index
@@ -1158,10 +1270,13 @@ def _fold_static_shapes(model) -> None:
             if any(a.name == "axis" and a.i != 0 for a in gather.attribute):
                 continue
             idx = consts[gather.input[1]]
-            if idx.ndim != 0 or shape[int(idx) % len(shape)] is None:
+            if idx.ndim > (1 if vector_indices else 0):
+                continue
+            picked = [shape[int(i) % len(shape)] for i in idx.reshape(-1)]
+            if any(d is None for d in picked):
                 continue
             graph.node.insert(list(graph.node).index(gather),
-                              constant(gather.output[0], np.array(shape[int(idx) % len(shape)], np.int64)))
+                              constant(gather.output[0], np.array(picked, np.int64).reshape(idx.shape)))
             graph.node.remove(gather)
         src = producer.get(node.input[0])
         if src is not None and src.op_type == "DequantizeLinear":

@@ -9,7 +9,9 @@ graph kind the ``onnx`` backend handles works here too:
   (OpenVINO 2022.3's ``compile_tool`` or Luxonis's ``blobconverter``) takes, see the README;
 * static int8: the QDQ pairs with fxopt's calibrated scales become OpenVINO ``FakeQuantize`` ops and the
   CPU plugin's low-precision transformations run the convolutions and MatMuls in int8 (weights stay
-  int8 in the ``.bin``);
+  int8 in the ``.bin``). The export is placed for this plugin (``openvino_spec``'s name switches it in the QDQ
+  builder): no FakeQuantize between a conv / linear and the activation fused into it as a post-op, and
+  near-symmetric activation ranges written symmetric, so they run as s8 without a zero point;
 * dynamic int8: ``MatMulInteger`` / ``DynamicQuantizeLinear`` as exported.
 
 The returned :class:`OpenVinoModule` compiles the IR for ``"CPU"`` with ``threads`` inference threads

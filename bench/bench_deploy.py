@@ -5,7 +5,9 @@
 One benchmark per (model, candidate) at batch 1 on 2 threads; the candidates are deploy_speed's: fp32 eager,
 fxopt x86 int8, fxopt onnx int8, ONNX Runtime's quantize_static, fxopt openvino int8, NNCF + OpenVINO.
 Each int8 candidate is also checked against fp32 (SQNR above 15 dB on the model it times).
-``FXOPT_BENCH_SMOKE=1`` keeps resnet18 and the encoder at 64 px with 2 calibration batches.
+``test_onnx_int8_pair`` is issue 8's ONNX parity pair on its own: fxopt's onnx int8 and ORT's quantize_static in
+one pytest-benchmark group per model (``--benchmark-group-by=group`` puts them side by side), fxopt's SQNR vs fp32
+no worse than ORT's. ``FXOPT_BENCH_SMOKE=1`` keeps resnet18 and the encoder at 64 px with 2 calibration batches.
 """
 
 from __future__ import annotations
@@ -47,3 +49,18 @@ def test_deploy_latency(benchmark, name, candidate):
             benchmark.pedantic(module, (x,), rounds=3 if SMOKE else 20, iterations=1, warmup_rounds=1 if SMOKE else 3)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("candidate", ["fxopt onnx", "ort quant"])
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_int8_pair(benchmark, name, candidate):
+    model, test, make, artifacts, float_ir = _prepared(name)
+    cands = candidates_for(model, artifacts, float_ir, THREADS)
+    fx, theirs = sqnr(model, cands["fxopt onnx"], test), sqnr(model, cands["ort quant"], test)
+    assert fx >= theirs, f"fxopt onnx int8 {fx:.1f} dB vs fp32, ORT quantize_static {theirs:.1f} dB"
+    benchmark.group = f"onnx int8 {name} b1 x{THREADS}"
+    benchmark.extra_info["sqnr_db"] = round(fx if candidate == "fxopt onnx" else theirs, 2)
+    x = make(1)
+    with torch.inference_mode():
+        benchmark.pedantic(cands[candidate], (x,), rounds=3 if SMOKE else 30, iterations=1,
+                           warmup_rounds=1 if SMOKE else 5)

@@ -205,10 +205,17 @@ def _cpu() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def time_row(cands: dict[str, nn.Module], x: torch.Tensor, threads: int, rounds: int, iters: int) -> dict[str, float]:
-    """Median ms per call of every candidate, interleaved (rotating order every round) in this process."""
+def time_row(cands: dict[str, nn.Module], x: torch.Tensor, threads: int, rounds: int, iters: int,
+             lead_in: int = 1) -> dict[str, float]:
+    """Median ms per call of every candidate, interleaved (rotating order every round) in this process.
+
+    ``lead_in`` untimed calls start every candidate's turn: the rotation keeps the cyclic order, so ``fxopt onnx``
+    always ran right after a PyTorch candidate, whose OpenMP workers spin for a few ms after each call; the
+    first ONNX Runtime call after that ran 3x slower at 2 threads on 2 cores, and ``ort quant`` (always after
+    ``fxopt onnx``) never paid it (the 0.75 of mobilenet_v2 b1 x2 threads, with ``--lead-in 0``)."""
     with engine("x86"):
-        cmp = fxopt.benchmark_many(cands, (x,), rounds=rounds, iters=iters, warmup=2, threads=threads)
+        cmp = fxopt.benchmark_many(cands, (x,), rounds=rounds, iters=iters, warmup=2, threads=threads,
+                                   lead_in=lead_in)
     return {k: v.median_ms for k, v in cmp.timings.items()}
 
 
@@ -221,6 +228,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=224, help="image side (CNNs)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per (model, batch, threads)")
     parser.add_argument("--iters", type=int, default=4, help="calls per candidate per round")
+    parser.add_argument("--lead-in", default="1",
+                        help="untimed calls at the start of every candidate's turn (0: the harness before the fix); "
+                             "a list, e.g. 0,1, times every row once per value")
     parser.add_argument("--calib", type=int, default=8, help="calibration batches of 4")
     parser.add_argument("--observer", default="histogram")
     parser.add_argument("--no-bias-correction", action="store_true",
@@ -241,9 +251,10 @@ def main(argv: list[str] | None = None) -> None:
         print(sqnr_rows[-1], flush=True)
         for threads in _ints(args.threads):
             cands = candidates_for(model, artifacts, float_ir, threads)
-            for batch in _ints(args.batches):
-                ms = time_row(cands, make(batch), threads, args.rounds, args.iters)
-                row = [name, batch, threads, f"{ms['fp32']:.1f}"]
+            for batch, lead_in in [(b, k) for b in _ints(args.batches) for k in _ints(args.lead_in)]:
+                ms = time_row(cands, make(batch), threads, args.rounds, args.iters, lead_in)
+                label = name if len(_ints(args.lead_in)) == 1 else f"{name} (lead-in {lead_in})"
+                row = [label, batch, threads, f"{ms['fp32']:.1f}"]
                 row += [f"{ms['fp32'] / ms[c]:.2f}x" if c in ms else "-" for c in CANDIDATES[1:]]
                 row.append(f"{ms['ort quant'] / ms['fxopt onnx']:.2f}")
                 row.append(f"{ms['nncf openvino'] / ms['fxopt openvino']:.2f}" if "nncf openvino" in ms else "-")

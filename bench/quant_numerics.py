@@ -9,9 +9,11 @@ Prints one table; the same comparison runs as a (slow) test in tests/quant/test_
 ``--natural``: 224-px natural-looking images (crops of scikit-learn's bundled photos and smooth random
 fields, bench/quant_reference.natural_images), BatchNorm statistics re-estimated on such images, 16
 calibration images, 32 held-out test images (``--test-images``; 8 proved too few to rank two flows on
-these random-weight networks, whose per-batch SQNR varies by several dB), x86 only, 1 thread. Columns: SQNR and top-1 agreement of fxopt's default
-static recipe and of torch.ao FX (histogram observers for both), then fxopt with ``--options`` (e.g.
-``equalize=1,bias_correction=1``) and with ``min_sqnr`` (the float fallback: float ops / total and why).
+these random-weight networks, whose per-batch SQNR varies by several dB), x86 only, 1 thread.
+Columns: SQNR and top-1 agreement of fxopt's default static recipe and of torch.ao FX (histogram
+observers for both), then fxopt with each ``--options`` set (e.g.
+``"headroom=auto;bias_correction=1;bias_correction=analytical;equalize=1"``: one column each) and with
+``min_sqnr`` (the float fallback: float ops / total and why).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _parse_options(text: str) -> dict:
 def natural(args) -> None:
     """One process, one thread: each model and its images are built once; float outputs computed once."""
     torch.set_num_threads(args.threads)
-    options = _parse_options(args.options)
+    option_sets = [(text, _parse_options(text)) for text in args.options.split(";") if text]
     rows = []
     calib, test = natural_data(224, n_test=args.test_images)
     for name in args.models.split(","):
@@ -70,7 +72,7 @@ def natural(args) -> None:
         row = [name, _sqnr(ref, ours), _sqnr(ref, ao)]
         row.append(row[1] - row[2])
         row += [_agreement(ref, ours), _agreement(ref, ao)]
-        if options:
+        for _, options in option_sets:
             row.append(_sqnr(ref, _outputs(fxopt_int8(model, calib, "x86", **options), test)))
         why = []
         if args.min_sqnr > 0:
@@ -84,8 +86,7 @@ def natural(args) -> None:
         rows.append(row)
         print([f"{v:.2f}" if isinstance(v, float) else v for v in row], why, flush=True)
     headers = ["model", "fxopt dB", "torch.ao dB", "Δ dB", "fxopt top1 agr", "ao top1 agr"]
-    if options:
-        headers.append(f"fxopt {args.options} dB")
+    headers += [f"fxopt {text} dB" for text, _ in option_sets]
     if args.min_sqnr > 0:
         headers += [f"min_sqnr={args.min_sqnr:g} dB", "float ops", "float MAC share"]
     headers.append("fxopt s")
@@ -129,7 +130,8 @@ def main() -> None:
     parser.add_argument("--backends", default="x86,qnnpack")
     parser.add_argument("--natural", action="store_true", help="224-px natural images, 16 calibration images")
     parser.add_argument("--min-sqnr", type=float, default=30.0, help="--natural: 0 skips the float fallback")
-    parser.add_argument("--options", default="", help="extra static_int8 options, e.g. equalize=1,bias_correction=1")
+    parser.add_argument("--options", default="", help="extra static_int8 options, e.g. equalize=1,bias_correction=1; "
+                        "several sets separated by ';' give one column each")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--test-images", type=int, default=32, help="--natural: held-out images")
     parser.add_argument("--adaround", action="store_true",

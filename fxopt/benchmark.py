@@ -133,15 +133,24 @@ class LatencyComparison:
 
 def benchmark_many(candidates: Mapping[str, torch.nn.Module], example_inputs: Any, *, rounds: int = 5,
                    iters: int = 10, warmup: int = 5, threads: int | None = None,
-                   baseline: str | None = None) -> LatencyComparison:
+                   baseline: str | None = None, lead_in: int = 0) -> LatencyComparison:
     """Time several modules on the same inputs, interleaved: ``rounds`` rounds of ``iters`` calls each,
     the order of the candidates rotating every round. ``baseline`` (default: the first) sets the speedups.
+
+    ``lead_in``: untimed calls at the start of every candidate's turn. The rotation keeps the cyclic order,
+    so a candidate always follows the same neighbour; when that neighbour runs another runtime whose idle
+    threads still spin (PyTorch's OpenMP workers do, for a few ms after each parallel region), the first
+    call of the turn shares the cores with them. One lead-in call takes that switching cost out of every
+    candidate's samples (an ONNX Runtime session at 2 threads on 2 cores ran 3x slower on its first call
+    after a PyTorch call).
     """
     if not candidates:
         raise FxoptError("benchmark_many needs at least one candidate: {'name': module, ...}")
     _check_counts(warmup, iters)
     if rounds < 1:
         raise FxoptError(f"benchmark_many needs rounds >= 1, got {rounds}")
+    if lead_in < 0:
+        raise FxoptError(f"benchmark_many needs lead_in >= 0, got {lead_in}")
     names = list(candidates)
     baseline = names[0] if baseline is None else baseline
     if baseline not in candidates:
@@ -154,6 +163,7 @@ def benchmark_many(candidates: Mapping[str, torch.nn.Module], example_inputs: An
         for r in range(rounds):
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
+                _time_calls(candidates[name], args, lead_in)
                 samples[name].extend(_time_calls(candidates[name], args, iters))
     batch = _batch_size(args)
     return LatencyComparison({n: _timing(s, batch, n_threads) for n, s in samples.items()}, baseline)

@@ -24,6 +24,7 @@ _PASSES: dict[str, str] = {
     "EqualizeCrossLayer": "equalize_cross_layer",
     "CorrectBias": "correct_bias",
     "FloatFallback": "float_fallback",
+    "TuneHeadroom": "tune_headroom",
     "AdaRound": "adaround",
     "PruneMagnitude": "prune_magnitude",
     "ApplyMasks": "apply_masks",

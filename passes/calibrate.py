@@ -9,9 +9,13 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
+from fxopt import meta
+from fxopt.backends.lowering import int8_spec
 from fxopt.errors import CalibrationError
 from fxopt.pass_base import Pass, PassResult
 from fxopt.progress import bar
+
+from .place_observers import tie_cat_observers
 
 __all__ = ["Calibrate", "as_call"]
 
@@ -99,5 +103,11 @@ class Calibrate(Pass):
             raise CalibrationError("the calibration data is empty: give at least one batch (32 or more is typical)")
         blind = [name for name, obs in observers.items() if not obs.calibrated]
         notes = [f"{name} saw no data (branch not reached by the calibration data)" for name in blind]
+        stats = {"batches": seen, "observers": len(observers), "unreached": len(blind)}
+        config = meta.quant_config(gm)
+        if getattr(config, "share_cat", False):
+            tied = tie_cat_observers(gm, int8_spec(config.backend).max_range_ratio)
+            stats["cats_sharing_qparams"] = sum("share its qparams" in n for n in tied)
+            notes += tied
         logger.info("calibrated %d observers on %d batches", len(observers), seen)
-        return PassResult(gm, True, {"batches": seen, "observers": len(observers), "unreached": len(blind)}, notes)
+        return PassResult(gm, True, stats, notes)

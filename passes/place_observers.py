@@ -7,6 +7,15 @@ Ops that do not change values (kind ``share``: pooling, reshape, relu after an i
 input's qparams, and ops with a fixed output range (kind ``fixed``: sigmoid…) take fixed ones, so
 neither gets an observer. Weight qparams are computed from the weights at lowering time with the
 observer kind recorded here (``fxopt.meta.quant_config``).
+
+``share_cat=True`` (the default) gives a ``cat`` and its inputs one set of qparams where every input is computed only
+for the cat (its producer's observer has the cat as its only reader), as torch.ao's x86 config does: the
+lowered cat is then a copy (``quantized::cat`` memcpys inputs whose qparams equal its own) instead of a
+requantization, and the inputs are rounded once, on the cat's grid, instead of twice. Observers are still
+placed one per value, so calibration sees each input's range; :class:`Calibrate` then ties each such
+group to the cat's observer (:func:`tie_cat_observers`), except where the inputs' ranges differ by more
+than the backend's ``max_range_ratio`` (one scale would wipe out the small input: lowering keeps such a
+cat float, as without sharing).
 """
 
 from __future__ import annotations
@@ -20,12 +29,12 @@ from fxopt import meta
 from fxopt.backends.lowering import int8_spec
 from fxopt.backends.spec import BackendSpec, op_key
 from fxopt.errors import UnsupportedError
-from fxopt.graph_utils import unique_name
+from fxopt.graph_utils import is_observer, unique_name
 from fxopt.pass_base import Pass, PassContext, PassResult
 from fxopt.quant.observers import Observer, make_observer
 from fxopt.quant.stubs import QuantConfig, QuantStub
 
-__all__ = ["PlaceObservers", "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS"]
+__all__ = ["PlaceObservers", "ACTIVATION_OBSERVERS", "WEIGHT_OBSERVERS", "tie_cat_observers"]
 
 ACTIVATION_OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "mse")
 WEIGHT_OBSERVERS = ("minmax", "mse", "percentile")
@@ -41,6 +50,8 @@ class PlaceObservers(Pass):
     symmetric_weights: bool = True
     # keyword options of the activation observer class, e.g. {"clip_weight": 4.0} for "histogram"
     activation_options: dict = field(default_factory=dict)
+    # one set of qparams for a cat and the inputs computed only for it (see the module docstring)
+    share_cat: bool = True
     # the backend object the pipeline targets (from its PassContext); None: the one the graph was prepared for
     backend: Any = field(default=None, repr=False)
 
@@ -112,8 +123,69 @@ class PlaceObservers(Pass):
         meta.set_quant_config(
             gm,
             QuantConfig(spec.name, self.activation, self.weight, self.per_channel, self.symmetric_weights,
-                        spec.activation, weight_spec, spec.depthwise_weight),
+                        spec.activation, weight_spec, spec.depthwise_weight, share_cat=self.share_cat),
         )
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, bool(targets), {"observers": len(targets)})
+
+
+def _range_width(observer: torch.nn.Module) -> float:
+    scale, zero_point = observer.calculate_qparams()
+    return float(torch.as_tensor(scale).reshape(-1)[0]) * (observer.spec.qmax - observer.spec.qmin)
+
+
+def _cat_groups(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node, list[torch.fx.Node]]]:
+    """``(cat, its observer node, its input observer nodes)`` for every int8 cat whose tensor inputs are all
+    observed values computed only for it (producer -> observer -> cat, nothing else reading either)."""
+    modules = dict(gm.named_modules())
+
+    def observer_node(node: Any) -> bool:
+        return isinstance(node, torch.fx.Node) and node.op == "call_module" and is_observer(modules.get(node.target))
+
+    groups = []
+    for cat in gm.graph.nodes:
+        if meta.quant_region(cat) is None or op_key(cat, gm) != "cat" or len(cat.users) != 1:
+            continue
+        out = next(iter(cat.users))
+        tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        if not observer_node(out) or not isinstance(tensors, (list, tuple)) or not tensors:
+            continue
+        inputs = list(dict.fromkeys(tensors))
+        if all(observer_node(t) and set(t.users) == {cat} and len(t.args[0].users) == 1
+               and modules[t.target].spec == modules[out.target].spec for t in inputs):
+            groups.append((cat, out, inputs))
+    return groups
+
+
+def tie_cat_observers(gm: torch.fx.GraphModule, max_range_ratio: float) -> list[str]:
+    """Point the input observers of each shareable cat (see :func:`_cat_groups`) at the cat's own observer,
+    which saw exactly their values together, so all of them quantize with the cat's qparams. Run on a
+    calibrated graph (``Calibrate`` does, when ``PlaceObservers(share_cat=True)`` prepared it). A cat whose
+    inputs' calibrated ranges differ by more than ``max_range_ratio`` is left alone. Returns notes, one per
+    cat tied or left alone."""
+    modules = dict(gm.named_modules())
+    notes = []
+    for cat, out, inputs in _cat_groups(gm):
+        if all(t.target == out.target for t in inputs):
+            continue  # already tied
+        observers = [modules[t.target] for t in inputs]
+        if not all(o.calibrated for o in observers) or not modules[out.target].calibrated:
+            continue
+        widths = [_range_width(o) for o in observers]
+        if min(widths) > 0 and max(widths) / min(widths) > max_range_ratio:
+            notes.append(f"{cat.name}: inputs keep their own qparams (ranges differ by "
+                         f"{max(widths) / min(widths):.0f}x > max_range_ratio={max_range_ratio:g})")
+            continue
+        for t in inputs:
+            old = t.target
+            for node in gm.graph.nodes:  # an input may itself be a tied cat: move its whole group
+                if node.op == "call_module" and node.target == old:
+                    node.target = out.target
+            if not any(n.op == "call_module" and n.target == old for n in gm.graph.nodes):
+                gm.delete_submodule(old)
+        notes.append(f"{cat.name}: {len(inputs)} inputs share its qparams ({out.target})")
+    if notes:
+        gm.graph.lint()
+        gm.recompile()
+    return notes

@@ -1,4 +1,6 @@
+import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,3 +91,38 @@ def test_benchmark_many_interleaves_and_reports_speedups():
     assert result.timings["fast"].batch_size == 3
     assert "speedup vs slow" in str(result)
     assert [r["name"] for r in result.rows] == ["slow", "fast"]
+
+
+class SwitchCost(nn.Module):
+    """Advances a fake clock: 20 ms on the first call after another module ran, 2 ms otherwise (the cost an
+    ONNX Runtime session pays while PyTorch's idle OpenMP workers still spin)."""
+
+    def __init__(self, clock, log, name):
+        super().__init__()
+        self.clock, self.log, self.name = clock, log, name
+
+    def forward(self, x):
+        switched = bool(self.log) and self.log[-1] != self.name
+        self.log.append(self.name)
+        self.clock[0] += 20_000_000 if switched else 2_000_000
+        return x
+
+
+@pytest.mark.parametrize("lead_in", [0, 1])
+def test_benchmark_many_lead_in_keeps_switching_cost_out_of_the_samples(monkeypatch, lead_in):
+    clock, log = [0], []
+    module = sys.modules[benchmark_many.__module__]  # fxopt.benchmark the module (the package exports a function)
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter_ns=lambda: clock[0]))
+    mods = {name: SwitchCost(clock, log, name) for name in ("a", "b", "c")}
+    result = benchmark_many(mods, torch.zeros(1), rounds=3, iters=3, warmup=1, lead_in=lead_in)
+    # warm-up once each, then per turn: lead_in untimed calls + iters timed ones
+    assert len(log) == 3 + 3 * 3 * (lead_in + 3)
+    for name in mods:
+        samples = result.timings[name].samples_ms
+        assert len(samples) == 9
+        if lead_in:
+            assert list(samples) == [2.0] * 9
+        else:  # the first timed call of every turn paid the switch
+            assert sorted(samples) == [2.0] * 6 + [20.0] * 3
+    with pytest.raises(FxoptError, match="lead_in >= 0"):
+        benchmark_many(mods, torch.zeros(1), lead_in=-1)

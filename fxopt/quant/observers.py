@@ -244,13 +244,22 @@ class PercentileObserver(_HistogramBase):
 
 class HistogramObserver(_HistogramBase):
     """Range = argmin over ``[a, b]`` of ``clip_weight`` x clipping error + ``scale²/12`` rounding error on
-    the histogram."""
+    the histogram, then widened ``headroom`` times (both ends, about 0): a range fitted on a few calibration
+    batches clips the tails of unseen inputs, which reach further than the calibration data did."""
 
-    def __init__(self, spec: QSpec, *, clip_weight: float = 1.0, bins: int = 2048, name: str | None = None):
+    def __init__(self, spec: QSpec, *, clip_weight: float = 1.0, headroom: float = 1.0, bins: int = 2048,
+                 name: str | None = None):
         super().__init__(spec, bins=bins, name=name)
         if clip_weight <= 0:
             raise ValueError(f"clip_weight must be > 0, got {clip_weight}")
+        if headroom < 1:
+            raise ValueError(f"headroom must be >= 1 (it widens the chosen range), got {headroom}")
         self.clip_weight = clip_weight
+        self.headroom = headroom
+
+    def _range(self):
+        lo, hi = super()._range()
+        return lo * self.headroom, hi * self.headroom
 
     def _search(self, hist, left, width, zeros, lo, hi):
         return hm.l2_range(hist, left, width, zeros, lo, hi, self.spec, self.clip_weight)

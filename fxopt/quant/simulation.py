@@ -28,13 +28,14 @@ import torch.fx
 import torch.nn as nn
 
 from fxopt import meta
+from fxopt.graph_utils import unique_name
 
 from .fake_quant import fake_quantize
 from .observers import Observer
 from .stubs import QuantConfig
 from .weight_sim import fake_quantize_weight, is_depthwise
 
-__all__ = ["ActivationSim", "Simulation", "sqnr_db"]
+__all__ = ["ActivationSim", "Simulation", "noise_and_signal", "sqnr_db"]
 
 
 class ActivationSim(nn.Module):
@@ -51,14 +52,20 @@ class ActivationSim(nn.Module):
         return fake_quantize(x, self.scale, self.zero_point, self.spec)
 
 
-def sqnr_db(outputs: list[Any], reference: list[Any]) -> float:
-    """Signal-to-quantization-noise ratio of all floating outputs together, in dB."""
+def noise_and_signal(outputs: list[Any], reference: list[Any]) -> tuple[float, float]:
+    """Summed squared error and squared reference over all floating outputs (float64 sums)."""
     signal = noise = 0.0
     for out, ref in zip(outputs, reference):
         for a, b in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
             if isinstance(b, torch.Tensor) and b.is_floating_point():
                 signal += float(b.double().pow(2).sum())
                 noise += float((a.double() - b.double()).pow(2).sum())
+    return noise, signal
+
+
+def sqnr_db(outputs: list[Any], reference: list[Any]) -> float:
+    """Signal-to-quantization-noise ratio of all floating outputs together, in dB."""
+    noise, signal = noise_and_signal(outputs, reference)
     if noise == 0.0:
         return float("inf")
     return 10.0 * float(torch.log10(torch.tensor(signal / noise)))
@@ -82,8 +89,14 @@ class Simulation:
             if isinstance(obs, Observer) and obs.calibrated:
                 scale, zero_point = obs.calculate_qparams()
                 sim = ActivationSim(scale, zero_point, obs.spec)
-                _set_module(self.gm, node.target, sim)
+                # one sim per node, even where several nodes call one observer (a cat sharing its inputs'
+                # qparams): each is switched on by its own unit
+                node.target = unique_name(f"fxopt_sim_{node.name}", lambda n: hasattr(self.gm, n))
+                self.gm.add_submodule(node.target, sim)
                 self.sims[node.name] = sim
+        if self.sims:
+            self.gm.delete_all_unused_submodules()
+            self.gm.recompile()
         self.units = [n.name for n in self.gm.graph.nodes if meta.quant_region(n) is not None and is_compute(n)]
         self.weights: dict[str, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
         for name in self.units:
@@ -131,11 +144,6 @@ class Simulation:
     def run(self, batches: list[tuple[tuple, dict]]) -> list[Any]:
         with torch.inference_mode():
             return [self.gm(*args, **kwargs) for args, kwargs in batches]
-
-
-def _set_module(root: nn.Module, target: str, module: nn.Module) -> None:
-    parent, _, leaf = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
 def _weighted(module: nn.Module | None) -> nn.Module | None:

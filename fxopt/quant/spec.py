@@ -117,6 +117,8 @@ def fused_activation_qparams(spec: QSpec, qparams: tuple[float, int], act: str |
         return qparams
     scale, zero_point = qparams
     lo, hi = (spec.qmin - zero_point) * scale, (spec.qmax - zero_point) * scale
+    if lo >= 0.0 and (act != "relu6" or hi <= 6.0):
+        return qparams  # already inside the activation's range: the very same qparams (a cat sharing them copies)
     hi = min(hi, 6.0) if act == "relu6" else hi
     s, z = qparams_from_range(spec, torch.tensor(max(lo, 0.0)), torch.tensor(hi))
     return float(s), int(z)

@@ -43,3 +43,6 @@ class QuantConfig:
     activation_spec: QSpec
     weight_spec: QSpec  # per-channel (axis=0) when per_channel
     depthwise_weight_spec: QSpec | None = None  # the backend's narrower depthwise grid (x86: [-63, 63])
+    # a cat whose inputs are computed only for it takes one set of qparams for inputs and output
+    # (PlaceObservers(share_cat=True); Calibrate ties the observers once their ranges are known)
+    share_cat: bool = False

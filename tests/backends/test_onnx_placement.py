@@ -12,6 +12,7 @@ import pathlib
 import sys
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -89,6 +90,24 @@ def test_shuffle_shapes_are_constants_but_the_batch(exported):
         if node.op_type == "Shape":
             src = producer.get(node.input[0])
             assert src is None or src.op_type != "DequantizeLinear", node.name
+
+
+def test_chunk_split_points_are_constants(exported, tmp_path):
+    """``chunk`` exports as ``Slice`` with its split point computed from ``Shape → Gather([1]) → Add → Div →
+    Mul``; for ONNX Runtime the 1-D Gather of the static channel dim is folded, so no Slice reads a Shape and
+    the session runs no shape arithmetic at all."""
+    _, model = exported
+    producer = _producers(model.graph)
+
+    def reads_shape(name: str) -> bool:
+        node = producer.get(name)
+        return node is not None and (node.op_type == "Shape" or any(reads_shape(i) for i in node.input))
+
+    slices = [n for n in model.graph.node if n.op_type == "Slice"]
+    assert len(slices) >= 2 * 3  # one chunk (two halves) per stride-1 block: 3 + 7 + 3 in shufflenet_v2
+    assert not [s.name for s in slices if any(reads_shape(i) for i in s.input[1:])]
+    ops = Counter(n.op_type for n in _optimized(model.SerializeToString(), tmp_path / "opt.onnx").graph.node)
+    assert not {"Gather", "Add", "Div", "Mul"} & set(ops), ops
 
 
 def test_no_qdq_inside_the_channel_shuffle(exported):
@@ -217,3 +236,121 @@ def test_openvino_keeps_silu_whole(silunet):
     muls_after_sigmoid = [n for n in graph.graph.node if n.op_type == "Mul"
                           and any(producer.get(i) is not None and producer[i].op_type == "Sigmoid" for i in n.input)]
     assert len(muls_after_sigmoid) == 2  # the two SiLUs: OpenVINO fuses Sigmoid·Mul into one float eltwise
+
+
+# ---- mobilenet_v2 against ONNX Runtime's own quantize_static (issue 8's parity pair) ------------------------
+
+def _optimized(model_bytes: bytes, path, level=None):
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level if level is not None else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(path)
+    options.log_severity_level = 3
+    ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(path))
+
+
+@pytest.fixture(scope="module")
+def mobilenet(tmp_path_factory):
+    """fxopt's QDQ export of mobilenet_v2 and ORT's ``quantize_static`` (QDQ, per-channel, MinMax, U8/S8) on
+    fxopt's float export of the same model, with the same calibration batches."""
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,  # noqa: PLC0415
+                                          QuantType, quantize_static)
+
+    torch.manual_seed(0)
+    model = trained_looking(torchvision.models.mobilenet_v2(weights=None, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    data = [torch.randn(2, 3, 64, 64) for _ in range(3)]
+    with torch.no_grad():
+        prepared = fxopt.compile(model, recipes.static_int8(data, observer="minmax"), example_inputs=(x[:1],))
+        float_onnx = fxopt.compile(model, recipes.fuse(), example_inputs=(x[:1],), backend="onnx")
+        x86 = fxopt.lower(prepared, "x86")(x)
+    name = float_onnx.info["inputs"][0]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.items = iter([{name: b.numpy()} for b in data])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    tmp = tmp_path_factory.mktemp("ortq")
+    (tmp / "float.onnx").write_bytes(float_onnx.model_bytes)
+    quantize_static(str(tmp / "float.onnx"), str(tmp / "int8.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return prepared, x, x86, fxopt.lower(prepared, "onnx"), (tmp / "int8.onnx").read_bytes()
+
+
+def test_mobilenet_v2_runs_the_kernels_of_ort_quantize_static(mobilenet, tmp_path):
+    """Every conv a QLinearConv (ReLU6 absorbed: no float Clip island between them), every residual add a
+    QLinearAdd, the pool and classifier int8, no DequantizeLinear → float op → QuantizeLinear left; op for op
+    ORT's own quantize_static graph but for its final DequantizeLinear (fxopt's QGemm writes float logits)."""
+    prepared, _, _, module, ort_bytes = mobilenet
+    ours = _optimized(module.model_bytes, tmp_path / "fxopt.onnx")
+    theirs = _optimized(ort_bytes, tmp_path / "ort.onnx")
+    ops = Counter(n.op_type for n in ours.graph.node)
+    n_convs = sum(1 for n in onnx.load_from_string(module.model_bytes).graph.node if n.op_type == "Conv")
+    assert n_convs == 52 and ops["QLinearConv"] == n_convs
+    assert ops["QLinearAdd"] == 10 and ops["QLinearGlobalAveragePool"] == 1 and ops["QGemm"] == 1
+    assert ops["QuantizeLinear"] == 1 and "DequantizeLinear" not in ops  # the input's Q; int8 to the logits
+    assert not {"Conv", "Clip", "Relu", "Add", "Gemm", "GlobalAveragePool"} & set(ops), ops
+    expected = Counter(n.op_type for n in theirs.graph.node)
+    expected["DequantizeLinear"] -= 1
+    assert ops == +expected
+
+
+def test_no_clamp_before_quantize_in_the_ort_export(mobilenet, tmp_path, monkeypatch):
+    """ReLU6 is absorbed by the QuantizeLinear after it (its grid saturates at 0 and 6): no Clip in the file,
+    so ORT_ENABLE_BASIC (no QDQ fusion) runs no more nodes than quantize_static's graph, and the codes are
+    those of the export that kept the Clip (bit-identical outputs)."""
+    import fxopt.backends.onnx as onnx_backend  # noqa: PLC0415
+
+    prepared, x, x86, module, ort_bytes = mobilenet
+    graph = onnx.load_from_string(module.model_bytes).graph
+    assert not [n for n in graph.node if n.op_type in ("Clip", "Relu")]
+    basic = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    ours = _optimized(module.model_bytes, tmp_path / "fxopt.onnx", basic)
+    theirs = _optimized(ort_bytes, tmp_path / "ort.onnx", basic)
+    assert len(ours.graph.node) <= len(theirs.graph.node)
+    monkeypatch.setattr(onnx_backend, "_drop_clamps_before_quantize", lambda model: None)
+    kept = fxopt.lower(prepared, "onnx")
+    assert sum(n.op_type == "Clip" for n in onnx.load_from_string(kept.model_bytes).graph.node) == 35
+    with torch.no_grad():
+        assert torch.equal(module(x), kept(x))
+        assert sqnr(x86, module(x)) >= 30
+
+
+def _clamp_then_q(op: str, bounds: tuple, scale: float, zero_point: int):
+    from onnx import TensorProto, helper  # noqa: PLC0415
+
+    inits = [helper.make_tensor("s", TensorProto.FLOAT, [], [scale]),
+             helper.make_tensor("z", TensorProto.UINT8, [], [zero_point])]
+    clamp_in = ["x"]
+    if op == "Clip":
+        inits += [helper.make_tensor("lo", TensorProto.FLOAT, [], [bounds[0]]),
+                  helper.make_tensor("hi", TensorProto.FLOAT, [], [bounds[1]])]
+        clamp_in += ["lo", "hi"]
+    nodes = [helper.make_node(op, clamp_in, ["c"]), helper.make_node("QuantizeLinear", ["c", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("op, bounds, scale, zero_point, dropped", [
+    ("Relu", None, 0.1, 0, True),              # grid [0, 25.5]: ReLU changes no code
+    ("Relu", None, 0.1, 10, False),            # grid [-1, 24.5]: ReLU maps -0.5 to code 10, not 5
+    ("Clip", (0.0, 6.0), 6 / 255, 0, True),    # ReLU6 on its own grid
+    ("Clip", (0.0, 6.0), 0.1, 0, False),       # grid up to 25.5: the 6 cut is inside it
+    ("Clip", (-1.0, 6.0), 6 / 255, 0, True),   # a bound below the grid's lowest code
+])
+def test_drop_clamp_only_where_codes_stay(op, bounds, scale, zero_point, dropped):
+    from fxopt.backends.onnx import _drop_clamps_before_quantize  # noqa: PLC0415
+
+    model = _clamp_then_q(op, bounds, scale, zero_point)
+    x = {"x": np.array([-0.5, 0.03, 5.0, 7.5], np.float32)}
+    before = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    _drop_clamps_before_quantize(model)
+    assert (op not in [n.op_type for n in model.graph.node]) == dropped
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_array_equal(before, after)

@@ -8,6 +8,7 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -111,6 +112,131 @@ def test_transformer_encoder_fp16_ir():
         assert out(torch.randn(3, 12, 16)).shape == (3, 5)
 
 
+class MBConv(torch.nn.Module):
+    """EfficientNet's block: expand conv-BN-SiLU, depthwise conv-BN-SiLU, squeeze-excitation (pool, conv, SiLU,
+    conv, sigmoid, mul), project conv-BN, residual add; a pooled linear head."""
+
+    def __init__(self, c: int = 16, e: int = 4) -> None:
+        super().__init__()
+        bn = torch.nn.BatchNorm2d
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, c, 3, padding=1), bn(c), torch.nn.SiLU())
+        self.expand = torch.nn.Sequential(torch.nn.Conv2d(c, c * e, 1), bn(c * e), torch.nn.SiLU())
+        self.dw = torch.nn.Sequential(torch.nn.Conv2d(c * e, c * e, 3, padding=1, groups=c * e), bn(c * e),
+                                      torch.nn.SiLU())
+        self.se = torchvision.ops.SqueezeExcitation(c * e, c // 4, activation=torch.nn.SiLU)
+        self.project = torch.nn.Sequential(torch.nn.Conv2d(c * e, c, 1), bn(c))
+        self.fc = torch.nn.Linear(c, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.project(self.se(self.dw(self.expand(h))))
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(h, 1), 1))
+
+
+def _activations_after_conv(module: OpenVinoModule) -> list:
+    """The Swish / Sigmoid ops of the IR (as read, before the CPU plugin's transformations) that read a conv."""
+    import openvino as ov  # noqa: PLC0415
+
+    model = ov.Core().read_model(module.xml.decode(), ov.Tensor(np.frombuffer(module.weights, np.uint8)))
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() in ("Swish", "Sigmoid"):
+            src = op.input_value(0).get_node()
+            if src.get_type_name() == "Add":  # the conv's bias
+                src = src.input_value(0).get_node()
+            out.append((op, src))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mbconv():
+    torch.manual_seed(0)
+    model = trained_looking(MBConv())
+    x = torch.randn(2, 3, 24, 24)
+    data = [torch.randn(2, 3, 24, 24) for _ in range(4)]
+    with torch.no_grad():
+        prepared = fxopt.compile(model, recipes.static_int8(data), example_inputs=(x,))
+    return model, x, prepared
+
+
+def test_activation_after_conv_is_a_post_op_without_fake_quantize(mbconv):
+    """conv → SiLU / sigmoid: one quantization, after the activation (NNCF's placement), so the CPU plugin runs
+    conv + activation + requantization as one u8 kernel; a FakeQuantize in between was a second requantization
+    post-op in every such kernel."""
+    model, x, prepared = mbconv
+    q = fxopt.lower(prepared, "openvino")
+    pairs = _activations_after_conv(q)
+    kinds = Counter(op.get_type_name() for op, _ in pairs)
+    assert kinds == {"Swish": 4, "Sigmoid": 1}, kinds  # stem, expand, dw, SE reduce; the SE gate
+    for op, src in pairs:
+        assert src.get_type_name() in ("Convolution", "GroupConvolution"), (op.get_friendly_name(), src.get_type_name())
+    # in the compiled model each activation is inside a u8 convolution (no float Swish / Sigmoid layer of its own)
+    runtime = q.compiled.get_runtime_model().get_ops()
+    for op, _ in pairs:
+        host = [r for r in runtime if op.get_friendly_name() in
+                r.get_rt_info()["originalLayersNames"].astype(str).split(",")]
+        assert len(host) == 1, op.get_friendly_name()
+        info = host[0].get_rt_info()
+        assert (info["layerType"].astype(str), info["runtimePrecision"].astype(str)) == ("Convolution", "u8")
+    ops = runtime_ops(q)
+    assert ops[("Convolution", "u8")] == 6 and ops[("Eltwise", "u8")] >= 1  # the SE multiply runs in u8 too
+    # the ONNX Runtime export is not affected: its conv outputs keep their QDQ before the sigmoid
+    from fxopt.backends.onnx import export_onnx  # noqa: PLC0415
+
+    graph = export_onnx(prepared)[0].graph
+    producer = {o: n for n in graph.node for o in n.output}
+    assert all(producer[n.input[0]].op_type == "DequantizeLinear" for n in graph.node if n.op_type == "Sigmoid")
+
+
+def test_activation_post_op_numerics(mbconv, tmp_path):
+    """Without the rounding between conv and activation the IR is the x86 lowering's arithmetic (it fuses conv +
+    SiLU too) and at least as close to float as the export that kept it (the onnx target's QDQ, run by OpenVINO)."""
+    import openvino as ov  # noqa: PLC0415
+    from fxopt.backends.onnx import export_onnx  # noqa: PLC0415
+
+    model, x, prepared = mbconv
+    q = fxopt.lower(prepared, "openvino")
+    x86 = fxopt.lower(prepared, "x86")
+    (tmp_path / "kept.onnx").write_bytes(export_onnx(prepared)[0].SerializeToString())
+    kept = ov.Core().compile_model(ov.convert_model(str(tmp_path / "kept.onnx")), "CPU",
+                                   {"INFERENCE_PRECISION_HINT": "f32"})
+    xs = torch.randn(8, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref, ours, lowered = model(xs), q(xs), x86(xs)
+    before = torch.from_numpy(kept({0: xs.numpy()})[0].copy())
+    assert sqnr(lowered, ours) >= 30
+    assert sqnr(ref, ours) >= sqnr(ref, before) - 0.5
+
+
+def test_near_symmetric_ranges_become_symmetric():
+    """A u8 activation whose zero point is within 8 of 128 is written with zero point 128 (its scale widened to
+    keep both calibrated ends), which OpenVINO runs as s8 without a zero point (LayerNorm outputs into the
+    linears); the others keep theirs (a ReLU's output: zero point 0, u8)."""
+    import openvino as ov  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = SmallEncoder(distinct_layers=True).eval()
+    x = torch.randn(2, 12, 16)
+    data = [torch.randn(8, 12, 16) for _ in range(4)]
+    prepared = fxopt.compile(model, recipes.static_int8(data), example_inputs=(x,))
+    q = fxopt.lower(prepared, "openvino")
+    ir = ov.Core().read_model(q.xml.decode(), ov.Tensor(np.frombuffer(q.weights, np.uint8)))
+    zero_points = []
+    for op in ir.get_ordered_ops():
+        if op.get_type_name() != "FakeQuantize" or op.input_value(0).get_node().get_type_name() == "Constant":
+            continue
+        lo, hi = (float(np.ravel(op.input_value(i).get_node().get_data())[0]) for i in (1, 2))
+        if op.get_levels() == 256 and lo < 0 < hi:
+            zero_points.append(round(-lo / ((hi - lo) / 255)))
+    assert len(zero_points) >= 8
+    assert not [z for z in zero_points if 0 < abs(z - 128) <= 8], zero_points
+    assert zero_points.count(128) >= 4, zero_points
+    ops = runtime_ops(q)
+    assert ops[("FullyConnected", "i8")] >= 4 and ops[("FullyConnected", "u8")] >= 1
+    with torch.no_grad():
+        assert sqnr(fxopt.lower(prepared, "x86")(x), q(x)) >= 30
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
 def test_zoo_openvino(name):
@@ -125,3 +251,6 @@ def test_zoo_openvino(name):
         q = fxopt.lower(prepared, "openvino")
         assert sqnr(fxopt.lower(prepared, "x86")(x), q(x)) >= 30
         assert runtime_ops(q)[("Convolution", "u8")] > 10
+        if name == "efficientnet_b0":  # 49 SiLUs + 16 SE gates, each read straight from its conv
+            pairs = _activations_after_conv(q)
+            assert len(pairs) == 65 and all(src.get_type_name() != "FakeQuantize" for _, src in pairs)

@@ -88,7 +88,12 @@ def test_lower_check_passes_and_reports_every_layer(backend):
 
 
 def test_check_names_the_first_diverging_layer(monkeypatch):
-    prepared = _prepared(Net(), "x86")
+    model = Net().eval()
+    torch.manual_seed(1)
+    calib = [torch.randn(2, 3, 16, 16) for _ in range(4)]
+    # ranges as fitted (headroom 1.0): the injected 20-step shift then shows as >= 10 steps after saturation
+    prepared = fxopt.compile(model, recipes.static_int8(calib, backend="x86", headroom=1.0),
+                             example_inputs=(calib[0],))
     real = qm.QConv.from_float
 
     def broken(conv, weight_qparams, output_qparams, **kw):

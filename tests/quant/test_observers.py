@@ -447,3 +447,18 @@ def test_place_observers_passes_activation_options_and_checks_them():
     assert fp.PlaceObservers(activation_options={"clip_weight": 2.0}).activation_options == {"clip_weight": 2.0}
     with pytest.raises(ValueError, match="do not fit"):
         fp.PlaceObservers(activation="minmax", activation_options={"clip_weight": 2.0})
+
+
+def test_histogram_headroom_widens_the_chosen_range():
+    x = torch.rand(20000, generator=torch.Generator().manual_seed(0)) * 4 - 1  # [-1, 3]
+    ranges = {}
+    for headroom in (1.0, 1.25):
+        obs = make_observer("histogram", QUINT8, clip_weight=16.0, headroom=headroom)
+        obs(x)
+        scale, zero_point = obs.calculate_qparams()
+        ranges[headroom] = (-float(zero_point) * float(scale), (255 - float(zero_point)) * float(scale))
+    (lo1, hi1), (lo2, hi2) = ranges[1.0], ranges[1.25]
+    assert hi1 == pytest.approx(3.0, rel=0.01) and lo1 == pytest.approx(-1.0, rel=0.02)
+    assert hi2 == pytest.approx(1.25 * hi1, rel=0.01) and lo2 == pytest.approx(1.25 * lo1, rel=0.02)
+    with pytest.raises(ValueError, match="headroom must be >= 1"):
+        make_observer("histogram", QUINT8, headroom=0.8)
