@@ -212,10 +212,12 @@ def time_row(cands: dict[str, nn.Module], x: torch.Tensor, threads: int, rounds:
     ``lead_in`` untimed calls start every candidate's turn: the rotation keeps the cyclic order, so ``fxopt onnx``
     always ran right after a PyTorch candidate, whose OpenMP workers spin for a few ms after each call; the
     first ONNX Runtime call after that ran 3x slower at 2 threads on 2 cores, and ``ort quant`` (always after
-    ``fxopt onnx``) never paid it (the 0.75 of mobilenet_v2 b1 x2 threads, with ``--lead-in 0``)."""
+    ``fxopt onnx``) never paid it (the 0.75 of mobilenet_v2 b1 x2 threads, with ``--lead-in 0``). The lead-in
+    call does not absorb all of it (mobilenet_v2 b1 x2 threads still measured 0.74 with it), so the order is
+    also shuffled every round: every candidate follows every other about equally often."""
     with engine("x86"):
         cmp = fxopt.benchmark_many(cands, (x,), rounds=rounds, iters=iters, warmup=2, threads=threads,
-                                   lead_in=lead_in)
+                                   lead_in=lead_in, shuffle=True)
     return {k: v.median_ms for k, v in cmp.timings.items()}
 
 

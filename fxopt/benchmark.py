@@ -8,6 +8,7 @@ measurement only and restores the previous value afterwards.
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ class LatencyComparison:
 
 def benchmark_many(candidates: Mapping[str, torch.nn.Module], example_inputs: Any, *, rounds: int = 5,
                    iters: int = 10, warmup: int = 5, threads: int | None = None,
-                   baseline: str | None = None, lead_in: int = 0) -> LatencyComparison:
+                   baseline: str | None = None, lead_in: int = 0, shuffle: bool = False) -> LatencyComparison:
     """Time several modules on the same inputs, interleaved: ``rounds`` rounds of ``iters`` calls each,
     the order of the candidates rotating every round. ``baseline`` (default: the first) sets the speedups.
 
@@ -143,6 +144,11 @@ def benchmark_many(candidates: Mapping[str, torch.nn.Module], example_inputs: An
     call of the turn shares the cores with them. One lead-in call takes that switching cost out of every
     candidate's samples (an ONNX Runtime session at 2 threads on 2 cores ran 3x slower on its first call
     after a PyTorch call).
+
+    ``shuffle``: a new random order every round (seeded, so reruns repeat it) instead of the rotation, so
+    every candidate follows every other about equally often. Lead-in calls absorb the first call's cost but
+    not all of it: two ONNX Runtime sessions timed alternately measured 9 % apart one way round and 5 % the
+    other way round, so comparisons of two candidates of the same runtime should shuffle.
     """
     if not candidates:
         raise FxoptError("benchmark_many needs at least one candidate: {'name': module, ...}")
@@ -160,9 +166,11 @@ def benchmark_many(candidates: Mapping[str, torch.nn.Module], example_inputs: An
     with _num_threads(threads) as n_threads, torch.inference_mode():
         for name in names:
             _time_calls(candidates[name], args, warmup)
+        rng = random.Random(0)
         for r in range(rounds):
             shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
+            order = rng.sample(names, len(names)) if shuffle else names[shift:] + names[:shift]
+            for name in order:
                 _time_calls(candidates[name], args, lead_in)
                 samples[name].extend(_time_calls(candidates[name], args, iters))
     batch = _batch_size(args)

@@ -126,3 +126,23 @@ def test_benchmark_many_lead_in_keeps_switching_cost_out_of_the_samples(monkeypa
             assert sorted(samples) == [2.0] * 6 + [20.0] * 3
     with pytest.raises(FxoptError, match="lead_in >= 0"):
         benchmark_many(mods, torch.zeros(1), lead_in=-1)
+
+
+def test_benchmark_many_shuffle_lets_every_candidate_follow_every_other(monkeypatch):
+    clock, log = [0], []
+    module = sys.modules[benchmark_many.__module__]
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter_ns=lambda: clock[0]))
+    names = ("a", "b", "c", "d")
+    mods = {name: SwitchCost(clock, log, name) for name in names}
+
+    def predecessors(shuffle):
+        log.clear()
+        benchmark_many(mods, torch.zeros(1), rounds=12, iters=1, warmup=1, shuffle=shuffle)
+        turns = log[len(names):]  # after the warm-up: one call per turn
+        return {n: {prev for prev, cur in zip(turns, turns[1:]) if cur == n and prev != n} for n in names}
+
+    rotated = predecessors(False)
+    assert all(len(before) <= 2 for before in rotated.values())  # the rotation keeps the cyclic order
+    shuffled = predecessors(True)
+    assert all(len(before) == 3 for before in shuffled.values()), shuffled
+    assert predecessors(True) == shuffled  # seeded: a rerun times the same order
