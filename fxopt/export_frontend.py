@@ -38,7 +38,7 @@ from torch.fx.operator_schemas import normalize_function
 
 from .graph_utils import set_attr_path
 
-__all__ = ["export", "is_conv1d", "lift_module_calls"]
+__all__ = ["conv1d_as_linear", "export", "is_conv1d", "lift_module_calls"]
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,14 @@ def is_conv1d(module: torch.nn.Module) -> bool:
         and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
         and getattr(module, "bias", None) is not None
     )
+
+
+def conv1d_as_linear(module: torch.nn.Module) -> torch.nn.Linear:
+    """The ``torch.nn.Linear`` computing what transformers' ``Conv1D`` does (its weight is ``(in, out)``)."""
+    linear = torch.nn.Linear(module.nx, module.nf, device="meta")
+    linear.weight = torch.nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    linear.bias = torch.nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+    return linear.train(module.training)
 
 
 def _innermost_module(node: torch.fx.Node) -> str | None:

@@ -78,7 +78,7 @@ def static_int8(
     options = dict(HISTOGRAM_DEFAULTS) if observer == "histogram" else {}
     if observer == "histogram" and headroom != "auto" and headroom != 1.0:
         options["headroom"] = float(headroom)
-    steps = [fp.DecomposeAttention(backend=backend), fp.RemoveIdentities(), fp.FoldBatchNorm()]
+    steps = [fp.DecomposeAttention(backend=backend), fp.LinearizeConv1D(), fp.RemoveIdentities(), fp.FoldBatchNorm()]
     if equalize:
         steps.append(fp.EqualizeCrossLayer())
     steps += [fp.FuseActivations(), fp.EliminateDeadCode(),

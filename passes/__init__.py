@@ -15,6 +15,7 @@ _PASSES: dict[str, str] = {
     "FoldBatchNorm": "fold_batchnorm",
     "FuseActivations": "fuse_activations",
     "DecomposeAttention": "decompose_attention",
+    "LinearizeConv1D": "linearize_conv1d",
     "InsertQuantStubs": "insert_quant_stubs",
     "PlaceObservers": "place_observers",
     "Calibrate": "calibrate",

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ...export_frontend import is_conv1d
+from ...export_frontend import conv1d_as_linear, is_conv1d
 from .dynamic import BAG_MODES, DynamicEmbedding, DynamicEmbeddingBag, DynamicLinear
 from .dynamic_attention import DynamicMultiheadAttention, DynamicTransformerEncoderLayer
 from .dynamic_rnn import DynamicGRU, DynamicLSTM
@@ -54,14 +54,6 @@ def skip_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _conv1d_as_linear(module: nn.Module) -> nn.Linear:
-    """The ``nn.Linear`` computing what transformers' ``Conv1D`` does (its weight is ``(in, out)``)."""
-    linear = nn.Linear(module.nx, module.nf, device="meta")
-    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
-    linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
-    return linear
-
-
 def dynamic_factory(module: nn.Module, *, dtype: torch.dtype, reduce_range: bool | None = None,
                     types: tuple = tuple(REPLACEMENTS), rnn_first_input_fp16: bool = True,
                     keep_parts: frozenset[str] = frozenset()) -> Callable[[], nn.Module] | None:
@@ -71,7 +63,7 @@ def dynamic_factory(module: nn.Module, *, dtype: torch.dtype, reduce_range: bool
     """
     kind = type(module)
     if is_conv1d(module) and nn.Linear in types:  # transformers' Conv1D (GPT-2): a Linear, weight transposed
-        return lambda: DynamicLinear.from_float(_conv1d_as_linear(module), dtype, reduce_range)
+        return lambda: DynamicLinear.from_float(conv1d_as_linear(module), dtype, reduce_range)
     if kind is nn.TransformerEncoderLayer and nn.Linear in types:
         return lambda: DynamicTransformerEncoderLayer.from_float(module, dtype, reduce_range, keep_parts)
     if kind in CONTAINERS and nn.Linear in types:
