@@ -106,8 +106,7 @@ class Calibrate(Pass):
         stats = {"batches": seen, "observers": len(observers), "unreached": len(blind)}
         config = meta.quant_config(gm)
         if getattr(config, "share_cat", False):
-            tied = tie_cat_observers(gm, int8_spec(config.backend).max_range_ratio)
-            stats["cats_sharing_qparams"] = sum("share its qparams" in n for n in tied)
-            notes += tied
+            stats["cats_sharing_qparams"], tie_notes = tie_cat_observers(gm, int8_spec(config.backend).max_range_ratio)
+            notes += tie_notes
         logger.info("calibrated %d observers on %d batches", len(observers), seen)
         return PassResult(gm, True, stats, notes)

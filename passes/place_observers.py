@@ -158,14 +158,15 @@ def _cat_groups(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.
     return groups
 
 
-def tie_cat_observers(gm: torch.fx.GraphModule, max_range_ratio: float) -> list[str]:
+def tie_cat_observers(gm: torch.fx.GraphModule, max_range_ratio: float) -> tuple[int, list[str]]:
     """Point the input observers of each shareable cat (see :func:`_cat_groups`) at the cat's own observer,
     which saw exactly their values together, so all of them quantize with the cat's qparams. Run on a
     calibrated graph (``Calibrate`` does, when ``PlaceObservers(share_cat=True)`` prepared it). A cat whose
     inputs' calibrated ranges differ by more than ``max_range_ratio`` is left alone. Returns notes, one per
-    cat tied or left alone."""
+    ``(cats tied, notes)``, one note per cat tied or left alone."""
     modules = dict(gm.named_modules())
     notes = []
+    tied = 0
     for cat, out, inputs in _cat_groups(gm):
         if all(t.target == out.target for t in inputs):
             continue  # already tied
@@ -179,13 +180,15 @@ def tie_cat_observers(gm: torch.fx.GraphModule, max_range_ratio: float) -> list[
             continue
         for t in inputs:
             old = t.target
+            if old == out.target:  # this input already uses the cat's observer
+                continue
             for node in gm.graph.nodes:  # an input may itself be a tied cat: move its whole group
                 if node.op == "call_module" and node.target == old:
                     node.target = out.target
-            if not any(n.op == "call_module" and n.target == old for n in gm.graph.nodes):
-                gm.delete_submodule(old)
+            gm.delete_submodule(old)
+        tied += 1
         notes.append(f"{cat.name}: {len(inputs)} inputs share its qparams ({out.target})")
     if notes:
         gm.graph.lint()
         gm.recompile()
-    return notes
+    return tied, notes
