@@ -20,19 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # the shared helpers of test_onnx.py
 from test_onnx import sqnr  # noqa: E402
 
-
-class TinyEncoder(nn.Module):
-    """Token + position embeddings and a 2-layer ``nn.TransformerEncoder`` (post-norm, GELU, batch_first)."""
-
-    def __init__(self, vocab=200, width=64, heads=2, ff=128, layers=2, max_len=16):
-        super().__init__()
-        self.tokens = nn.Embedding(vocab, width)
-        self.pos = nn.Parameter(0.02 * torch.randn(1, max_len, width))
-        layer = nn.TransformerEncoderLayer(width, heads, ff, dropout=0.0, activation="gelu", batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
-
-    def forward(self, ids):
-        return self.encoder(self.tokens(ids) + self.pos[:, : ids.shape[1]])
+from bench.models import TextEncoder  # noqa: E402
 
 
 def _optimized(model_bytes: bytes, path: pathlib.Path):
@@ -47,7 +35,7 @@ def _optimized(model_bytes: bytes, path: pathlib.Path):
 @pytest.fixture(scope="module")
 def encoder():
     torch.manual_seed(0)
-    model = TinyEncoder().eval()
+    model = TextEncoder(vocab=200, d_model=64, heads=2, ff=128, layers=2, max_len=16).eval()
     g = torch.Generator().manual_seed(1)
     tokens = [torch.randint(0, 200, (2, 16), generator=g) for _ in range(6)]
     prepared = fxopt.compile(model, recipes.static_int8(tokens[:4]), example_inputs=(tokens[0],))
