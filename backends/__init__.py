@@ -9,7 +9,7 @@ from __future__ import annotations
 from fxopt.registry import Backend, Support, available, get, register
 
 __all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend", "EdgeTpuBackend",
-           "TFLiteBackend"]
+           "TFLiteBackend", "X86InductorBackend"]
 
 # backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
 _LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino",

@@ -68,6 +68,7 @@ _BUILTIN: dict[str, str] = {
     "edgetpu": "fxopt.backends.edgetpu:EdgeTpuBackend",
     "tflite": "fxopt.backends.tflite:TFLiteBackend",
     "reference": "fxopt.backends.reference:ReferenceBackend",
+    "x86-inductor": "fxopt.backends.x86_inductor:X86InductorBackend",
 }
 _ALIASES: dict[str, str] = {"fbgemm": "x86"}
 _REGISTERED: dict[str, str | type] = {}
