@@ -139,21 +139,45 @@ class Int8Weight(nn.Module):
 
 
 class Int8WeightLayer(nn.Module):
-    """A conv / linear module computing with its :class:`Int8Weight` (bias, stride, padding... its own)."""
+    """A conv / linear module computing with its :class:`Int8Weight` (bias, stride, padding... its own).
 
-    def __init__(self, layer: nn.Module, weight: Int8Weight) -> None:
+    ``as_linear=True`` (a 1x1 conv on a 1x1 map, e.g. a squeeze-excitation FC) runs it as a linear on the
+    flattened ``[N, C]`` vector, which Inductor lowers to oneDNN's int8 linear (or, with ``float_weight``, a
+    float GEMV on the dequantized weight) instead of a conv with its per-call setup.
+    """
+
+    def __init__(self, layer: nn.Module, weight: Int8Weight, as_linear: bool = False, float_weight: bool = False,
+                 ) -> None:
         super().__init__()
         if not isinstance(layer, (nn.Linear, nn.modules.conv._ConvNd)):
             raise TypeError(f"Int8WeightLayer wraps Conv / Linear modules, got {type(layer).__name__}")
         layer = copy.copy(layer)
         layer._parameters = {k: v for k, v in layer._parameters.items() if k != "weight"}
-        self.layer, self.weight_q = layer, weight
+        self.layer, self.as_linear = layer, bool(as_linear)
+        if float_weight:
+            self.register_buffer("weight_f", weight().detach().clone())
+            self.weight_q = None
+        else:
+            self.weight_q = weight
+
+    def _weight(self) -> torch.Tensor:
+        return self.weight_f if self.weight_q is None else self.weight_q()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight_q()
+        weight = self._weight()
         if isinstance(self.layer, nn.Linear):
             return F.linear(x, weight, self.layer.bias)
+        if self.as_linear:
+            out = F.linear(x.flatten(1), weight.flatten(1), self.layer.bias)
+            return out.reshape(*out.shape, *([1] * (x.dim() - 2)))
         return self.layer._conv_forward(x, weight, self.layer.bias)
+
+
+def _is_unit_map_conv(layer: nn.Module, shape: torch.Size | None) -> bool:
+    """A conv2d that is a matrix-vector product: 1x1 kernel, stride 1, no padding, one group, 1x1 input map."""
+    return (isinstance(layer, nn.Conv2d) and shape is not None and len(shape) == 4 and tuple(shape[2:]) == (1, 1)
+            and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
+            and layer.padding in ((0, 0), "valid") and layer.padding_mode == "zeros")
 
 
 class _CodesSimulation(_Simulation):
@@ -183,10 +207,35 @@ class _CodesSimulation(_Simulation):
         return grid
 
 
-def _swap_int8_weights(sim: torch.fx.GraphModule, codes: dict[int, tuple[torch.Tensor, Int8Weight]]) -> int:
-    """Every conv / linear whose weight the simulation rounded computes with its int8 codes instead."""
+def _input_shapes(sim: torch.fx.GraphModule, layers: dict[str, nn.Module], args: tuple) -> dict[str, torch.Size]:
+    """The input shape each of ``layers`` sees on the example inputs (one run of the simulation)."""
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, inputs: tuple) -> None:
+            shapes.setdefault(name, inputs[0].shape)
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(record(name)) for name, layer in layers.items()]
+    try:
+        with torch.no_grad():
+            sim(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def _swap_int8_weights(sim: torch.fx.GraphModule, codes: dict[int, tuple[torch.Tensor, Int8Weight]],
+                       unit_maps: str = "conv", args: tuple = ()) -> dict[str, int]:
+    """Every conv / linear whose weight the simulation rounded computes with its int8 codes instead; 1x1 convs on
+    1x1 maps as ``unit_maps`` says (``"conv"``, ``"linear"``: int8 linear, ``"float"``: float linear)."""
     by_storage = {grid.data_ptr(): int8 for grid, int8 in codes.values()}
-    swapped = 0
+    swapped, unit = 0, 0
+    layers = {name: module for name, module in sim.named_modules()
+              if isinstance(getattr(module, "weight", None), torch.Tensor)
+              and module.weight.data_ptr() in by_storage and isinstance(module, nn.Conv2d)}
+    shapes = _input_shapes(sim, layers, args) if unit_maps != "conv" and args else {}
     for name, module in list(sim.named_modules()):
         weight = getattr(module, "weight", None)
         if not name or not isinstance(weight, torch.Tensor) or weight.data_ptr() not in by_storage:
@@ -194,8 +243,11 @@ def _swap_int8_weights(sim: torch.fx.GraphModule, codes: dict[int, tuple[torch.T
         if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             continue
         parent, _, leaf = name.rpartition(".")
+        is_unit = unit_maps != "conv" and _is_unit_map_conv(module, shapes.get(name))
+        unit += is_unit
         setattr(sim.get_submodule(parent) if parent else sim, leaf,
-                Int8WeightLayer(module, by_storage.pop(weight.data_ptr())))
+                Int8WeightLayer(module, by_storage.pop(weight.data_ptr()), as_linear=is_unit,
+                                float_weight=is_unit and unit_maps == "float"))
         swapped += 1
     # functional convs / linears read their rounded weight through a get_attr buffer
     for node in list(sim.graph.nodes):
@@ -215,7 +267,7 @@ def _swap_int8_weights(sim: torch.fx.GraphModule, codes: dict[int, tuple[torch.T
         node.replace_all_uses_with(new)
         sim.graph.erase_node(node)
         swapped += 1
-    return swapped
+    return {"int8_weights": swapped - (unit if unit_maps == "float" else 0), f"unit_map_{unit_maps}": unit}
 
 
 def _is_weighted(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
@@ -224,7 +276,7 @@ def _is_weighted(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
     return op_key(node, gm) in _WEIGHTED
 
 
-def _drop_fusable_roundings(sim: torch.fx.GraphModule, fuse_add: bool) -> dict[str, int]:
+def _drop_fusable_roundings(sim: torch.fx.GraphModule, fuse_activation: bool, fuse_add: bool) -> dict[str, int]:
     """Remove the rounding of a conv / linear output read only by a fused activation (or a residual add)."""
     modules = dict(sim.named_modules())
     dropped = {"activation": 0, "add": 0}
@@ -238,7 +290,7 @@ def _drop_fusable_roundings(sim: torch.fx.GraphModule, fuse_add: bool) -> dict[s
             continue
         user = next(iter(node.users))
         key = op_key(user, sim)
-        if key in _ACTIVATIONS_FUSED and user.args and user.args[0] is node:
+        if fuse_activation and key in _ACTIVATIONS_FUSED and user.args and user.args[0] is node:
             kind = "activation"
         elif fuse_add and key == "add" and len(user.all_input_nodes) == 2 and not any(
                 _is_weighted(other, sim) for other in user.all_input_nodes if other is not node):
@@ -263,7 +315,8 @@ def _decompose_roundings(sim: torch.fx.GraphModule) -> int:
     return count
 
 
-def decomposed_graph(gm: torch.fx.GraphModule, spec: BackendSpec | None = None, fuse_add: bool = True,
+def decomposed_graph(gm: torch.fx.GraphModule, spec: BackendSpec | None = None, fuse_activation: bool = True,
+                     fuse_add: bool = True, unit_maps: str = "conv", args: tuple = (),
                      ) -> tuple[torch.fx.GraphModule, dict[str, int]]:
     """The prepared + calibrated ``gm`` (not changed) as a float graph of decomposed Q/DQ ops and int8 weights,
     placed for Inductor's fusions; also returns counts of what was done."""
@@ -273,10 +326,12 @@ def decomposed_graph(gm: torch.fx.GraphModule, spec: BackendSpec | None = None, 
     sim = copy.deepcopy(gm)
     walk = _CodesSimulation(sim, spec)
     walk.run()
-    stats = {"int8_weights": _swap_int8_weights(sim, walk.codes)}
+    if unit_maps not in ("conv", "linear", "float"):
+        raise ValueError(f"unit_maps must be 'conv', 'linear' or 'float', got {unit_maps!r}")
+    stats = _swap_int8_weights(sim, walk.codes, unit_maps, args)
     sim.graph.lint()
     sim.recompile()
-    for kind, n in _drop_fusable_roundings(sim, fuse_add).items():
+    for kind, n in _drop_fusable_roundings(sim, fuse_activation, fuse_add).items():
         stats[f"fused_{kind}"] = n
     stats["roundings"] = _decompose_roundings(sim)
     sim.graph.eliminate_dead_code()
@@ -379,9 +434,12 @@ class X86InductorBackend(Int8Backend):
 
     name = NAME
 
-    def __init__(self, threads: int | None = None, *, fuse_add: bool = True) -> None:
+    def __init__(self, threads: int | None = None, *, fuse_activation: bool = True, fuse_add: bool = True,
+                 unit_maps: str = "conv") -> None:
         super().__init__(x86_inductor_spec())
         self.threads = threads
+        self.unit_maps = unit_maps
+        self.fuse_activation = fuse_activation
         self.fuse_add = fuse_add
 
     def accepts_prepared_for(self, backend_name: str) -> bool:
@@ -392,7 +450,7 @@ class X86InductorBackend(Int8Backend):
         if not args:
             raise UnsupportedError(f"the {NAME!r} backend exports the graph with torch.export, which needs example "
                                    "inputs: prepare with fxopt.compile(model, passes, example_inputs=(x,))")
-        graph, stats = decomposed_graph(gm, self.spec, self.fuse_add)
+        graph, stats = decomposed_graph(gm, self.spec, self.fuse_activation, self.fuse_add, self.unit_maps, tuple(args))
         try:
             program, dynamic = _export(graph, tuple(args))
         except Exception as exc:
@@ -424,4 +482,5 @@ class X86InductorBackend(Int8Backend):
         return X86InductorModule(program, self.threads or torch.get_num_threads(), _batch_is_dynamic(program))
 
     def __repr__(self) -> str:
-        return f"X86InductorBackend(threads={self.threads}, fuse_add={self.fuse_add})"
+        return (f"X86InductorBackend(threads={self.threads}, fuse_activation={self.fuse_activation}, "
+                f"fuse_add={self.fuse_add})")
