@@ -13,7 +13,8 @@ __all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", 
 
 # backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
 _LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino",
-                 "EdgeTpuBackend": "fxopt.backends.edgetpu", "TFLiteBackend": "fxopt.backends.tflite"}
+                 "EdgeTpuBackend": "fxopt.backends.edgetpu", "TFLiteBackend": "fxopt.backends.tflite",
+                 "X86InductorBackend": "fxopt.backends.x86_inductor"}
 
 
 def __getattr__(name: str):

@@ -163,6 +163,11 @@ class Int8WeightLayer(nn.Module):
     def _weight(self) -> torch.Tensor:
         return self.weight_f if self.weight_q is None else self.weight_q()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (what fused modules and op keys read)."""
+        return self._weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self._weight()
         if isinstance(self.layer, nn.Linear):
@@ -316,11 +321,12 @@ def _decompose_roundings(sim: torch.fx.GraphModule) -> int:
 
 
 def decomposed_graph(gm: torch.fx.GraphModule, spec: BackendSpec | None = None, fuse_activation: bool = True,
-                     fuse_add: bool = True, unit_maps: str = "conv", args: tuple = (),
+                     fuse_add: bool = False, unit_maps: str = "linear", args: tuple = (),
                      ) -> tuple[torch.fx.GraphModule, dict[str, int]]:
     """The prepared + calibrated ``gm`` (not changed) as a float graph of decomposed Q/DQ ops and int8 weights,
     placed for Inductor's fusions; also returns counts of what was done."""
-    spec = spec or x86_inductor_spec()
+    if spec is None:  # a graph prepared for "x86" keeps x86's weight observer (the same table otherwise)
+        spec = x86_spec() if meta.backend_of(gm) == "x86" else x86_inductor_spec()
     require_inductor()
     _check_prepared(gm, spec)
     sim = copy.deepcopy(gm)
@@ -333,9 +339,12 @@ def decomposed_graph(gm: torch.fx.GraphModule, spec: BackendSpec | None = None, 
     sim.recompile()
     for kind, n in _drop_fusable_roundings(sim, fuse_activation, fuse_add).items():
         stats[f"fused_{kind}"] = n
-    stats["roundings"] = _decompose_roundings(sim)
+    _decompose_roundings(sim)
     sim.graph.eliminate_dead_code()
     sim.delete_all_unused_submodules()
+    modules = dict(sim.named_modules())
+    stats["roundings"] = sum(n.op == "call_module" and isinstance(modules[n.target], DecomposedQDQ)
+                             for n in sim.graph.nodes)
     sim.graph.lint()
     sim.recompile()
     meta.set_backend(sim, NAME)
@@ -368,6 +377,14 @@ def _inductor_config():
     return config
 
 
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What tells one compiled entry from another: the structure, tensor shapes / dtypes and other values."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    return (spec,) + tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else
+                           (type(v), v if isinstance(v, (int, float, bool, str, type(None))) else id(v))
+                           for v in leaves)
+
+
 def _batch_is_dynamic(program: torch.export.ExportedProgram) -> bool:
     for node in program.graph.nodes:
         val = node.meta.get("val") if node.op == "placeholder" else None
@@ -390,6 +407,7 @@ class X86InductorModule(nn.Module):
         self.meta: dict = {}
         meta.set_backend(self, NAME)
         self._compiled: Any = None
+        self._seen: set = set()  # input signatures compiled so far
 
     @property
     def compiled(self) -> Any:
@@ -404,10 +422,21 @@ class X86InductorModule(nn.Module):
         if previous != self.threads:
             torch.set_num_threads(self.threads)
         try:
-            # freezing: weights become constants, so the int8 codes are prepacked for oneDNN and torchao's x86
-            # passes fuse dq -> conv -> post-op -> q; a global flag of Inductor, patched for this call only
-            with torch.no_grad(), _inductor_config().patch(freezing=True):
-                return self.compiled(*args, **kwargs)
+            key = _signature(args, kwargs)
+            with torch.no_grad():
+                if key in self._seen:
+                    # a shape compiled before: dynamo checks only the guards that tell its compiled entries apart
+                    # (the input shapes); the weights are frozen constants of this module, so the skipped guards
+                    # (one per parameter) cannot fail. Saves ~0.7 ms per call on EfficientNet-B0.
+                    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                        return self.compiled(*args, **kwargs)
+                # a new shape compiles, with freezing: weights become constants, so the int8 codes are prepacked
+                # for oneDNN and torchao's x86 passes fuse dq -> conv -> post-op -> q (a global Inductor flag,
+                # patched for this call only)
+                with _inductor_config().patch(freezing=True):
+                    out = self.compiled(*args, **kwargs)
+                self._seen.add(key)
+                return out
         finally:
             if previous != self.threads:
                 torch.set_num_threads(previous)
@@ -415,6 +444,7 @@ class X86InductorModule(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_compiled"] = None
+        state["_seen"] = set()
         return state
 
     def __deepcopy__(self, memo: dict) -> "X86InductorModule":
@@ -434,8 +464,8 @@ class X86InductorBackend(Int8Backend):
 
     name = NAME
 
-    def __init__(self, threads: int | None = None, *, fuse_activation: bool = True, fuse_add: bool = True,
-                 unit_maps: str = "conv") -> None:
+    def __init__(self, threads: int | None = None, *, fuse_activation: bool = True, fuse_add: bool = False,
+                 unit_maps: str = "linear") -> None:
         super().__init__(x86_inductor_spec())
         self.threads = threads
         self.unit_maps = unit_maps
@@ -450,7 +480,7 @@ class X86InductorBackend(Int8Backend):
         if not args:
             raise UnsupportedError(f"the {NAME!r} backend exports the graph with torch.export, which needs example "
                                    "inputs: prepare with fxopt.compile(model, passes, example_inputs=(x,))")
-        graph, stats = decomposed_graph(gm, self.spec, self.fuse_activation, self.fuse_add, self.unit_maps, tuple(args))
+        graph, stats = decomposed_graph(gm, None, self.fuse_activation, self.fuse_add, self.unit_maps, tuple(args))
         try:
             program, dynamic = _export(graph, tuple(args))
         except Exception as exc:
