@@ -380,7 +380,7 @@ def _inductor_config():
 def _signature(args: tuple, kwargs: dict) -> tuple:
     """What tells one compiled entry from another: the structure, tensor shapes / dtypes and other values."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    return (spec,) + tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else
+    return (spec, torch.is_inference_mode_enabled()) + tuple((tuple(v.shape), v.dtype, v.device) if isinstance(v, torch.Tensor) else
                            (type(v), v if isinstance(v, (int, float, bool, str, type(None))) else id(v))
                            for v in leaves)
 

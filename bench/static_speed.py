@@ -15,6 +15,10 @@ candidates ran back to back, so each round gives one ratio ``float / fxopt`` and
 with ``X86Backend(OPTION=VALUE, ...)`` as one more interleaved candidate; its column is ``NAME / fxopt``
 (paired time ratio: < 1 means the variant is faster than fxopt's defaults). On a shared machine
 the paired median is steadier than the ratio of two medians, since a burst of load hits both.
+``--inductor`` adds fxopt's ``x86-inductor`` backend (the same calibration, compiled by TorchInductor; its compile
+time is printed) and ``--pt2e`` torchao's own PT2E flow (``X86InductorQuantizer`` + ``torch.compile``, freezing) as
+more interleaved candidates; their columns are ``NAME: ms, float / NAME, NAME / fxopt`` (paired ratios: float / NAME
+> 1 means NAME is faster than float; NAME / fxopt < 1 means NAME is faster than fxopt's eager x86 lowering).
 ``--clock cpu`` (with ``--threads 1``) measures the CPU time of the calling thread instead of wall time:
 on a machine shared with other jobs, time spent waiting for a core is not counted.
 """
@@ -108,6 +112,49 @@ def _variants(model, calib, specs: dict[str, dict], backend: str) -> dict:
     return {name: fxopt.lower(prepared, X86Backend(**options)) for name, options in specs.items()}
 
 
+def _compiled_peers(model, calib, inductor: bool, pt2e: bool) -> dict:
+    """fxopt's x86-inductor lowering and torchao's PT2E + X86InductorQuantizer flow, each compiled on one call."""
+    peers, x = {}, calib[0][:1]
+    if inductor:
+        t = time.perf_counter()
+        peers["inductor"] = fxopt.compile(model, recipes.static_int8(calib), example_inputs=(x,), backend="x86-inductor")
+        with torch.no_grad():
+            peers["inductor"](x)
+        print(f"  x86-inductor: calibrate + lower + compile {time.perf_counter() - t:.1f} s, "
+              f"{peers['inductor'].meta['stats']}", flush=True)
+    if pt2e:
+        t = time.perf_counter()
+        try:
+            peers["pt2e"] = torchao_pt2e_int8(model, calib)
+            print(f"  torchao PT2E: prepare + calibrate + convert + compile {time.perf_counter() - t:.1f} s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - a peer that fails on a model is reported, not fatal
+            print(f"  torchao PT2E failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+    return peers
+
+
+def torchao_pt2e_int8(model, calib):
+    """torchao's PT2E static int8 for Inductor (reference only): export, X86InductorQuantizer's default config,
+    calibrate, convert, ``torch.compile`` with freezing (compiled here, at batch 1, on the first batch's first image)."""
+    from torch._inductor import config  # noqa: PLC0415
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: PLC0415
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq  # noqa: PLC0415
+
+    import copy  # noqa: PLC0415
+
+    x = calib[0][:1]
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    exported = torch.export.export(copy.deepcopy(model), (x,)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for batch in calib:  # one image at a time: the program was exported at batch 1
+            for image in batch.split(1):
+                prepared(image)
+    compiled = torch.compile(convert_pt2e(prepared))
+    with torch.no_grad(), config.patch(freezing=True):
+        compiled(x)
+    return compiled
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default=",".join(SPEED_MODELS), help="comma list, or 'zoo' (README's 10)")
@@ -119,6 +166,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--variant", action="append", default=[],
                         help="NAME=OPTION=VALUE[,OPTION=VALUE]: also time fxopt lowered with X86Backend(OPTION=VALUE)")
+    parser.add_argument("--inductor", action="store_true", help="also time fxopt's x86-inductor backend")
+    parser.add_argument("--pt2e", action="store_true",
+                        help="also time torchao's PT2E X86InductorQuantizer flow compiled by Inductor")
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu measures one thread: use it with --threads 1")
@@ -146,11 +196,12 @@ def main() -> None:
         ref = torchao_int8(model, calib, args.backend)
         t_ref = time.perf_counter() - t
         extra = _variants(model, calib, variants, args.backend)
+        peers = _compiled_peers(model, calib, args.inductor, args.pt2e)
         for batch in (int(b) for b in args.batches.split(",")):
             x = torch.randn(batch, 3, args.size, args.size)
             iters = 10 if batch == 1 else 3
-            candidates = {"float": model, "fxopt": ours, "torch.ao": ref, **extra}
-            with engine(qengine):
+            candidates = {"float": model, "fxopt": ours, "torch.ao": ref, **extra, **peers}
+            with engine(qengine), torch.no_grad():
                 if args.clock == "cpu":
                     samples, group = _cpu_samples(candidates, x, args.rounds, iters), 1
                 else:
@@ -164,11 +215,15 @@ def main() -> None:
                          _fmt(vs_float), _fmt(paired_ratio(samples["float"], samples["torch.ao"], group)),
                          _fmt(vs_ao), "SLOWER THAN FLOAT" if vs_float[0] < 1.0 else "",
                          f"{t_ours:.1f}/{t_ref:.1f}"]
-                        + [f"{ms[v]:.2f} ms, {_fmt(paired_ratio(samples[v], samples['fxopt'], group))}" for v in extra])
+                        + [f"{ms[v]:.2f} ms, {_fmt(paired_ratio(samples[v], samples['fxopt'], group))}" for v in extra]
+                        + [f"{ms[p]:.2f} ms, {_fmt(paired_ratio(samples['float'], samples[p], group))}, "
+                           f"{_fmt(paired_ratio(samples[p], samples['fxopt'], group))}" for p in peers])
             print(rows[-1], flush=True)
     print(tabulate(rows, headers=["model", "batch", "float ms", "fxopt ms", "torch.ao ms", "float/fxopt (paired)",
                                   "float/torch.ao", "torch.ao/fxopt", "", "calib+convert s (fxopt/ao)"]
-                   + [f"{v} / fxopt" for v in variants]))
+                   + [f"{v} / fxopt" for v in variants]
+                   + [f"{p}: ms, float/{p}, {p}/fxopt" for p in ("inductor", "pt2e")
+                      if getattr(args, p)]))
     print(f"load average at the end {os.getloadavg()}")
 
 
