@@ -150,9 +150,13 @@ def torchao_pt2e_int8(model, calib):
             for image in batch.split(1):
                 prepared(image)
     compiled = torch.compile(convert_pt2e(prepared))
-    with torch.no_grad(), config.patch(freezing=True):
-        compiled(x)
-    return compiled
+
+    def run(*args):  # freezing on every call: a recompile (e.g. under inference_mode) must freeze too
+        with torch.no_grad(), config.patch(freezing=True):
+            return compiled(*args)
+
+    run(x)
+    return run
 
 
 def main() -> None:
