@@ -193,6 +193,12 @@ class _QDQBuilder:
         # as s8 without a zero point: FullyConnected / MVN / eltwise kernels then skip the zero-point subtraction
         # (the encoder's linears ran u8 + zero point, NNCF's symmetric ranges i8)
         self.snap_symmetric = spec.name == "openvino" and (self.act.qmin, self.act.qmax) == (0, 255)
+        # OpenVINO's CPU plugin runs attention (MatMul → scale → Softmax → MatMul) as one int8 Subgraph when q, k
+        # and v enter it int8 without zero points (NNCF's placement): the scores q @ kᵀ and the softmax
+        # probabilities stay float inside that kernel (no QDQ on them), and q / k / v are rounded once, on the
+        # projection's output range written symmetric, which the reshapes / permutes / indexing between carry
+        # as int8 (a second QDQ on each operand's own range cost 0.5 dB and a FakeQuantize layer per operand)
+        self.ov_attention = spec.name == "openvino" and spec.rule("matmul") is not None
 
     def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int],
                     qrange: tuple[int, int] | None = None) -> torch.fx.Node:
@@ -337,19 +343,29 @@ class _QDQBuilder:
         qparams = float(torch.as_tensor(scale).reshape(-1)[0]), int(torch.as_tensor(zp).reshape(-1)[0])
         src = node.args[0]
         only_output = self.float_outputs and all(self._is_output_exit(u) for u in node.users)
+        producer = self.modules.get(src.target) if src.op == "call_module" else None
+        is_stub = isinstance(producer, QuantStub)
+        no_qdq = self._ov_attention_without_qdq(node, module, src) if self.ov_attention else None
+        # symmetric ranges for OpenVINO: attention's q / k / v (see __init__), and a GELU's output, which the
+        # plugin then runs the next linear on as s8 (with a zero point it ran a u8 FullyConnected)
+        symmetric = (self.ov_attention and module.spec.dtype == self.act.dtype and self._feeds_operands_only(node)) \
+            or (self.snap_symmetric and is_stub and _post_op_key(src.args[0], self.gm) == "gelu")
         node.replace_all_uses_with(src)
         self.gm.graph.erase_node(node)
         if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
             self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
             return
+        if no_qdq is not None:
+            self.stats[no_qdq] = self.stats.get(no_qdq, 0) + 1
+            return
         if self.float_into_activation and self._feeds_activations_only(src):
             self.stats["float_into_activation"] = self.stats.get("float_into_activation", 0) + 1
             return
-        producer = self.modules.get(src.target) if src.op == "call_module" else None
         fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
         if fused is not None:
             qparams = fused_activation_qparams(self.act, qparams, fused)
-        is_stub = isinstance(producer, QuantStub)
+        if symmetric:
+            qparams = _symmetric(qparams, self.act.qmin, self.act.qmax)
         if module.spec.dtype != self.act.dtype:  # a matmul operand's own (signed, symmetric) qspec
             self._insert_qdq(src, qparams, module.spec.qrange)
             return
@@ -359,6 +375,59 @@ class _QDQBuilder:
             self._insert_qdq(follower, fused_activation_qparams(self.act, qparams, act))
             return
         self._insert_qdq(src, qparams)
+
+    def _ov_attention_without_qdq(self, node: torch.fx.Node, module: nn.Module, src: torch.fx.Node) -> str | None:
+        """Why this observer gets no QDQ in OpenVINO's attention placement (``None``: it gets one): the softmax
+        probabilities going into ``weights @ v``, the scores ``q @ kᵀ`` leaving int8 for the float scale and
+        softmax, or an operand of q @ kᵀ / weights @ v that already is int8 on a symmetric grid."""
+        if module.spec.dtype != self.act.dtype:  # a matmul operand's observer (its own signed qspec)
+            inner = src.args[0] if isinstance(self.modules.get(src.target), QuantStub) else src
+            if _is_softmax(inner, self.gm):
+                return "float_attention_probs"
+            carried = self._quantized_before(inner)
+            if carried is not None and carried[1] == (self.act.qmin + self.act.qmax + 1) // 2:
+                return "operand_on_projection_grid"
+            return None
+        if src.op != "placeholder" and op_key(src, self.gm) == "matmul" and \
+                all(self._is_dequant(u) for u in node.users):
+            return "float_attention_scores"
+        return None
+
+    def _quantized_before(self, node: torch.fx.Node) -> tuple[float, int] | None:
+        """The qparams ``node``'s values already carry: found through data moves, indexing and stubs back to a
+        QDQ this builder wrote."""
+        while node not in self.qparams:
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            key = op_key(node, self.gm) if node.op in ("call_module", "call_function", "call_method") else None
+            if not (isinstance(module, (QuantStub, DeQuantStub)) or key in _MOVES or key == "getitem") or not node.args:
+                return None
+            node = node.args[0]
+        return self.qparams[node]
+
+    def _is_dequant(self, node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.modules.get(node.target), DeQuantStub)
+
+    def _feeds_operands_only(self, node: torch.fx.Node) -> bool:
+        """Every reader of ``node``, looked at through data moves (reshape, permute, indexing…) and quant /
+        dequant stubs, is a matmul operand's own observer."""
+        seen, todo, found = set(), list(node.users), False
+        while todo:
+            user = todo.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            module = self.modules.get(user.target) if user.op == "call_module" else None
+            if module is not None and is_observer(module):
+                if module.spec.dtype == self.act.dtype:
+                    return False
+                found = True
+                continue
+            key = op_key(user, self.gm) if user.op in ("call_module", "call_function", "call_method") else None
+            if isinstance(module, (QuantStub, DeQuantStub)) or key in _MOVES or key == "getitem":
+                todo.extend(user.users)
+                continue
+            return False
+        return found
 
     def _feeds_activations_only(self, src: torch.fx.Node) -> bool:
         """A conv / linear whose every reader is an activation OpenVINO fuses into it as a post-op (looked at
@@ -390,6 +459,21 @@ class _QDQBuilder:
             if mod is None or (float(mod.min_val), float(mod.max_val)) != (0.0, 6.0):
                 return None
         return _ABSORBED.get(key)
+
+
+def _is_softmax(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in (torch.softmax, F.softmax, torch.Tensor.softmax)
+    if node.op == "call_method":
+        return node.target == "softmax"
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Softmax)
+
+
+def _symmetric(qparams: tuple[float, int], qmin: int, qmax: int) -> tuple[float, int]:
+    """The zero point moved to the middle of ``[qmin, qmax]``, the scale widened to keep both calibrated ends."""
+    scale, zp = qparams
+    mid = (qmin + qmax + 1) // 2
+    return scale * max((zp - qmin) / (mid - qmin), (qmax - zp) / (qmax - mid)), mid
 
 
 def _near_symmetric(qparams: tuple[float, int]) -> tuple[float, int]:
@@ -800,7 +884,7 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
             raise UnsupportedError(f"torch.onnx could not export this {kind} graph: {exc}") from exc
     model = onnx.load_from_string(buf.getvalue())
     _inline_identities(model)
-    _fold_static_shapes(model, vector_indices=spec.name == "onnx")
+    _fold_static_shapes(model, vector_indices=spec.name == "onnx", symmetric_float_source=spec.name == "openvino")
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
         if spec.name == "onnx":  # ONNX Runtime's QDQ fusions; OpenVINO reads the exporter's MatMul form as it is
@@ -1234,13 +1318,18 @@ def _quantize_conv_bias(model) -> None:
     _drop_unused(model)
 
 
-def _fold_static_shapes(model, vector_indices: bool = False) -> None:
+def _fold_static_shapes(model, vector_indices: bool = False, symmetric_float_source: bool = False) -> None:
     """Shape arithmetic the tracer recorded (``x.size(1)`` → ``Shape → Gather``) becomes constants wherever
     the dimension is static (every one but the dynamic batch), and a ``Shape`` still needed reads the
     tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape.
     ``vector_indices`` (the ONNX Runtime target) also folds a ``Gather`` with a 1-D index, which is how the
     exporter writes ``chunk``'s split point (``Shape → Gather([1]) → Add → Div → Mul → Slice``: 5 ops per
-    chunk at run time, 13 chunks in shufflenet_v2_x1_0)."""
+    chunk at run time, 13 chunks in shufflenet_v2_x1_0).
+    ``symmetric_float_source`` (the OpenVINO target): a ``Shape`` of a u8 tensor with zero point 128 (a
+    symmetric range) reads the float tensor before its ``QuantizeLinear``: OpenVINO fuses a Q / DQ pair into one
+    FakeQuantize only when nothing else reads the int8 tensor, and the split pair ran as u8 + a float zero-point
+    subtraction (the encoder's first LayerNorm then ran in f32). Asymmetric ranges keep reading the int8 tensor
+    (reading the float one measured 6 % slower on shufflenet_v2_x1_0, b1 x 2 threads)."""
     import numpy as np  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
@@ -1281,6 +1370,11 @@ def _fold_static_shapes(model, vector_indices: bool = False) -> None:
         src = producer.get(node.input[0])
         if src is not None and src.op_type == "DequantizeLinear":
             node.input[0] = src.input[0]
+            q = producer.get(src.input[0])
+            if symmetric_float_source and q is not None and q.op_type == "QuantizeLinear" and len(q.input) > 2 \
+                    and q.input[2] in consts and consts[q.input[2]].dtype == np.uint8 \
+                    and int(consts[q.input[2]].reshape(-1)[0]) == 128:
+                node.input[0] = q.input[0]
     _drop_dead_nodes(model)
 
 
