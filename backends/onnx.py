@@ -346,10 +346,8 @@ class _QDQBuilder:
         producer = self.modules.get(src.target) if src.op == "call_module" else None
         is_stub = isinstance(producer, QuantStub)
         no_qdq = self._ov_attention_without_qdq(node, module, src) if self.ov_attention else None
-        # symmetric ranges for OpenVINO: attention's q / k / v (see __init__), and a GELU's output, which the
-        # plugin then runs the next linear on as s8 (with a zero point it ran a u8 FullyConnected)
-        symmetric = (self.ov_attention and module.spec.dtype == self.act.dtype and self._feeds_operands_only(node)) \
-            or (self.snap_symmetric and is_stub and _post_op_key(src.args[0], self.gm) == "gelu")
+        # attention's q / k / v for OpenVINO: one symmetric grid, the projection's (see __init__)
+        symmetric = self.ov_attention and module.spec.dtype == self.act.dtype and self._feeds_operands_only(node)
         node.replace_all_uses_with(src)
         self.gm.graph.erase_node(node)
         if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
@@ -884,7 +882,7 @@ def export_onnx(gm: nn.Module, spec: BackendSpec | None = None, *, example_input
             raise UnsupportedError(f"torch.onnx could not export this {kind} graph: {exc}") from exc
     model = onnx.load_from_string(buf.getvalue())
     _inline_identities(model)
-    _fold_static_shapes(model, vector_indices=spec.name == "onnx", symmetric_float_source=spec.name == "openvino")
+    _fold_static_shapes(model, vector_indices=spec.name == "onnx")
     if kind == "int8-qdq":
         _fold_weight_quantize(model)
         if spec.name == "onnx":  # ONNX Runtime's QDQ fusions; OpenVINO reads the exporter's MatMul form as it is
@@ -1318,18 +1316,13 @@ def _quantize_conv_bias(model) -> None:
     _drop_unused(model)
 
 
-def _fold_static_shapes(model, vector_indices: bool = False, symmetric_float_source: bool = False) -> None:
+def _fold_static_shapes(model, vector_indices: bool = False) -> None:
     """Shape arithmetic the tracer recorded (``x.size(1)`` → ``Shape → Gather``) becomes constants wherever
     the dimension is static (every one but the dynamic batch), and a ``Shape`` still needed reads the
     tensor before its ``DequantizeLinear``: no int8 activation is dequantized only to learn its shape.
     ``vector_indices`` (the ONNX Runtime target) also folds a ``Gather`` with a 1-D index, which is how the
     exporter writes ``chunk``'s split point (``Shape → Gather([1]) → Add → Div → Mul → Slice``: 5 ops per
-    chunk at run time, 13 chunks in shufflenet_v2_x1_0).
-    ``symmetric_float_source`` (the OpenVINO target): a ``Shape`` of a u8 tensor with zero point 128 (a
-    symmetric range) reads the float tensor before its ``QuantizeLinear``: OpenVINO fuses a Q / DQ pair into one
-    FakeQuantize only when nothing else reads the int8 tensor, and the split pair ran as u8 + a float zero-point
-    subtraction (the encoder's first LayerNorm then ran in f32). Asymmetric ranges keep reading the int8 tensor
-    (reading the float one measured 6 % slower on shufflenet_v2_x1_0, b1 x 2 threads)."""
+    chunk at run time, 13 chunks in shufflenet_v2_x1_0)."""
     import numpy as np  # noqa: PLC0415
     from onnx import helper, numpy_helper  # noqa: PLC0415
 
@@ -1370,11 +1363,6 @@ def _fold_static_shapes(model, vector_indices: bool = False, symmetric_float_sou
         src = producer.get(node.input[0])
         if src is not None and src.op_type == "DequantizeLinear":
             node.input[0] = src.input[0]
-            q = producer.get(src.input[0])
-            if symmetric_float_source and q is not None and q.op_type == "QuantizeLinear" and len(q.input) > 2 \
-                    and q.input[2] in consts and consts[q.input[2]].dtype == np.uint8 \
-                    and int(consts[q.input[2]].reshape(-1)[0]) == 128:
-                node.input[0] = q.input[0]
     _drop_dead_nodes(model)
 
 
