@@ -20,6 +20,8 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   OpenVINO a conv / linear read only by an activation its CPU plugin fuses as a post-op (SiLU, sigmoid,
   hardswish, GELU…) gets no QDQ before it (one requantization, after the activation, as NNCF places it), and
   an activation range whose zero point is within 8 of 128 is written symmetric (zero point 128: s8 there);
+  attention's scores and softmax probabilities get no QDQ and q / k / v stay on their projection's output grid,
+  written symmetric (one rounding: the plugin's fused int8 attention, NNCF's placement);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
