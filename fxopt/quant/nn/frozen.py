@@ -37,6 +37,7 @@ __all__ = ["FrozenRuntime", "MAX_SIGNATURES", "same_output"]
 logger = logging.getLogger(__name__)
 
 MAX_SIGNATURES = 8  # input signatures a runtime keeps a frozen trace for
+_CHECK_RUNS = 3  # frozen runs compared with the eager output at each trace (profiling run, then optimized plan)
 
 
 def _signature(args: tuple) -> tuple | None:
@@ -127,12 +128,14 @@ class FrozenRuntime:
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
                     traced = torch.jit.trace(self.graph_module, args, check_trace=False, strict=False)
                 frozen = torch.jit.freeze(traced.eval())
-                got = frozen(*args)
+                # TorchScript's executor profiles the first run(s) and optimizes the graph after: check runs
+                # of both plans
+                runs = [frozen(*args) for _ in range(_CHECK_RUNS)]
             except Exception as exc:  # noqa: BLE001 - any tracer/freeze failure means: run eagerly
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 self._note_eager(key, f"tracing failed ({reason})")
                 return None, reference
-            if not same_output(got, reference):
+            if not all(same_output(got, reference) for got in runs):
                 self._note_eager(key, "the frozen trace's output differs from the eager graph's")
                 return None, reference
         logger.debug("froze %s for input signature %s", type(self.graph_module).__name__, key)

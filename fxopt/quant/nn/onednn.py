@@ -117,6 +117,11 @@ def _traceable_binary():
     return torch.jit.script(_qconv_binary)
 
 
+def _pack_name(shape: tuple[int, ...]) -> str:
+    """The buffer name of the weight packed for inputs of ``shape``."""
+    return "packed_" + "x".join(str(int(d)) for d in shape)
+
+
 class QConvPointwise(_QOutput):
     """``post_op(conv2d(x) [+ accum])`` on int8 tensors, one oneDNN kernel (see the module docstring).
 
@@ -163,20 +168,29 @@ class QConvPointwise(_QOutput):
         self.bias = None if bias is None else bias.detach().float().clone()
         self._w_scales = scales.contiguous()
         self._w_zero_points = zero_points.contiguous()
+        for key in list(getattr(self, "_packs", ())):
+            del self._buffers[_pack_name(key)]
         self._packs: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _packed(self, shape: torch.Size) -> torch.Tensor:
         """The weight packed for inputs of ``shape``: oneDNN picks the weight layout from the input shape, and
-        a layout packed for another shape is reordered at every call (6x slower on 7x7 maps)."""
-        key = tuple(shape)
+        a layout packed for another shape is reordered at every call (6x slower on 7x7 maps).
+
+        Each pack is also a non-persistent buffer (never saved): ``torch.jit.trace`` then reads it as a module
+        attribute, which ``torch.jit.freeze`` keeps as one; a packed oneDNN tensor cannot be a graph constant
+        (the tracer refuses it, "Unsupported value kind: Tensor"). While tracing, sizes are traced values: the
+        pack is looked up by the concrete shape, so a trace holds the pack for the shape it saw."""
+        key = tuple(int(d) for d in shape) if torch.jit.is_tracing() else tuple(shape)
         packed = self._packs.get(key)
         if packed is None:
             if len(self._packs) >= _MAX_PACKS:
-                self._packs.pop(next(iter(self._packs)))
+                oldest = next(iter(self._packs))
+                del self._packs[oldest], self._buffers[_pack_name(oldest)]
             packed = torch.ops.onednn.qconv_prepack(
                 self.weight.int_repr().contiguous(), self._w_scales, self.input_scale, self.input_zero_point,
                 self.stride, self.padding, self.dilation, self.groups, list(key))
             self._packs[key] = packed
+            self.register_buffer(_pack_name(key), packed, persistent=False)
         return packed
 
     def prepack(self, shape: Sequence[int]) -> None:
