@@ -124,10 +124,13 @@ class FrozenRuntime:
         with torch.no_grad():
             reference = eager(*args)
             try:
-                with warnings.catch_warnings():  # shape-dependent Python branches: exactly why traces are per shape
+                with warnings.catch_warnings():
+                    # shape-dependent Python branches (exactly why traces are per signature), and torch 2.14's
+                    # deprecation notices of torch.jit (README: why freeze is opt-in)
                     warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
                     traced = torch.jit.trace(self.graph_module, args, check_trace=False, strict=False)
-                frozen = torch.jit.freeze(traced.eval())
+                    frozen = torch.jit.freeze(traced.eval())
                 # TorchScript's executor profiles the first run(s) and optimizes the graph after: check runs
                 # of both plans
                 runs = [frozen(*args) for _ in range(_CHECK_RUNS)]
