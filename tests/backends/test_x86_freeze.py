@@ -124,6 +124,7 @@ def test_untraceable_output_falls_back_to_the_eager_graph_with_a_warning():
         assert torch.equal(frozen(x=x)[0], eager(x)[0])
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the direct trace below reads the input's shape
 def test_fused_conv_add_silu_and_hardtanh_kernels_trace_exactly():
     """The oneDNN kernels with a post-op scalar list (hardtanh) and the binary sum form, traced and frozen."""
     if not onednn_fusion_available():
