@@ -187,3 +187,27 @@ def test_same_output_compares_structure_and_bits():
     assert not same_output(q, r) and not same_output(t, t + 1e-6)
     assert not same_output(pair(t, t), (t, t))  # a namedtuple turned into a tuple by the tracer
     assert not same_output([t], [t, t]) and not same_output({"a": t}, {"b": t})
+
+
+ZOO = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0",
+       "densenet121", "googlenet", "regnet_x_400mf", "squeezenet1_1"]  # the README's 10 classifiers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+@pytest.mark.parametrize("name", ZOO)
+def test_frozen_zoo_is_bit_identical_without_fallback(name, backend):
+    """What the README's "not the default" note rests on: every classifier traces, freezes and matches."""
+    torch.manual_seed(0)
+    kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    with torch.no_grad():  # BatchNorm statistics that have seen data, so that activation ranges are realistic
+        model.train()(torch.randn(4, 3, 64, 64))
+    prepared, _ = _prepared(model, (3, 64, 64), backend=backend)
+    cls = X86Backend if backend == "x86" else QnnpackBackend
+    eager, frozen = fxopt.lower(prepared, cls()), fxopt.lower(prepared, cls(freeze=True))
+    with torch.no_grad():
+        for batch in (1, 2):
+            x = torch.randn(batch, 3, 64, 64)
+            assert torch.equal(frozen(x), eager(x))
+    assert len(frozen.frozen_signatures) == 2 and frozen.freeze_fallbacks == {}
