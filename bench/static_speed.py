@@ -14,7 +14,8 @@ candidates ran back to back, so each round gives one ratio ``float / fxopt`` and
 ``--variant NAME=OPTION=VALUE[,OPTION=VALUE]`` (repeatable) adds the same calibrated graph lowered
 with ``X86Backend(OPTION=VALUE, ...)`` (``QnnpackBackend`` with ``--backend qnnpack``) as one more interleaved
 candidate; its columns are ``NAME / fxopt`` (paired time ratio: < 1 means the variant is faster than fxopt's
-defaults) and ``torch.ao / NAME`` (> 1: the variant is faster than torch.ao FX), e.g. ``--variant jit=freeze=True``. On a shared machine
+defaults), ``torch.ao / NAME`` and ``float / NAME`` (> 1: the variant is faster) and its first call's time,
+e.g. ``--variant jit=freeze=True`` (the frozen TorchScript runtime: its first call traces). On a shared machine
 the paired median is steadier than the ratio of two medians, since a burst of load hits both.
 ``--clock cpu`` (with ``--threads 1``) measures the CPU time of the calling thread instead of wall time:
 on a machine shared with other jobs, time spent waiting for a core is not counted.
@@ -175,12 +176,13 @@ def main() -> None:
                          _fmt(vs_ao), "SLOWER THAN FLOAT" if vs_float[0] < 1.0 else "",
                          f"{t_ours:.1f}/{t_ref:.1f}"]
                         + [f"{ms[v]:.2f} ms, {_fmt(paired_ratio(samples[v], samples['fxopt'], group))}, "
-                           f"{_fmt(paired_ratio(samples['torch.ao'], samples[v], group))}, first call {first_s[v]:.2f} s"
+                           f"{_fmt(paired_ratio(samples['torch.ao'], samples[v], group))}, "
+                           f"{_fmt(paired_ratio(samples['float'], samples[v], group))}, first call {first_s[v]:.2f} s"
                            for v in extra])
             print(rows[-1], flush=True)
     print(tabulate(rows, headers=["model", "batch", "float ms", "fxopt ms", "torch.ao ms", "float/fxopt (paired)",
                                   "float/torch.ao", "torch.ao/fxopt", "", "calib+convert s (fxopt/ao)"]
-                   + [f"{v} ms, {v} / fxopt, torch.ao / {v}, first call" for v in variants]))
+                   + [f"{v} ms, {v} / fxopt, torch.ao / {v}, float / {v}, first call" for v in variants]))
     print(f"load average at the end {os.getloadavg()}")
 
 
