@@ -24,6 +24,7 @@ dropped on ``copy.deepcopy`` / pickling and by :meth:`FrozenRuntime.clear` (``Qu
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import OrderedDict
@@ -148,15 +149,13 @@ class FrozenRuntime:
         if key in self.fallbacks:
             return
         self.fallbacks[key] = reason
-        shapes = key if isinstance(key, str) else [k[0] for k in key]
-        message = f"fxopt freeze=True: inputs {shapes} run the eager int8 graph: {reason}"
+        what = "this call" if isinstance(key, str) else f"input shapes {[k[0] for k in key]}"
+        message = f"fxopt freeze=True: {what} runs the eager int8 graph: {reason}"
         warnings.warn(message, UserWarning, stacklevel=4)
         logger.warning(message)
 
     # a cache, not state: copies and pickles start empty and trace again on their first call
     def __deepcopy__(self, memo: dict) -> "FrozenRuntime":
-        import copy  # noqa: PLC0415
-
         return FrozenRuntime(copy.deepcopy(self.graph_module, memo))
 
     def __getstate__(self) -> dict:
