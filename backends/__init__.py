@@ -9,11 +9,12 @@ from __future__ import annotations
 from fxopt.registry import Backend, Support, available, get, register
 
 __all__ = ["Backend", "Support", "available", "get", "register", "OnnxBackend", "OpenVinoBackend", "EdgeTpuBackend",
-           "TFLiteBackend", "X86InductorBackend"]
+           "TFLiteBackend", "X86Backend", "QnnpackBackend", "X86InductorBackend"]
 
 # backend classes with options, imported on first use: fxopt.backends.OpenVinoBackend(threads=2)
 _LAZY_CLASSES = {"OnnxBackend": "fxopt.backends.onnx", "OpenVinoBackend": "fxopt.backends.openvino",
                  "EdgeTpuBackend": "fxopt.backends.edgetpu", "TFLiteBackend": "fxopt.backends.tflite",
+                 "X86Backend": "fxopt.backends.x86", "QnnpackBackend": "fxopt.backends.qnnpack",
                  "X86InductorBackend": "fxopt.backends.x86_inductor"}
 
 

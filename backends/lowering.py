@@ -45,8 +45,9 @@ class Int8Backend(Backend):
 
     lowering_cls: type = OpLowering  # the node-by-node walk (a backend may add its own kernel choices)
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, freeze: bool = False) -> None:
         self.spec = spec
+        self.freeze = bool(freeze)  # the lowered model runs frozen TorchScript traces (fxopt.quant.nn.frozen)
 
     def supports(self, node: torch.fx.Node) -> Support:
         gm = node.graph.owning_module
@@ -58,7 +59,7 @@ class Int8Backend(Backend):
         return Support(True, f"{key}: {rule.kind} ({rule.reason})" if rule.reason else f"{key}: {rule.kind}")
 
     def lower(self, gm: torch.fx.GraphModule) -> nn.Module:
-        return lower_int8(gm, self.spec, self.lowering_cls)
+        return lower_int8(gm, self.spec, self.lowering_cls, freeze=self.freeze)
 
 
 def int8_spec(backend: str | Backend) -> BackendSpec:
@@ -101,10 +102,13 @@ def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
                        prepared_for, spec.name, spec.name)
 
 
-def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec, lowering_cls: type = OpLowering) -> QuantizedModel:
+def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec, lowering_cls: type = OpLowering, *,
+               freeze: bool = False) -> QuantizedModel:
     """Lower a prepared + calibrated graph to int8 modules for ``spec``'s engine.
 
     ``lowering_cls`` is the walk (:class:`~fxopt.backends._lower_ops.OpLowering` or a backend's subclass).
+    ``freeze=True``: the returned model runs a frozen TorchScript trace of the graph per input signature
+    (:class:`~fxopt.quant.nn.QuantizedModel`).
 
     ``gm`` itself is not changed, but the lowered graph reuses its float submodules (float islands).
     """
@@ -126,6 +130,6 @@ def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec, lowering_cls: type =
     meta.set_backend(lowered, spec.name)
     meta.set_lowered_from(lowered, lowering.sources())
     logger.info("lowered to %s: %s", spec.name, lowering.stats)
-    model = QuantizedModel(lowered, spec.engine)
+    model = QuantizedModel(lowered, spec.engine, freeze=freeze)
     model.eval()
     return model

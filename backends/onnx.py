@@ -20,6 +20,8 @@ What ``lower(gm)`` writes, by the kind of graph it is given:
   OpenVINO a conv / linear read only by an activation its CPU plugin fuses as a post-op (SiLU, sigmoid,
   hardswish, GELU…) gets no QDQ before it (one requantization, after the activation, as NNCF places it), and
   an activation range whose zero point is within 8 of 128 is written symmetric (zero point 128: s8 there);
+  attention's scores and softmax probabilities get no QDQ and q / k / v stay on their projection's output grid,
+  written symmetric (one rounding: the plugin's fused int8 attention, NNCF's placement);
 * an FP16 graph (:class:`fxopt.quant.fp16.FP16Module` wrappers): float16 weight initializers, each read
   through a ``Cast`` to float32;
 * dynamic int8 (:class:`fxopt.quant.dynamic.DynamicLinear`): ``DynamicQuantizeLinear → MatMulInteger``
@@ -193,6 +195,12 @@ class _QDQBuilder:
         # as s8 without a zero point: FullyConnected / MVN / eltwise kernels then skip the zero-point subtraction
         # (the encoder's linears ran u8 + zero point, NNCF's symmetric ranges i8)
         self.snap_symmetric = spec.name == "openvino" and (self.act.qmin, self.act.qmax) == (0, 255)
+        # OpenVINO's CPU plugin runs attention (MatMul → scale → Softmax → MatMul) as one int8 Subgraph when q, k
+        # and v enter it int8 without zero points (NNCF's placement): the scores q @ kᵀ and the softmax
+        # probabilities stay float inside that kernel (no QDQ on them), and q / k / v are rounded once, on the
+        # projection's output range written symmetric, which the reshapes / permutes / indexing between carry
+        # as int8 (a second QDQ on each operand's own range cost 0.5 dB and a FakeQuantize layer per operand)
+        self.ov_attention = spec.name == "openvino" and spec.rule("matmul") is not None
 
     def _insert_qdq(self, node: torch.fx.Node, qparams: tuple[float, int],
                     qrange: tuple[int, int] | None = None) -> torch.fx.Node:
@@ -337,19 +345,27 @@ class _QDQBuilder:
         qparams = float(torch.as_tensor(scale).reshape(-1)[0]), int(torch.as_tensor(zp).reshape(-1)[0])
         src = node.args[0]
         only_output = self.float_outputs and all(self._is_output_exit(u) for u in node.users)
+        producer = self.modules.get(src.target) if src.op == "call_module" else None
+        is_stub = isinstance(producer, QuantStub)
+        no_qdq = self._ov_attention_without_qdq(node, module, src) if self.ov_attention else None
+        # attention's q / k / v for OpenVINO: one symmetric grid, the projection's (see __init__)
+        symmetric = self.ov_attention and module.spec.dtype == self.act.dtype and self._feeds_operands_only(node)
         node.replace_all_uses_with(src)
         self.gm.graph.erase_node(node)
         if only_output:  # the model's own output: the runtime's int8 op writes it in float, no rounding
             self.stats["float_outputs"] = self.stats.get("float_outputs", 0) + 1
             return
+        if no_qdq is not None:
+            self.stats[no_qdq] = self.stats.get(no_qdq, 0) + 1
+            return
         if self.float_into_activation and self._feeds_activations_only(src):
             self.stats["float_into_activation"] = self.stats.get("float_into_activation", 0) + 1
             return
-        producer = self.modules.get(src.target) if src.op == "call_module" else None
         fused = self.fused.get(src) or _activation_name(getattr(producer, "activation", None))
         if fused is not None:
             qparams = fused_activation_qparams(self.act, qparams, fused)
-        is_stub = isinstance(producer, QuantStub)
+        if symmetric:
+            qparams = _symmetric(qparams, self.act.qmin, self.act.qmax)
         if module.spec.dtype != self.act.dtype:  # a matmul operand's own (signed, symmetric) qspec
             self._insert_qdq(src, qparams, module.spec.qrange)
             return
@@ -359,6 +375,59 @@ class _QDQBuilder:
             self._insert_qdq(follower, fused_activation_qparams(self.act, qparams, act))
             return
         self._insert_qdq(src, qparams)
+
+    def _ov_attention_without_qdq(self, node: torch.fx.Node, module: nn.Module, src: torch.fx.Node) -> str | None:
+        """Why this observer gets no QDQ in OpenVINO's attention placement (``None``: it gets one): the softmax
+        probabilities going into ``weights @ v``, the scores ``q @ kᵀ`` leaving int8 for the float scale and
+        softmax, or an operand of q @ kᵀ / weights @ v that already is int8 on a symmetric grid."""
+        if module.spec.dtype != self.act.dtype:  # a matmul operand's observer (its own signed qspec)
+            inner = src.args[0] if isinstance(self.modules.get(src.target), QuantStub) else src
+            if _is_softmax(inner, self.gm):
+                return "float_attention_probs"
+            carried = self._quantized_before(inner)
+            if carried is not None and carried[1] == (self.act.qmin + self.act.qmax + 1) // 2:
+                return "operand_on_projection_grid"
+            return None
+        if src.op != "placeholder" and op_key(src, self.gm) == "matmul" and \
+                all(self._is_dequant(u) for u in node.users):
+            return "float_attention_scores"
+        return None
+
+    def _quantized_before(self, node: torch.fx.Node) -> tuple[float, int] | None:
+        """The qparams ``node``'s values already carry: found through data moves, indexing and stubs back to a
+        QDQ this builder wrote."""
+        while node not in self.qparams:
+            module = self.modules.get(node.target) if node.op == "call_module" else None
+            key = op_key(node, self.gm) if node.op in ("call_module", "call_function", "call_method") else None
+            if not (isinstance(module, (QuantStub, DeQuantStub)) or key in _MOVES or key == "getitem") or not node.args:
+                return None
+            node = node.args[0]
+        return self.qparams[node]
+
+    def _is_dequant(self, node: torch.fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.modules.get(node.target), DeQuantStub)
+
+    def _feeds_operands_only(self, node: torch.fx.Node) -> bool:
+        """Every reader of ``node``, looked at through data moves (reshape, permute, indexing…) and quant /
+        dequant stubs, is a matmul operand's own observer."""
+        seen, todo, found = set(), list(node.users), False
+        while todo:
+            user = todo.pop()
+            if user in seen:
+                continue
+            seen.add(user)
+            module = self.modules.get(user.target) if user.op == "call_module" else None
+            if module is not None and is_observer(module):
+                if module.spec.dtype == self.act.dtype:
+                    return False
+                found = True
+                continue
+            key = op_key(user, self.gm) if user.op in ("call_module", "call_function", "call_method") else None
+            if isinstance(module, (QuantStub, DeQuantStub)) or key in _MOVES or key == "getitem":
+                todo.extend(user.users)
+                continue
+            return False
+        return found
 
     def _feeds_activations_only(self, src: torch.fx.Node) -> bool:
         """A conv / linear whose every reader is an activation OpenVINO fuses into it as a post-op (looked at
@@ -390,6 +459,21 @@ class _QDQBuilder:
             if mod is None or (float(mod.min_val), float(mod.max_val)) != (0.0, 6.0):
                 return None
         return _ABSORBED.get(key)
+
+
+def _is_softmax(node: torch.fx.Node, gm: torch.fx.GraphModule) -> bool:
+    if node.op == "call_function":
+        return node.target in (torch.softmax, F.softmax, torch.Tensor.softmax)
+    if node.op == "call_method":
+        return node.target == "softmax"
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Softmax)
+
+
+def _symmetric(qparams: tuple[float, int], qmin: int, qmax: int) -> tuple[float, int]:
+    """The zero point moved to the middle of ``[qmin, qmax]``, the scale widened to keep both calibrated ends."""
+    scale, zp = qparams
+    mid = (qmin + qmax + 1) // 2
+    return scale * max((zp - qmin) / (mid - qmin), (qmax - zp) / (qmax - mid)), mid
 
 
 def _near_symmetric(qparams: tuple[float, int]) -> tuple[float, int]:

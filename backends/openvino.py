@@ -11,7 +11,9 @@ graph kind the ``onnx`` backend handles works here too:
   CPU plugin's low-precision transformations run the convolutions and MatMuls in int8 (weights stay
   int8 in the ``.bin``). The export is placed for this plugin (``openvino_spec``'s name switches it in the QDQ
   builder): no FakeQuantize between a conv / linear and the activation fused into it as a post-op, and
-  near-symmetric activation ranges written symmetric, so they run as s8 without a zero point;
+  near-symmetric activation ranges written symmetric, so they run as s8 without a zero point; in a graph
+  prepared for openvino (attention's matmuls int8), q / k / v rounded once on one symmetric grid and the
+  scores and softmax probabilities left float, which the plugin runs as its fused int8 attention;
 * dynamic int8: ``MatMulInteger`` / ``DynamicQuantizeLinear`` as exported.
 
 The returned :class:`OpenVinoModule` compiles the IR for ``"CPU"`` with ``threads`` inference threads

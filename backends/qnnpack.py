@@ -38,9 +38,12 @@ def qnnpack_spec(per_channel: bool = True) -> BackendSpec:
 
 
 class QnnpackBackend(Int8Backend):
-    """Lower calibrated graphs to PyTorch int8 kernels under the qnnpack engine."""
+    """Lower calibrated graphs to PyTorch int8 kernels under the qnnpack engine.
+
+    ``freeze=True`` runs the lowered graph as a frozen TorchScript trace per input signature (as ``X86Backend``).
+    """
 
     name = "qnnpack"
 
-    def __init__(self, per_channel: bool = True) -> None:
-        super().__init__(qnnpack_spec(per_channel))
+    def __init__(self, per_channel: bool = True, freeze: bool = False) -> None:
+        super().__init__(qnnpack_spec(per_channel), freeze=freeze)

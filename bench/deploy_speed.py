@@ -12,7 +12,8 @@ For every model, one float ONNX export (fxopt, BatchNorm folded) and one calibra
 ``fxopt onnx``      fxopt static int8 → QDQ ONNX with fxopt's calibrated scales, run by ONNX Runtime
 ``ort quant``       ``onnxruntime.quantization.quantize_static`` on the same float export (QDQ, per-channel,
                     MinMax, U8 activations / S8 weights), run by ONNX Runtime
-``fxopt openvino``  fxopt static int8 → IR (QDQ kept), run by OpenVINO
+``fxopt openvino``  fxopt static int8 prepared for OpenVINO (``recipes.static_int8(data, bias_correction=True,
+                    backend="openvino")``: attention's matmuls int8 too) → IR (QDQ kept), run by OpenVINO
 ``nncf openvino``   ``nncf.quantize`` (its defaults: performance preset, fast bias correction) on the same
                     float export converted to OpenVINO, run by OpenVINO
 ==================  =====================================================================================
@@ -147,15 +148,20 @@ def sqnr(ref: nn.Module, cand: nn.Module, test: list[torch.Tensor]) -> float:
 def prepare(name: str, size: int, observer: str, bias_correction: bool = True, n_calib: int = 8):
     """The float model, test inputs, an input maker, every candidate's artifact and the float IR.
 
-    fxopt's int8 graph is prepared once (``recipes.static_int8``, with bias correction unless told not to: NNCF's
-    defaults correct biases too) and lowered to x86, onnx and openvino; ORT's quantize_static and NNCF start
-    from fxopt's float (BatchNorm-folded) ONNX export and see the same calibration batches."""
+    fxopt's int8 graph is prepared (``recipes.static_int8``, with bias correction unless told not to: NNCF's
+    defaults correct biases too) for x86 and lowered to x86 and onnx, and prepared again for openvino, as
+    ``fxopt.compile(..., backend="openvino")`` does: there attention's q @ kᵀ and weights @ v are int8 matmuls
+    (OpenVINO's fused int8 attention kernel, as in NNCF's IR; the x86 preparation keeps attention float, and
+    x86 also caps depthwise weights at ±63 for fbgemm). ORT's quantize_static and NNCF start from fxopt's float
+    (BatchNorm-folded) ONNX export and see the same calibration batches."""
     model, calib, test, make = build_model(name, size, n_calib)
     ex = (calib[0][:1],)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = fxopt.compile(model, recipes.static_int8(calib, observer=observer, bias_correction=bias_correction),
                                  example_inputs=ex)
+        prepared_ov = fxopt.compile(model, recipes.static_int8(calib, observer=observer, bias_correction=bias_correction,
+                                                               backend="openvino"), example_inputs=ex)
         float_onnx = fxopt.compile(model, recipes.fuse(), example_inputs=ex, backend="onnx")
         float_ir = fxopt.compile(model, recipes.fuse(), example_inputs=ex,
                                  backend=fxopt.backends.OpenVinoBackend(compress_to_fp16=False))
@@ -163,7 +169,7 @@ def prepare(name: str, size: int, observer: str, bias_correction: bool = True, n
             "fxopt x86": fxopt.lower(prepared, "x86"),
             "fxopt onnx": fxopt.lower(prepared, "onnx").model_bytes,
             "ort quant": ort_quantize(float_onnx, calib),
-            "fxopt openvino": fxopt.lower(prepared, "openvino"),
+            "fxopt openvino": fxopt.lower(prepared_ov, "openvino"),
         }
         try:
             artifacts["nncf openvino"] = nncf_quantize(float_ir, calib)

@@ -4,7 +4,7 @@
     python -m bench.openvino_parity --models efficientnet_b0 --batch 1 --threads 1 --rounds 30
 
 The same models, calibration batches and recipes as :mod:`bench.deploy_speed` (fxopt:
-``recipes.static_int8(data, bias_correction=True)`` lowered to ``openvino``; NNCF: ``nncf.quantize`` defaults on
+``recipes.static_int8(data, bias_correction=True, backend="openvino")`` lowered to ``openvino``; NNCF: ``nncf.quantize`` defaults on
 the same float IR). For each model it prints
 
 * the runtime model of both (``compiled_model.get_runtime_model()``): compute layers by type and runtime
@@ -45,7 +45,8 @@ def build(name: str, size: int, n_calib: int = 8) -> tuple:
     ex = (calib[0][:1],)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = fxopt.compile(model, recipes.static_int8(calib, bias_correction=True), example_inputs=ex)
+        prepared = fxopt.compile(model, recipes.static_int8(calib, bias_correction=True, backend="openvino"),
+                                 example_inputs=ex)
         ours = fxopt.lower(prepared, "openvino")
         float_ir = fxopt.compile(model, recipes.fuse(), example_inputs=ex,
                                  backend=OpenVinoBackend(compress_to_fp16=False))

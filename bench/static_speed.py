@@ -11,9 +11,11 @@ Prints one table of medians and ratios; the pytest-benchmark variant is bench/be
 The ratios are *paired*: for every round (wall clock) or every interleaved call (``--clock cpu``) the
 candidates ran back to back, so each round gives one ratio ``float / fxopt`` and ``torch.ao / fxopt``
 (> 1: fxopt is faster) and the table shows the median ratio with its 25-75 % range.
-``--variant NAME=OPTION=VALUE[,OPTION=VALUE]`` (x86 only, repeatable) adds the same calibrated graph lowered
-with ``X86Backend(OPTION=VALUE, ...)`` as one more interleaved candidate; its column is ``NAME / fxopt``
-(paired time ratio: < 1 means the variant is faster than fxopt's defaults). On a shared machine
+``--variant NAME=OPTION=VALUE[,OPTION=VALUE]`` (repeatable) adds the same calibrated graph lowered
+with ``X86Backend(OPTION=VALUE, ...)`` (``QnnpackBackend`` with ``--backend qnnpack``) as one more interleaved
+candidate; its columns are ``NAME / fxopt`` (paired time ratio: < 1 means the variant is faster than fxopt's
+defaults), ``torch.ao / NAME`` and ``float / NAME`` (> 1: the variant is faster) and its first call's time,
+e.g. ``--variant jit=freeze=True`` (the frozen TorchScript runtime: its first call traces). On a shared machine
 the paired median is steadier than the ratio of two medians, since a burst of load hits both.
 ``--inductor`` adds fxopt's ``x86-inductor`` backend (the same calibration, compiled by TorchInductor; its compile
 time is printed) and ``--pt2e`` torchao's own PT2E flow (``X86InductorQuantizer`` + ``torch.compile``, freezing) as
@@ -103,13 +105,15 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 
 def _variants(model, calib, specs: dict[str, dict], backend: str) -> dict:
-    """The model calibrated once and lowered once per variant with ``X86Backend(**options)``."""
+    """The model calibrated once and lowered once per variant with ``X86Backend(**options)`` (or qnnpack's)."""
     if not specs:
         return {}
-    from fxopt.backends.x86 import X86Backend  # noqa: PLC0415 - only with --variant
+    from fxopt.backends.qnnpack import QnnpackBackend  # noqa: PLC0415 - only with --variant
+    from fxopt.backends.x86 import X86Backend  # noqa: PLC0415
 
+    cls = X86Backend if backend == "x86" else QnnpackBackend
     prepared = fxopt.compile(model, recipes.static_int8(calib, backend=backend), example_inputs=(calib[0][:1],))
-    return {name: fxopt.lower(prepared, X86Backend(**options)) for name, options in specs.items()}
+    return {name: fxopt.lower(prepared, cls(**options)) for name, options in specs.items()}
 
 
 def _compiled_peers(model, calib, inductor: bool, pt2e: bool) -> dict:
@@ -169,7 +173,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
     parser.add_argument("--variant", action="append", default=[],
-                        help="NAME=OPTION=VALUE[,OPTION=VALUE]: also time fxopt lowered with X86Backend(OPTION=VALUE)")
+                        help="NAME=OPTION=VALUE[,OPTION=VALUE]: also time fxopt lowered with X86Backend(OPTION=VALUE) "
+                             "(QnnpackBackend with --backend qnnpack)")
     parser.add_argument("--inductor", action="store_true", help="also time fxopt's x86-inductor backend")
     parser.add_argument("--pt2e", action="store_true",
                         help="also time torchao's PT2E X86InductorQuantizer flow compiled by Inductor")
@@ -180,8 +185,8 @@ def main() -> None:
         variants = dict(parse_variant(v) for v in args.variant)
     except ValueError as exc:
         parser.error(str(exc))
-    if variants and args.backend != "x86":
-        parser.error("--variant lowers with X86Backend options: use it with --backend x86")
+    if variants and args.backend not in ("x86", "qnnpack"):
+        parser.error("--variant lowers with X86Backend / QnnpackBackend options: use --backend x86 or qnnpack")
     reserved = {"float", "fxopt", "torch.ao"} & set(variants)
     if reserved:
         parser.error(f"--variant names {sorted(reserved)} are taken by the built-in candidates")
@@ -205,7 +210,13 @@ def main() -> None:
             x = torch.randn(batch, 3, args.size, args.size)
             iters = 10 if batch == 1 else 3
             candidates = {"float": model, "fxopt": ours, "torch.ao": ref, **extra, **peers}
+            first_s = {}  # a variant's first call at this input shape (with freeze=True: trace + freeze + check)
             with engine(qengine), torch.no_grad():
+                for v, module in extra.items():
+                    t = time.perf_counter()
+                    with torch.inference_mode():
+                        module(x)
+                    first_s[v] = time.perf_counter() - t
                 if args.clock == "cpu":
                     samples, group = _cpu_samples(candidates, x, args.rounds, iters), 1
                 else:
@@ -219,15 +230,17 @@ def main() -> None:
                          _fmt(vs_float), _fmt(paired_ratio(samples["float"], samples["torch.ao"], group)),
                          _fmt(vs_ao), "SLOWER THAN FLOAT" if vs_float[0] < 1.0 else "",
                          f"{t_ours:.1f}/{t_ref:.1f}"]
-                        + [f"{ms[v]:.2f} ms, {_fmt(paired_ratio(samples[v], samples['fxopt'], group))}" for v in extra]
+                        + [f"{ms[v]:.2f} ms, {_fmt(paired_ratio(samples[v], samples['fxopt'], group))}, "
+                           f"{_fmt(paired_ratio(samples['torch.ao'], samples[v], group))}, "
+                           f"{_fmt(paired_ratio(samples['float'], samples[v], group))}, first call {first_s[v]:.2f} s"
+                           for v in extra]
                         + [f"{ms[p]:.2f} ms, {_fmt(paired_ratio(samples['float'], samples[p], group))}, "
                            f"{_fmt(paired_ratio(samples[p], samples['fxopt'], group))}" for p in peers])
             print(rows[-1], flush=True)
     print(tabulate(rows, headers=["model", "batch", "float ms", "fxopt ms", "torch.ao ms", "float/fxopt (paired)",
                                   "float/torch.ao", "torch.ao/fxopt", "", "calib+convert s (fxopt/ao)"]
-                   + [f"{v} / fxopt" for v in variants]
-                   + [f"{p}: ms, float/{p}, {p}/fxopt" for p in ("inductor", "pt2e")
-                      if getattr(args, p)]))
+                   + [f"{v} ms, {v} / fxopt, torch.ao / {v}, float / {v}, first call" for v in variants]
+                   + [f"{p}: ms, float/{p}, {p}/fxopt" for p in ("inductor", "pt2e") if getattr(args, p)]))
     print(f"load average at the end {os.getloadavg()}")
 
 

@@ -22,7 +22,7 @@ saved (``fxopt_state`` stores the int8 weight).
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -51,15 +51,75 @@ def onednn_fusion_available() -> bool:
     return bool(is_vnni()) if callable(is_vnni) else False
 
 
+def _storage_alias(t: torch.Tensor) -> torch.Tensor:
+    """An empty (so contiguous) view of ``t``'s storage: ``set_`` takes a storage from a contiguous tensor. Unlike
+    ``t.untyped_storage()``, ``torch.jit.trace`` records it as a use of ``t``, not as a constant storage."""
+    return t.as_strided((0,), (1,), 0)
+
+
 def as_uint8(q: torch.Tensor) -> torch.Tensor:
     """The integer values of a ``quint8`` tensor as a plain ``uint8`` tensor sharing its storage."""
-    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+    out = torch.empty(0, dtype=torch.uint8)
+    if torch.jit.is_tracing():
+        return out.set_(_storage_alias(q), q.storage_offset(), q.size(), q.stride())
+    return out.set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
 
 def as_quint8(u: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """A plain ``uint8`` tensor as a ``quint8`` tensor with ``(scale, zero_point)``, sharing its storage."""
     q = torch._empty_affine_quantized([0], scale=scale, zero_point=zero_point, dtype=torch.quint8)
+    if torch.jit.is_tracing():
+        return q.set_(_storage_alias(u), u.storage_offset(), u.size(), u.stride())
     return q.set_(u.untyped_storage(), u.storage_offset(), u.size(), u.stride())
+
+
+# torch.jit.trace cannot record an op with a ``Scalar?[]`` argument ("unsupported input list type: Scalar?"),
+# which every qconv2d_pointwise overload has (the post-op's scalars). While tracing, the call goes through
+# these TorchScript functions instead: the tracer inlines their graph, so the traced module still runs the
+# same kernel with the same arguments. Compiled on first use (tracing only), eager calls never pay for it.
+_Number = Union[int, float, complex]  # TorchScript's ``number``, the element type ``Scalar`` maps to
+
+
+def _scalar_list(values: List[float]) -> List[Optional[_Number]]:
+    out: List[Optional[_Number]] = []
+    for v in values:
+        out.append(v)
+    return out
+
+
+def _qconv_unary(qx: torch.Tensor, x_scale: float, x_zero_point: int, qw: torch.Tensor, w_scale: torch.Tensor,
+                 w_zero_point: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int], padding: List[int],
+                 dilation: List[int], groups: int, output_scale: float, output_zero_point: int,
+                 output_dtype: Optional[int], attr: str, scalars: List[float], algorithm: str) -> torch.Tensor:
+    return torch.ops.onednn.qconv2d_pointwise(
+        qx, x_scale, x_zero_point, qw, w_scale, w_zero_point, bias, stride, padding, dilation, groups, output_scale,
+        output_zero_point, output_dtype, attr, _scalar_list(scalars), algorithm)
+
+
+def _qconv_binary(qx: torch.Tensor, x_scale: float, x_zero_point: int, qw: torch.Tensor, w_scale: torch.Tensor,
+                  w_zero_point: torch.Tensor, qaccum: torch.Tensor, bias: Optional[torch.Tensor], stride: List[int],
+                  padding: List[int], dilation: List[int], groups: int, output_scale: float, output_zero_point: int,
+                  output_dtype: Optional[int], accum_scale: float, accum_zero_point: int, binary_attr: str,
+                  alpha: float, unary_attr: str, unary_scalars: List[float], unary_algorithm: str) -> torch.Tensor:
+    return torch.ops.onednn.qconv2d_pointwise(  # TorchScript resolves the ``binary`` overload from the arguments
+        qx, x_scale, x_zero_point, qw, w_scale, w_zero_point, qaccum, bias, stride, padding, dilation, groups,
+        output_scale, output_zero_point, output_dtype, accum_scale, accum_zero_point, binary_attr, alpha, unary_attr,
+        _scalar_list(unary_scalars), unary_algorithm)
+
+
+@functools.lru_cache(maxsize=1)
+def _traceable_unary():
+    return torch.jit.script(_qconv_unary)
+
+
+@functools.lru_cache(maxsize=1)
+def _traceable_binary():
+    return torch.jit.script(_qconv_binary)
+
+
+def _pack_name(shape: tuple[int, ...]) -> str:
+    """The buffer name of the weight packed for inputs of ``shape``."""
+    return "packed_" + "x".join(str(int(d)) for d in shape)
 
 
 class QConvPointwise(_QOutput):
@@ -108,20 +168,29 @@ class QConvPointwise(_QOutput):
         self.bias = None if bias is None else bias.detach().float().clone()
         self._w_scales = scales.contiguous()
         self._w_zero_points = zero_points.contiguous()
+        for key in list(getattr(self, "_packs", ())):
+            del self._buffers[_pack_name(key)]
         self._packs: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _packed(self, shape: torch.Size) -> torch.Tensor:
         """The weight packed for inputs of ``shape``: oneDNN picks the weight layout from the input shape, and
-        a layout packed for another shape is reordered at every call (6x slower on 7x7 maps)."""
-        key = tuple(shape)
+        a layout packed for another shape is reordered at every call (6x slower on 7x7 maps).
+
+        Each pack is also a non-persistent buffer (never saved): ``torch.jit.trace`` then reads it as a module
+        attribute, which ``torch.jit.freeze`` keeps as one; a packed oneDNN tensor cannot be a graph constant
+        (the tracer refuses it, "Unsupported value kind: Tensor"). While tracing, sizes are traced values: the
+        pack is looked up by the concrete shape, so a trace holds the pack for the shape it saw."""
+        key = tuple(int(d) for d in shape) if torch.jit.is_tracing() else tuple(shape)
         packed = self._packs.get(key)
         if packed is None:
             if len(self._packs) >= _MAX_PACKS:
-                self._packs.pop(next(iter(self._packs)))
+                oldest = next(iter(self._packs))
+                del self._packs[oldest], self._buffers[_pack_name(oldest)]
             packed = torch.ops.onednn.qconv_prepack(
                 self.weight.int_repr().contiguous(), self._w_scales, self.input_scale, self.input_zero_point,
                 self.stride, self.padding, self.dilation, self.groups, list(key))
             self._packs[key] = packed
+            self.register_buffer(_pack_name(key), packed, persistent=False)
         return packed
 
     def prepack(self, shape: Sequence[int]) -> None:
@@ -144,7 +213,8 @@ class QConvPointwise(_QOutput):
 
     def forward(self, x: torch.Tensor, accum: torch.Tensor | None = None) -> torch.Tensor:
         if self.accum_qparams is None:
-            out = torch.ops.onednn.qconv2d_pointwise(
+            call = _traceable_unary() if torch.jit.is_tracing() else torch.ops.onednn.qconv2d_pointwise
+            out = call(
                 as_uint8(x), self.input_scale, self.input_zero_point, self._packed(x.shape), self._w_scales,
                 self._w_zero_points, self.bias, self.stride, self.padding, self.dilation, self.groups, self.scale,
                 self.zero_point, None, self.post_op, self.post_scalars, "")
@@ -154,7 +224,8 @@ class QConvPointwise(_QOutput):
         acc = as_uint8(accum)
         if not (self.accum_inplace and acc.is_contiguous(memory_format=torch.channels_last)):
             acc = acc.clone(memory_format=torch.channels_last)
-        out = torch.ops.onednn.qconv2d_pointwise.binary(
+        call = _traceable_binary() if torch.jit.is_tracing() else torch.ops.onednn.qconv2d_pointwise.binary
+        out = call(
             as_uint8(x), self.input_scale, self.input_zero_point, self._packed(x.shape), self._w_scales,
             self._w_zero_points,
             acc, self.bias, self.stride, self.padding, self.dilation, self.groups, self.scale, self.zero_point, None,
