@@ -45,9 +45,11 @@ class Int8Backend(Backend):
 
     lowering_cls: type = OpLowering  # the node-by-node walk (a backend may add its own kernel choices)
 
-    def __init__(self, spec: BackendSpec, freeze: bool = False) -> None:
+    def __init__(self, spec: BackendSpec, freeze: bool | str = False) -> None:
         self.spec = spec
-        self.freeze = bool(freeze)  # the lowered model runs frozen TorchScript traces (fxopt.quant.nn.frozen)
+        if freeze not in (True, False, "auto"):
+            raise ValueError(f"freeze must be True, False or 'auto', got {freeze!r}")
+        self.freeze = freeze  # the lowered model runs frozen TorchScript traces (fxopt.quant.nn.frozen)
 
     def supports(self, node: torch.fx.Node) -> Support:
         gm = node.graph.owning_module
@@ -103,12 +105,12 @@ def _check_prepared(gm: torch.fx.GraphModule, spec: BackendSpec) -> None:
 
 
 def lower_int8(gm: torch.fx.GraphModule, spec: BackendSpec, lowering_cls: type = OpLowering, *,
-               freeze: bool = False) -> QuantizedModel:
+               freeze: bool | str = False) -> QuantizedModel:
     """Lower a prepared + calibrated graph to int8 modules for ``spec``'s engine.
 
     ``lowering_cls`` is the walk (:class:`~fxopt.backends._lower_ops.OpLowering` or a backend's subclass).
-    ``freeze=True``: the returned model runs a frozen TorchScript trace of the graph per input signature
-    (:class:`~fxopt.quant.nn.QuantizedModel`).
+    ``freeze=True`` / ``"auto"``: the returned model runs a frozen TorchScript trace of the graph per input
+    signature (:class:`~fxopt.quant.nn.QuantizedModel`; ``"auto"`` logs fallbacks instead of warning).
 
     ``gm`` itself is not changed, but the lowered graph reuses its float submodules (float islands).
     """

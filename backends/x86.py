@@ -56,15 +56,17 @@ class X86Backend(Int8Backend):
     ``float_unit_maps=True`` keeps convs on 1x1 maps (squeeze-excitation gates) float: exact, cheaper per call
     in isolation, but measured level end to end (see :mod:`fxopt.backends.x86_lowering`);
     ``fbgemm_unit_maps=False`` packs convs on 1x1 maps with oneDNN like the x86 engine does, instead of fbgemm;
-    ``freeze=True`` runs the lowered graph as a frozen TorchScript trace per input signature (same kernels and
-    outputs, less Python per op; :mod:`fxopt.quant.nn.frozen`).
+    ``freeze="auto"`` (default) runs the lowered graph as a frozen TorchScript trace per input signature (same
+    kernels, outputs checked bit-identical at each trace, less Python per op; :mod:`fxopt.quant.nn.frozen`);
+    calls it cannot trace run the eager graph, logged; ``freeze=True`` warns on such fallbacks;
+    ``freeze=False`` runs the fx graph's Python (forward hooks on its submodules fire on every call).
     """
 
     name = "x86"
 
     def __init__(self, reduce_range: bool = False, onednn: bool = True, fuse_add: bool = False,
                  fuse_unary: bool = True, float_unit_maps: bool = False, fbgemm_unit_maps: bool = True,
-                 freeze: bool = False) -> None:
+                 freeze: bool | str = "auto") -> None:
         super().__init__(x86_spec(reduce_range), freeze=freeze)
         self.lowering_cls = functools.partial(X86Lowering, onednn=onednn, fuse_add=fuse_add, fuse_unary=fuse_unary,
                                               float_unit_maps=float_unit_maps, fbgemm_unit_maps=fbgemm_unit_maps)

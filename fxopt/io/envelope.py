@@ -75,7 +75,7 @@ def to_plain(module: nn.Module) -> dict[str, Any]:
         "pytree": encode_codegen(gm.graph),  # a torch.export graph's input/output structure, else None
         "input_checks": encode_input_checks(gm),  # and the input shapes it accepts, if it checks them
         "torch_version": str(torch.__version__),
-        "freeze": bool(getattr(module, "freeze", False)),  # QuantizedModel(freeze=True): traced again after load
+        "freeze": getattr(module, "freeze", False) if getattr(module, "freeze", False) in (True, "auto") else False,  # QuantizedModel(freeze=True): traced again after load
     }
 
 
@@ -166,5 +166,5 @@ def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
     meta.set_float_islands(gm, [meta.FloatIsland(*map(str, i)) for i in islands if isinstance(i, list) and len(i) == 3])
     logger.debug("loaded %s: %d nodes, %d modules, engine %s", where, len(graph.nodes), len(modules), engine)
     if wrapper == "QuantizedModel":
-        return QuantizedModel(gm, engine, freeze=obj.get("freeze") is True).eval()
+        return QuantizedModel(gm, engine, freeze=obj.get("freeze") if obj.get("freeze") in (True, "auto") else False).eval()
     return gm.eval()

@@ -1,5 +1,6 @@
-"""``X86Backend(freeze=True)`` / ``QnnpackBackend(freeze=True)``: the lowered int8 graph runs as a frozen
-TorchScript trace per input signature, bit-identical to the eager lowered graph, with an eager fallback."""
+"""``X86Backend(freeze=...)`` / ``QnnpackBackend(freeze=True)``: the lowered int8 graph runs as a frozen
+TorchScript trace per input signature, bit-identical to the eager lowered graph, with an eager fallback.
+x86's default is ``freeze="auto"`` (frozen, fallbacks logged instead of warned)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def efficientnet():
     torch.manual_seed(0)
     model = torchvision.models.efficientnet_b0(weights=None).eval()
     prepared, _ = _prepared(model, (3, 48, 48))
-    return model, fxopt.lower(prepared, X86Backend()), fxopt.lower(prepared, X86Backend(freeze=True))
+    return model, fxopt.lower(prepared, X86Backend(freeze=False)), fxopt.lower(prepared, X86Backend(freeze=True))
 
 
 @needs_onednn
@@ -112,7 +113,7 @@ class TwoHeads(nn.Module):
 
 def test_untraceable_output_falls_back_to_the_eager_graph_with_a_warning():
     prepared, calib = _prepared(TwoHeads(), (8, 12, 12))
-    eager, frozen = fxopt.lower(prepared, "x86"), fxopt.lower(prepared, X86Backend(freeze=True))
+    eager, frozen = fxopt.lower(prepared, X86Backend(freeze=False)), fxopt.lower(prepared, X86Backend(freeze=True))
     x = calib[1]
     with torch.no_grad(), pytest.warns(UserWarning, match="runs the eager int8 graph: tracing failed"):
         out = frozen(x)
@@ -144,7 +145,7 @@ def test_fused_conv_add_silu_and_hardtanh_kernels_trace_exactly():
             return nn.functional.silu(self.c(y))
 
     prepared, calib = _prepared(Block(), (32, 24, 24))
-    eager = fxopt.lower(prepared, X86Backend(fuse_add=True))
+    eager = fxopt.lower(prepared, X86Backend(fuse_add=True, freeze=False))
     frozen = fxopt.lower(prepared, X86Backend(fuse_add=True, freeze=True))
     fused = [m for m in frozen.modules() if isinstance(m, QConvPointwise)]
     assert any(m.accum_qparams is not None for m in fused) and any(m.post_op == "swish" for m in fused)
@@ -199,7 +200,7 @@ ZOO = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large", "shufflenet
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
 @pytest.mark.parametrize("name", ZOO)
 def test_frozen_zoo_is_bit_identical_without_fallback(name, backend):
-    """What the README's "not the default" note rests on: every classifier traces, freezes and matches."""
+    """What x86's frozen default rests on: every classifier traces, freezes and matches bit for bit."""
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
     model = torchvision.models.get_model(name, weights=None, **kwargs)
@@ -207,9 +208,39 @@ def test_frozen_zoo_is_bit_identical_without_fallback(name, backend):
         model.train()(torch.randn(4, 3, 64, 64))
     prepared, _ = _prepared(model, (3, 64, 64), backend=backend)
     cls = X86Backend if backend == "x86" else QnnpackBackend
-    eager, frozen = fxopt.lower(prepared, cls()), fxopt.lower(prepared, cls(freeze=True))
+    eager, frozen = fxopt.lower(prepared, cls(freeze=False)), fxopt.lower(prepared, cls(freeze=True))
     with torch.no_grad():
         for batch in (1, 2):
             x = torch.randn(batch, 3, 64, 64)
             assert torch.equal(frozen(x), eager(x))
     assert len(frozen.frozen_signatures) == 2 and frozen.freeze_fallbacks == {}
+
+
+def test_x86_default_is_the_quiet_frozen_runtime(caplog):
+    """``backend="x86"`` runs frozen traces; what it cannot trace runs eagerly, logged, with no warning."""
+    prepared, calib = _prepared(TwoHeads(), (8, 12, 12))
+    default = fxopt.lower(prepared, "x86")
+    eager = fxopt.lower(prepared, X86Backend(freeze=False))
+    assert default.freeze == "auto" and eager.freeze is False and "freeze='auto'" in repr(default)
+    assert fxopt.backends.get("x86").freeze == "auto"
+    x = calib[1]
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="fxopt.quant.nn.frozen"):
+        warnings.simplefilter("error")  # no warning from the default, even when it falls back
+        with torch.no_grad():
+            out = default(x)
+            assert torch.equal(out[0], eager(x)[0]) and out[1] == 7
+            assert torch.equal(default(x=x)[0], eager(x)[0])
+    assert "tracing failed" in caplog.text and "keyword or non-tensor arguments" in caplog.text
+    assert "call" in default.freeze_fallbacks and len(default.freeze_fallbacks) == 2  # kwargs call + the signature
+    with pytest.raises(ValueError, match="freeze must be True, False or 'auto'"):
+        X86Backend(freeze="yes")
+
+
+def test_x86_default_freezes_and_round_trips_the_mode(tmp_path):
+    prepared, calib = _prepared(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)), (3, 10, 10))
+    default, eager = fxopt.lower(prepared, "x86"), fxopt.lower(prepared, X86Backend(freeze=False))
+    with torch.no_grad():
+        assert torch.equal(default(calib[0]), eager(calib[0]))
+    assert len(default.frozen_signatures) == 1 and default.freeze_fallbacks == {}
+    fxopt.save(default, tmp_path / "d.pt")
+    assert fxopt.load(tmp_path / "d.pt").freeze == "auto"

@@ -185,7 +185,7 @@ def test_share_cat_lowered_cat_is_a_copy(backend):
     torch.manual_seed(5)
     x = torch.randn(2, 3, 12, 12)
     out = q(x)
-    assert seen == [True]
+    assert seen and all(seen)  # the hook fires in the eager graph (x86's frozen default runs it once, to trace)
     assert fxopt.compare(model, q, [x]).sqnr_db > 30
     ref = fxopt.lower(prepared, "reference")(x)  # the float simulation agrees with the int8 kernels
     assert sqnr_db(ref, out) > 35

@@ -84,8 +84,9 @@ class FrozenRuntime:
     the call; traces are made under ``torch.no_grad()``.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule) -> None:
+    def __init__(self, graph_module: torch.fx.GraphModule, quiet: bool = False) -> None:
         self.graph_module = graph_module
+        self.quiet = quiet  # fallbacks are logged (INFO), not warned: the frozen runtime was a default, not asked for
         self._traces: OrderedDict[tuple, torch.jit.ScriptModule | None] = OrderedDict()
         self.fallbacks: dict[tuple | str, str] = {}  # signature (or kind of call) -> why it runs eagerly
 
@@ -150,16 +151,19 @@ class FrozenRuntime:
             return
         self.fallbacks[key] = reason
         what = "this call" if isinstance(key, str) else f"input shapes {[k[0] for k in key]}"
-        message = f"fxopt freeze=True: {what} runs the eager int8 graph: {reason}"
+        message = f"fxopt frozen int8 runtime: {what} runs the eager int8 graph: {reason}"
+        if self.quiet:
+            logger.info(message)
+            return
         warnings.warn(message, UserWarning, stacklevel=4)
         logger.warning(message)
 
     # a cache, not state: copies and pickles start empty and trace again on their first call
     def __deepcopy__(self, memo: dict) -> "FrozenRuntime":
-        return FrozenRuntime(copy.deepcopy(self.graph_module, memo))
+        return FrozenRuntime(copy.deepcopy(self.graph_module, memo), self.quiet)
 
     def __getstate__(self) -> dict:
-        return {"graph_module": self.graph_module}
+        return {"graph_module": self.graph_module, "quiet": self.quiet}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["graph_module"])
+        self.__init__(state["graph_module"], state.get("quiet", False))

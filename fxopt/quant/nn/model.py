@@ -22,25 +22,30 @@ class QuantizedModel(nn.Module):
     The engine is process-wide in PyTorch: do not run models for *different* engines concurrently from
     several threads (same-engine concurrency is fine: nothing is switched then).
 
-    ``freeze=True`` runs a ``torch.jit.trace`` + ``torch.jit.freeze`` copy of ``graph_module`` per input
+    ``freeze=True`` (or ``"auto"``) runs a ``torch.jit.trace`` + ``torch.jit.freeze`` copy of ``graph_module`` per input
     signature instead of the fx graph's Python (same kernels, same outputs bit for bit, checked at each trace;
     see :mod:`fxopt.quant.nn.frozen`). ``graph_module`` stays the model: ``fxopt.report``, ``fxopt.meta``,
     ``state_dict`` and ``fxopt.save`` read it; the traces are a cache (``load_state_dict`` and
     :meth:`refreeze` drop it). ``frozen_signatures`` / ``freeze_fallbacks`` say what runs frozen and what
-    runs eagerly, and why.
+    runs eagerly, and why. With ``freeze=True`` a fallback to the eager graph warns once per input signature;
+    with ``"auto"`` (the x86 backend's default) it is logged at INFO level only.
     """
 
-    def __init__(self, graph_module: torch.fx.GraphModule, engine: str, freeze: bool = False) -> None:
+    def __init__(self, graph_module: torch.fx.GraphModule, engine: str, freeze: bool | str = False) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.engine = engine
         self.meta = graph_module.meta  # fxopt.meta accessors (backend_of, float_islands, records) read this
-        self._frozen = FrozenRuntime(graph_module) if freeze else None
+        freeze = _freeze_mode(freeze)
+        self._frozen = FrozenRuntime(graph_module, quiet=freeze == "auto") if freeze else None
         self.register_load_state_dict_post_hook(_drop_traces)
 
     @property
-    def freeze(self) -> bool:
-        return self._frozen is not None
+    def freeze(self) -> bool | str:
+        """``False`` (eager fx graph), ``True`` (frozen, fallbacks warn) or ``"auto"`` (frozen, fallbacks logged)."""
+        if self._frozen is None:
+            return False
+        return "auto" if self._frozen.quiet else True
 
     @property
     def frozen_signatures(self) -> list[tuple]:
@@ -82,7 +87,13 @@ class QuantizedModel(nn.Module):
         return self._frozen.run(args, kwargs, self.graph_module)
 
     def extra_repr(self) -> str:
-        return f"engine={self.engine!r}" + (", freeze=True" if self.freeze else "")
+        return f"engine={self.engine!r}" + (f", freeze={self.freeze!r}" if self.freeze else "")
+
+
+def _freeze_mode(freeze: bool | str) -> bool | str:
+    if freeze in (True, False, "auto"):
+        return freeze
+    raise ValueError(f"freeze must be True, False or 'auto', got {freeze!r}")
 
 
 def _drop_traces(module: QuantizedModel, incompatible_keys: Any) -> None:
