@@ -192,7 +192,9 @@ class _Simulation:
             return None
         return user, act
 
-    def _weight_grid(self, weight: torch.Tensor, key: str, groups: int = 1) -> torch.Tensor:
+    def _weight_qparams(self, weight: torch.Tensor, key: str, groups: int = 1):
+        """``(scale, zero_point, weight spec, per_channel)`` of ``weight``: the qparams lowering packs it with
+        (per tensor: 0-d scale and zero point)."""
         rule = self.spec.rule(key)
         per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
         depthwise = is_depthwise(weight, groups)
@@ -200,6 +202,10 @@ class _Simulation:
         wspec, _ = weight_spec(self.spec, self.config, per_channel, depthwise)
         if not per_channel:
             scale, zero_point = scale.reshape(()), zero_point.reshape(())
+        return scale, zero_point, wspec, per_channel
+
+    def _weight_grid(self, weight: torch.Tensor, key: str, groups: int = 1) -> torch.Tensor:
+        scale, zero_point, wspec, _ = self._weight_qparams(weight, key, groups)
         return fake_quantize(weight.detach().float(), scale, zero_point, wspec)
 
     def _weights(self, node: torch.fx.Node, key: str, module: nn.Module | None) -> None:

@@ -44,7 +44,6 @@ from fxopt.errors import UnsupportedError
 from fxopt.quant.fake_quant import fake_quantize
 from fxopt.quant.simulate import QuantDequant
 
-from ._lower_ops import is_depthwise, weight_qparams, weight_spec
 from .lowering import Int8Backend, _check_prepared
 from .reference import _Simulation
 from .spec import BackendSpec, op_key
@@ -193,17 +192,12 @@ class _CodesSimulation(_Simulation):
         self.codes: dict[int, tuple[torch.Tensor, Int8Weight]] = {}
 
     def _weight_grid(self, weight: torch.Tensor, key: str, groups: int = 1) -> torch.Tensor:
-        rule = self.spec.rule(key)
-        per_channel = bool(rule and rule.per_channel) and (self.config is None or self.config.per_channel)
-        depthwise = is_depthwise(weight, groups)
-        scale, zero_point = weight_qparams(weight, per_channel, self.spec, self.config, depthwise)
-        wspec, _ = weight_spec(self.spec, self.config, per_channel, depthwise)
+        scale, zero_point, wspec, per_channel = self._weight_qparams(weight, key, groups)
         w = weight.detach().float()
         if per_channel:
             shape = (-1,) + (1,) * (w.dim() - 1)
             codes = torch.round(w / scale.reshape(shape)) + zero_point.reshape(shape)
         else:
-            scale, zero_point = scale.reshape(()), zero_point.reshape(())
             codes = torch.round(w / scale) + zero_point
         codes = codes.clamp(wspec.qmin, wspec.qmax)
         grid = fake_quantize(w, scale, zero_point, wspec)  # what the reference computes with (the same values)
