@@ -28,6 +28,7 @@ from fxopt import meta
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.graph_utils import is_observer
 from fxopt.quant.nn import QuantizedModel, engine_scope
+from fxopt.quant.nn.model import freeze_mode
 from fxopt.quant.stubs import QuantStub
 from fxopt import registry
 from fxopt.registry import Backend, Support
@@ -47,9 +48,7 @@ class Int8Backend(Backend):
 
     def __init__(self, spec: BackendSpec, freeze: bool | str = False) -> None:
         self.spec = spec
-        if freeze not in (True, False, "auto"):
-            raise ValueError(f"freeze must be True, False or 'auto', got {freeze!r}")
-        self.freeze = freeze  # the lowered model runs frozen TorchScript traces (fxopt.quant.nn.frozen)
+        self.freeze = freeze_mode(freeze)  # the lowered model runs frozen TorchScript traces (fxopt.quant.nn.frozen)
 
     def supports(self, node: torch.fx.Node) -> Support:
         gm = node.graph.owning_module

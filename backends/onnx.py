@@ -479,10 +479,9 @@ def _symmetric(qparams: tuple[float, int], qmin: int, qmax: int) -> tuple[float,
 def _near_symmetric(qparams: tuple[float, int]) -> tuple[float, int]:
     """u8 qparams whose zero point is within ``_SYMMETRIC_WINDOW`` of 128 → zero point 128, the scale widened
     to keep both ends of the calibrated range (at most 1.07× coarser); others unchanged."""
-    scale, zp = qparams
-    if zp == 128 or abs(zp - 128) > _SYMMETRIC_WINDOW:
+    if abs(qparams[1] - 128) > _SYMMETRIC_WINDOW:
         return qparams
-    return scale * max(zp / 128, (255 - zp) / 127), 128
+    return _symmetric(qparams, 0, 255)
 
 
 def _post_op_key(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str | None:

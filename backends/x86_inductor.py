@@ -90,14 +90,9 @@ def _dtype_of(quant_min: int) -> torch.dtype:
     return torch.uint8 if quant_min >= 0 else torch.int8
 
 
-class DecomposedQDQ(nn.Module):
+class DecomposedQDQ(QuantDequant):
     """One rounding point as ``quantize_per_tensor → dequantize_per_tensor`` (the ops Inductor's int8 passes
     match), on every float tensor of its input (tuples and lists too, like :class:`QuantDequant`)."""
-
-    def __init__(self, scale: float, zero_point: int, quant_min: int, quant_max: int) -> None:
-        super().__init__()
-        self.scale, self.zero_point = float(scale), int(zero_point)
-        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
 
     def _one(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -107,12 +102,6 @@ class DecomposedQDQ(nn.Module):
         q = qd.quantize_per_tensor.default(x, self.scale, self.zero_point, self.quant_min, self.quant_max, dtype)
         return qd.dequantize_per_tensor.default(q, self.scale, self.zero_point, self.quant_min, self.quant_max, dtype,
                                                 out_dtype=x.dtype)
-
-    def forward(self, x: Any) -> Any:
-        return self._one(x) if isinstance(x, torch.Tensor) else pytree.tree_map(self._one, x)
-
-    def extra_repr(self) -> str:
-        return f"scale={self.scale:.6g}, zero_point={self.zero_point}, qrange=[{self.quant_min}, {self.quant_max}]"
 
 
 class Int8Weight(nn.Module):
@@ -306,7 +295,7 @@ def _decompose_roundings(sim: torch.fx.GraphModule) -> int:
     """Every :class:`QuantDequant` becomes a :class:`DecomposedQDQ` with the same qparams (at the same path)."""
     count = 0
     for name, module in list(sim.named_modules()):
-        if isinstance(module, QuantDequant):
+        if type(module) is QuantDequant:
             parent, _, leaf = name.rpartition(".")
             setattr(sim.get_submodule(parent) if parent else sim, leaf,
                     DecomposedQDQ(module.scale, module.zero_point, module.quant_min, module.quant_max))
@@ -321,13 +310,13 @@ def decomposed_graph(gm: torch.fx.GraphModule, spec: BackendSpec | None = None, 
     placed for Inductor's fusions; also returns counts of what was done."""
     if spec is None:  # a graph prepared for "x86" keeps x86's weight observer (the same table otherwise)
         spec = x86_spec() if meta.backend_of(gm) == "x86" else x86_inductor_spec()
+    if unit_maps not in ("conv", "linear", "float"):
+        raise ValueError(f"unit_maps must be 'conv', 'linear' or 'float', got {unit_maps!r}")
     require_inductor()
     _check_prepared(gm, spec)
     sim = copy.deepcopy(gm)
     walk = _CodesSimulation(sim, spec)
     walk.run()
-    if unit_maps not in ("conv", "linear", "float"):
-        raise ValueError(f"unit_maps must be 'conv', 'linear' or 'float', got {unit_maps!r}")
     stats = _swap_int8_weights(sim, walk.codes, unit_maps, args)
     sim.graph.lint()
     sim.recompile()

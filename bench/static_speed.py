@@ -20,7 +20,7 @@ the paired median is steadier than the ratio of two medians, since a burst of lo
 ``--inductor`` adds fxopt's ``x86-inductor`` backend (the same calibration, compiled by TorchInductor; its compile
 time is printed) and ``--pt2e`` torchao's own PT2E flow (``X86InductorQuantizer`` + ``torch.compile``, freezing) as
 more interleaved candidates; their columns are ``NAME: ms, float / NAME, NAME / fxopt`` (paired ratios: float / NAME
-> 1 means NAME is faster than float; NAME / fxopt < 1 means NAME is faster than fxopt's eager x86 lowering).
+> 1 means NAME is faster than float; NAME / fxopt < 1 means NAME is faster than fxopt's x86 lowering).
 ``--clock cpu`` (with ``--threads 1``) measures the CPU time of the calling thread instead of wall time:
 on a machine shared with other jobs, time spent waiting for a core is not counted.
 """
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import os
 import statistics
 import time
@@ -142,8 +143,6 @@ def torchao_pt2e_int8(model, calib):
     from torch._inductor import config  # noqa: PLC0415
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: PLC0415
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq  # noqa: PLC0415
-
-    import copy  # noqa: PLC0415
 
     x = calib[0][:1]
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())

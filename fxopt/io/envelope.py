@@ -29,6 +29,7 @@ from .. import meta
 from ..errors import FxoptError, UnsupportedError
 from ..graph_utils import get_attr_path
 from ..quant.nn import QuantizedModel, engine_scope, local_engine
+from ..quant.nn.model import FREEZE_MODES
 from ..quant.qstate import qtensor_from_state, qtensor_state
 from .graph_format import decode_graph, encode_graph, is_module_path
 from .module_format import check_entry, decode_module, encode_module
@@ -75,7 +76,7 @@ def to_plain(module: nn.Module) -> dict[str, Any]:
         "pytree": encode_codegen(gm.graph),  # a torch.export graph's input/output structure, else None
         "input_checks": encode_input_checks(gm),  # and the input shapes it accepts, if it checks them
         "torch_version": str(torch.__version__),
-        "freeze": getattr(module, "freeze", False) if getattr(module, "freeze", False) in (True, "auto") else False,  # QuantizedModel(freeze=True): traced again after load
+        "freeze": module.freeze if isinstance(module, QuantizedModel) else False,  # traced again after load
     }
 
 
@@ -166,5 +167,6 @@ def from_plain(obj: dict[str, Any], where: str) -> nn.Module:
     meta.set_float_islands(gm, [meta.FloatIsland(*map(str, i)) for i in islands if isinstance(i, list) and len(i) == 3])
     logger.debug("loaded %s: %d nodes, %d modules, engine %s", where, len(graph.nodes), len(modules), engine)
     if wrapper == "QuantizedModel":
-        return QuantizedModel(gm, engine, freeze=obj.get("freeze") if obj.get("freeze") in (True, "auto") else False).eval()
+        freeze = obj.get("freeze")
+        return QuantizedModel(gm, engine, freeze=freeze if freeze in FREEZE_MODES else False).eval()
     return gm.eval()

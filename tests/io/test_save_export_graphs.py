@@ -323,20 +323,25 @@ class _ReturnsDataclass(nn.Module):
         return _Heads(logits=self.head(features), features=features)
 
 
-def test_output_type_of_your_own_needs_registering(clean_registries, tmp_path):
+def _registering_round_trip(model: nn.Module, out_type: type, path, unregistered_load: str) -> None:
+    """Saving an export graph whose output type is the user's own fails until it is allowlisted; then the
+    round trip keeps the type, and a process that has not registered it refuses the file."""
     x = torch.randn(2, 6)
-    gm = fxopt.trace(_ReturnsDataclass().eval(), (x,), mode="export")
-    assert type(gm(x)) is _Heads
-    path = tmp_path / "m.pt"
-    with pytest.raises(UnsupportedError, match=r"fxopt.io.allow_output_type\(.*_Heads\)"):
+    gm = fxopt.trace(model.eval(), (x,), mode="export")
+    assert type(gm(x)) is out_type
+    with pytest.raises(UnsupportedError, match=rf"fxopt.io.allow_output_type\(.*{out_type.__name__}\)"):
         fxopt.save(gm, path)
-    name = allow_output_type(_Heads)
+    name = allow_output_type(out_type)
     fxopt.save(gm, path)
     out = fxopt.load(path)(x)
-    assert type(out) is _Heads and _same(out, gm(x))
+    assert type(out) is out_type and _same(out, gm(x))
     pytree_format._REGISTERED.clear()
-    with pytest.raises(UnsupportedError, match=f"type '{name}'.*allow_output_type"):
+    with pytest.raises(UnsupportedError, match=unregistered_load.format(name=name)):
         fxopt.load(path)
+
+
+def test_output_type_of_your_own_needs_registering(clean_registries, tmp_path):
+    _registering_round_trip(_ReturnsDataclass(), _Heads, tmp_path / "m.pt", "type '{name}'.*allow_output_type")
     with pytest.raises(TypeError, match="dataclass"):
         allow_output_type(dict)
 
@@ -357,18 +362,8 @@ class _ReturnsNamedTuple(nn.Module):
 
 
 def test_named_tuple_output_needs_registering(clean_registries, tmp_path):
-    x = torch.randn(2, 6)
-    gm = fxopt.trace(_ReturnsNamedTuple().eval(), (x,), mode="export")
-    path = tmp_path / "m.pt2"
-    with pytest.raises(UnsupportedError, match=r"fxopt.io.allow_output_type\(.*_Pair\)"):
-        fxopt.save(gm, path)
-    name = allow_output_type(_Pair)
-    fxopt.save(gm, path)
-    out = fxopt.load(path)(x)
-    assert type(out) is _Pair and _same(out, gm(x))
-    pytree_format._REGISTERED.clear()
-    with pytest.raises(UnsupportedError, match=f"named tuple '{name}', which is not registered"):
-        fxopt.load(path)
+    _registering_round_trip(_ReturnsNamedTuple(), _Pair, tmp_path / "m.pt2",
+                            "named tuple '{name}', which is not registered")
 
 
 def test_higher_order_operators_are_refused_at_save(tmp_path):

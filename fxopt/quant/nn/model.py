@@ -12,7 +12,7 @@ import torch.nn as nn
 from .engine import engine_scope
 from .frozen import FrozenRuntime
 
-__all__ = ["QuantizedModel"]
+__all__ = ["FREEZE_MODES", "QuantizedModel", "freeze_mode"]
 
 
 class QuantizedModel(nn.Module):
@@ -36,7 +36,7 @@ class QuantizedModel(nn.Module):
         self.graph_module = graph_module
         self.engine = engine
         self.meta = graph_module.meta  # fxopt.meta accessors (backend_of, float_islands, records) read this
-        freeze = _freeze_mode(freeze)
+        freeze = freeze_mode(freeze)
         self._frozen = FrozenRuntime(graph_module, quiet=freeze == "auto") if freeze else None
         self.register_load_state_dict_post_hook(_drop_traces)
 
@@ -90,8 +90,12 @@ class QuantizedModel(nn.Module):
         return f"engine={self.engine!r}" + (f", freeze={self.freeze!r}" if self.freeze else "")
 
 
-def _freeze_mode(freeze: bool | str) -> bool | str:
-    if freeze in (True, False, "auto"):
+FREEZE_MODES = (False, True, "auto")
+
+
+def freeze_mode(freeze: bool | str) -> bool | str:
+    """``freeze`` checked: ``False`` (eager graph), ``True`` (frozen, fallbacks warn), ``"auto"`` (frozen, logged)."""
+    if freeze in FREEZE_MODES:
         return freeze
     raise ValueError(f"freeze must be True, False or 'auto', got {freeze!r}")
 
