@@ -42,16 +42,19 @@ DETECTORS = ("ssdlite320_mobilenet_v3_large", "fasterrcnn_mobilenet_v3_large_320
 
 
 CLASSES = ("rectangle", "ellipse", "triangle")  # labels 1, 2, 3 (0 is background)
-# head training steps (AdamW, one-cycle; see detector()): Faster R-CNN's RPN + RoI heads cost about 8x an
-# SSDlite head step on CPU, and their losses level off sooner
-TRAIN_STEPS = {"ssdlite320_mobilenet_v3_large": 300, "fasterrcnn_mobilenet_v3_large_320_fpn": 300}
+OBJECTS = (2, 10)  # shapes per scene (min, max)
+# training steps of the whole detector from scratch (see train()); a Faster R-CNN step costs about 4x an SSDlite one
+TRAIN_STEPS = {"ssdlite320_mobilenet_v3_large": 2000, "fasterrcnn_mobilenet_v3_large_320_fpn": 1000}
+BATCH = 8  # scenes per training step
+LEARNING_RATE = 3e-3  # the one-cycle peak
 ROI_SAMPLES = 128  # Faster R-CNN RoIs sampled per training image
-TRAIN_IMAGES = 48  # scenes whose backbone features are cached for head training
 
 
-def labelled_scenes(n: int, size: int = 320, seed: int = 0) -> list[tuple[torch.Tensor, dict]]:
-    """``n`` synthetic RGB scenes in [0, 1] with their targets: a smooth gradient with 1-4 filled shapes
-    (rectangle, ellipse or upward triangle, each filling its box), random colours, a little noise.
+def labelled_scenes(n: int, size: int = 320, seed: int = 0, objects: tuple[int, int] = OBJECTS
+                    ) -> list[tuple[torch.Tensor, dict]]:
+    """``n`` synthetic RGB scenes in [0, 1] with their targets: a smooth gradient with ``objects`` (min, max)
+    filled shapes (rectangle, ellipse or upward triangle, each filling its box; boxes overlap little), colours
+    that stand out from the background, a little noise.
     Targets are torchvision's ``{"boxes": (k, 4) xyxy pixels, "labels": (k,)}``."""
     gen = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
@@ -60,10 +63,21 @@ def labelled_scenes(n: int, size: int = 320, seed: int = 0) -> list[tuple[torch.
         tilt = torch.rand(2, generator=gen)
         img = (0.2 + 0.3 * torch.rand(3, 1, 1, generator=gen) + 0.3 * (xx * tilt[0] - yy * tilt[1]) / size)
         img = img.expand(3, size, size).clone()
-        boxes, labels = [], []
-        for _ in range(int(torch.randint(1, 5, (1,), generator=gen))):
-            w, h = ((torch.rand(2, generator=gen) * 0.35 + 0.12) * size).tolist()
+        boxes: list[list[float]] = []
+        labels = []
+        wanted = int(torch.randint(objects[0], objects[1] + 1, (1,), generator=gen))
+        for _ in range(20 * wanted):  # rejection sampling: a new box may cover at most 20 % of an older one
+            if len(boxes) == wanted:
+                break
+            w, h = ((torch.rand(2, generator=gen) * 0.2 + 0.1) * size).tolist()
             x0, y0 = float(torch.rand(1, generator=gen)) * (size - w), float(torch.rand(1, generator=gen)) * (size - h)
+            box = torch.tensor([[x0, y0, x0 + w, y0 + h]])
+            if boxes:
+                old = torch.tensor(boxes)
+                inter = (torch.minimum(old[:, 2:], box[:, 2:]) - torch.maximum(old[:, :2], box[:, :2])).clamp(min=0)
+                area = (old[:, 2:] - old[:, :2]).prod(1)
+                if bool((inter.prod(1) > 0.2 * torch.minimum(area, torch.tensor(w * h))).any()):
+                    continue
             label = int(torch.randint(1, len(CLASSES) + 1, (1,), generator=gen))
             u, v = (xx - x0) / w, (yy - y0) / h
             inside = (u >= 0) & (u <= 1) & (v >= 0) & (v <= 1)
@@ -71,7 +85,11 @@ def labelled_scenes(n: int, size: int = 320, seed: int = 0) -> list[tuple[torch.
                 inside &= (u - 0.5) ** 2 + (v - 0.5) ** 2 <= 0.25
             elif label == 3:
                 inside &= v >= 2 * (u - 0.5).abs()
-            img[:, inside] = torch.rand(3, 1, generator=gen)
+            background = img[:, int(y0 + h / 2), int(x0 + w / 2)]
+            colour = torch.rand(3, generator=gen)
+            while float((colour - background).abs().max()) < 0.3:  # visible against the gradient
+                colour = torch.rand(3, generator=gen)
+            img[:, inside] = colour[:, None]
             boxes.append([x0, y0, x0 + w, y0 + h])
             labels.append(label)
         img = (img + 0.03 * torch.randn(img.shape, generator=gen)).clamp(0, 1)
@@ -84,15 +102,13 @@ def scenes(n: int, size: int = 320, seed: int = 0) -> list[torch.Tensor]:
     return [img for img, _ in labelled_scenes(n, size, seed)]
 
 
-def _cache_path(name: str, seed: int, bn_gain: float, steps: int) -> Path:
+def _cache_path(name: str, seed: int, steps: int) -> Path:
     root = Path(os.environ.get("FXOPT_BENCH_CACHE", Path.home() / ".cache" / "fxopt-bench"))
-    roi = f"-roi{ROI_SAMPLES}" if "rcnn" in name else ""
-    return root / f"{name}-seed{seed}-gain{bn_gain}-steps{steps}-images{TRAIN_IMAGES}{roi}-v1.pt"
+    return root / f"{name}-seed{seed}-trained{steps}-batch{BATCH}-roi{ROI_SAMPLES}-v2.pt"
 
 
-def _reestimate_batchnorm(model: nn.Module, bn_gain: float, seed: int) -> None:
-    """Fresh BatchNorm statistics for the backbone (a cumulative average over 3 batches of scenes), gains
-    multiplied by ``bn_gain``."""
+def _reestimate_batchnorm(model: nn.Module, seed: int) -> None:
+    """Fresh BatchNorm statistics for an untrained backbone (a cumulative average over 3 batches of scenes)."""
     norms = [m for m in model.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.reset_running_stats()
@@ -103,91 +119,65 @@ def _reestimate_batchnorm(model: nn.Module, bn_gain: float, seed: int) -> None:
         for i in range(3):
             images, _ = model.transform(scenes(4, seed=100 + seed + i))
             model.backbone(images.tensors)
-        for m in norms:
-            if m.weight is not None:
-                m.weight.mul_(bn_gain)
     model.eval()
 
 
-def _train_heads(model: nn.Module, steps: int, seed: int, log: bool = False) -> None:
-    """Train the detection heads (SSD: the classification and box heads; Faster R-CNN: RPN and RoI heads)
-    with torchvision's own losses on :data:`TRAIN_IMAGES` labelled scenes, the backbone frozen (its
-    features are computed once and cached)."""
-    data = labelled_scenes(TRAIN_IMAGES, seed=1000 + seed)
-    batches = []
-    with torch.no_grad():
-        for i in range(0, len(data), 4):
-            chunk = data[i:i + 4]
-            images, targets = model.transform([img for img, _ in chunk], [dict(t) for _, t in chunk])
-            features = model.backbone(images.tensors)
-            if hasattr(model, "head"):  # SSD: anchors and their matches do not change during training
-                features = list(features.values())
-                anchors = model.anchor_generator(images, features)
-                matched = [model.proposal_matcher(box_iou(t["boxes"], a)) for a, t in zip(anchors, targets)]
-                batches.append((features, anchors, targets, matched))
-            else:
-                batches.append((images, features, targets))
-    heads = [model.head] if hasattr(model, "head") else [model.rpn, model.roi_heads]
+def train(model: nn.Module, steps: int, seed: int = 0, log: bool = False,
+          checkpoint: Path | None = None) -> None:
+    """Train the whole detector (backbone, neck and heads, from scratch) with torchvision's own losses on
+    freshly drawn labelled scenes, :data:`BATCH` per step (never the calibration or test scenes: those use
+    seeds below 10,000), AdamW with a one-cycle schedule and gradient clipping. Faster R-CNN samples
+    :data:`ROI_SAMPLES` RoIs per image (torchvision: 512) so a step costs about 3x less. ``checkpoint``
+    gets the weights every 250 steps."""
     sampler = getattr(getattr(model, "roi_heads", None), "fg_bg_sampler", None)
-    if sampler is not None:  # 128 RoIs per image in training (torchvision: 512): the box head's step costs 4x less
+    if sampler is not None:
         sampled, sampler.batch_size_per_image = sampler.batch_size_per_image, ROI_SAMPLES
-    params = [p for h in heads for p in h.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    for h in heads:
-        h.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, LEARNING_RATE, total_steps=steps, pct_start=0.1)
+    model.train()
     start = time.perf_counter()
     for step in range(steps):
-        batch = batches[step % len(batches)]
-        if hasattr(model, "head"):
-            features, anchors, targets, matched = batch
-            losses = model.compute_loss(targets, model.head(features), anchors, matched)
-        else:
-            images, features, targets = batch
-            proposals, rpn_losses = model.rpn(images, features, targets)
-            _, roi_losses = model.roi_heads(features, proposals, images.image_sizes, targets)
-            losses = {**rpn_losses, **roi_losses}
+        data = labelled_scenes(BATCH, seed=10_000 + 1_000_000 * seed + step)
+        losses = model([img for img, _ in data], [t for _, t in data])
         loss = sum(losses.values())
-        losses = {k: v.detach() for k, v in losses.items()}
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
         schedule.step()
-        if log and (step % 20 == 0 or step == steps - 1):
-            print(f"  step {step} ({time.perf_counter() - start:.0f} s): "
+        if log and (step % 25 == 0 or step == steps - 1):
+            print(f"  step {step} ({time.perf_counter() - start:.0f} s): loss {float(loss.detach()):.3f}, "
                   + ", ".join(f"{k} {float(v):.3f}" for k, v in losses.items()), flush=True)
+        if checkpoint is not None and (step + 1) % 250 == 0:
+            torch.save(model.state_dict(), checkpoint)
     if sampler is not None:
         sampler.batch_size_per_image = sampled
     model.eval()
 
 
-def detector(name: str, seed: int = 0, bn_gain: float = 0.95, train_steps: int | None = None,
-             log: bool = False) -> nn.Module:
-    """A torchvision detector (``weights=None``, 3 classes: :data:`CLASSES`) made to detect the shapes of
-    :func:`labelled_scenes` without any download.
-
-    1. BatchNorm statistics of the random backbone are re-estimated on scenes, every gain multiplied by
-       ``bn_gain``: a random network with fully normalised layers is chaotic (an input perturbation grows
-       layer after layer, so any quantization destroys the output, torch.ao's too); 0.95 tames that.
-    2. The detection heads are trained for ``train_steps`` steps with torchvision's losses on cached
-       backbone features (a few minutes on 2 CPU cores; the result is cached under
-       ``$FXOPT_BENCH_CACHE`` or ``~/.cache/fxopt-bench``; :data:`TRAIN_STEPS` by default).
-       ``train_steps=0`` keeps the random heads.
-    The backbone stays random: the int8 figures are for a random-feature backbone with trained heads.
-    """
+def detector(name: str, seed: int = 0, train_steps: int | None = None, log: bool = False) -> nn.Module:
+    """A torchvision detector (``weights=None``, 3 classes: :data:`CLASSES`) trained to detect the shapes of
+    :func:`labelled_scenes`, with no download: the whole model, backbone included, is trained from scratch
+    for ``train_steps`` steps (:data:`TRAIN_STEPS` by default; :func:`train`). That takes tens of minutes on 2
+    CPU cores the first time; the weights are then cached under ``$FXOPT_BENCH_CACHE`` or
+    ``~/.cache/fxopt-bench``. ``train_steps=0`` gives the untrained detector with its backbone's BatchNorm
+    statistics re-estimated on scenes (enough to check a lowering, meaningless as detections)."""
     torch.manual_seed(seed)
     model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None,
                                                         num_classes=len(CLASSES) + 1)
-    _reestimate_batchnorm(model, bn_gain, seed)
-    train_steps = TRAIN_STEPS.get(name, 100) if train_steps is None else train_steps
-    if train_steps:
-        path = _cache_path(name, seed, bn_gain, train_steps)
-        if path.exists():
-            model.load_state_dict(torch.load(path, weights_only=True))
-        else:
-            _train_heads(model, train_steps, seed, log=log)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), path)
+    train_steps = TRAIN_STEPS[name] if train_steps is None else train_steps
+    if not train_steps:
+        _reestimate_batchnorm(model, seed)
+        return model.eval()
+    path = _cache_path(name, seed, train_steps)
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        train(model, train_steps, seed, log=log, checkpoint=partial)
+        torch.save(model.state_dict(), path)
+        partial.unlink(missing_ok=True)
     return model.eval()
 
 

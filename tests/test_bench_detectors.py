@@ -20,8 +20,14 @@ def test_labelled_scenes_draw_their_shapes_inside_their_boxes():
     for img, target in scenes:
         assert img.shape == (3, 64, 64) and 0 <= float(img.min()) and float(img.max()) <= 1
         boxes, labels = target["boxes"], target["labels"]
-        assert 1 <= len(boxes) <= 4 and set(labels.tolist()) <= {1, 2, 3}
+        assert D.OBJECTS[0] <= len(boxes) <= D.OBJECTS[1] and set(labels.tolist()) <= {1, 2, 3}
         assert (boxes[:, 2:] > boxes[:, :2]).all() and (boxes >= 0).all() and (boxes <= 64).all()
+        # shapes overlap little: no box has more than 20 % of its area under another one
+        inter = (torch.minimum(boxes[:, None, 2:], boxes[None, :, 2:])
+                 - torch.maximum(boxes[:, None, :2], boxes[None, :, :2])).clamp(min=0).prod(-1)
+        area = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
+        inter.fill_diagonal_(0)
+        assert (inter <= 0.2 * torch.minimum(area[:, None], area[None, :]) + 1e-3).all()
     # a rectangle fills its box, an ellipse leaves the corners to the background: check on the last shape
     img, target = scenes[0]
     x0, y0, x1, y1 = target["boxes"][-1].tolist()

@@ -13,7 +13,8 @@ Used by fxopt's model file format (:mod:`fxopt.io.envelope`). A node is stored a
   process with :func:`allow_function`.
 * Operators (what graphs from ``torch.export`` call: ``torch.ops.aten.relu.default``...) are stored by their
   qualified name ``"torch.ops.<namespace>.<op>.<overload>"`` and resolved on load through ``torch.ops`` (the
-  dispatcher's registry; nothing is imported), only for the namespaces in :data:`OP_NAMESPACES` and never for
+  dispatcher's registry; nothing is imported but torchvision, for its own namespace), only for the
+  namespaces in :data:`OP_NAMESPACES` and never for
   :data:`REFUSED_OPS` or operators taking storages, futures or opaque objects (:func:`resolve_op`).
   Higher-order operators (``torch.cond``, wrapped subgraphs) are refused at save time.
 * ``call_method`` names must be public ``torch.Tensor`` methods; those that take callables, expose storage or
@@ -87,10 +88,14 @@ _SYM_FUNCTIONS = ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_
 # torch.export emits); quantized holds PyTorch's int8 kernels (fxopt's int8 modules call them); fxopt is the
 # namespace fxopt's own operators would be registered under. Their operators are registered by torch's C++
 # library (or fxopt) with a fixed schema: a file picks an operator and its data arguments, never code. They
-# are resolved through the dispatcher's registry (torch.ops), which imports no module. Other namespaces are
-# refused: an extension library's operators are whatever its authors wrote, and "prim" (TorchScript) ops
+# are resolved through the dispatcher's registry (torch.ops), which imports no module. torchvision (a core
+# dependency of fxopt) holds the detection kernels traced detectors call (nms, roi_align, roi_pool,
+# deform_conv2d...), all tensor math; its C++ library registers them when fxopt imports torchvision by that
+# fixed name (its image-file readers live in another namespace, "image", which stays refused). Other namespaces
+# are refused: an extension library's operators are whatever its authors wrote, and "prim" (TorchScript) ops
 # drive the interpreter itself.
-OP_NAMESPACES = frozenset({"aten", "prims", "quantized", "fxopt"})
+OP_NAMESPACES = frozenset({"aten", "prims", "quantized", "fxopt", "torchvision"})
+_NAMESPACE_LIBRARIES = {"torchvision": "torchvision"}  # namespace -> the module that registers its operators
 # operators of those namespaces that reach beyond tensor math: files (from_file, save), raw storage (set_),
 # process-wide state (seeds, grad mode), printing and futures. Also refused: any operator whose schema takes a
 # Storage, Future, Capsule, Await or RRef argument.
@@ -196,6 +201,8 @@ def resolve_op(name: str) -> torch._ops.OpOverload | torch._ops.OpOverloadPacket
     if op in REFUSED_OPS:
         raise UnsupportedError(f"operator {name[:100]!r} reaches beyond tensor math (files, storage or "
                                f"process-wide state); fxopt does not store or load graphs that call it")
+    if namespace in _NAMESPACE_LIBRARIES:  # a fixed module name, never one from the file
+        importlib.import_module(_NAMESPACE_LIBRARIES[namespace])
     try:  # _OpNamespace.__getattr__ asks the dispatcher for "<namespace>::<op>"; it imports nothing
         packet = getattr(getattr(torch.ops, namespace), op)
     except (AttributeError, RuntimeError):
