@@ -48,6 +48,16 @@ def test_retention_counts_matching_boxes_with_the_same_label():
     twice = [_out([[0, 0, 10, 10], [0, 0, 10, 10]], [1, 1], [0.9, 0.8])]
     assert D.retention(twice, [_out([[0, 0, 10, 10]], [1], [0.9])]) == 0.5
     assert D.retention(ref, [_out([], [], [])]) == 0.0
+    assert abs(D.matched_iou(ref, moved) - 0.68) < 0.01  # the one kept box moved by a pixel
+
+
+def test_found_objects_is_recall_of_the_true_objects_at_a_score():
+    truth = [{"boxes": torch.tensor([[0., 0, 10, 10], [20, 20, 40, 40]]), "labels": torch.tensor([1, 2])}]
+    outs = [_out([[0, 0, 10, 10], [20, 20, 40, 40], [21, 21, 40, 40]], [1, 2, 2], [0.9, 0.4, 0.8])]
+    assert D.found_objects(outs, truth) == 1.0  # the second object found by the 0.8 box
+    assert D.found_objects(outs, truth, min_score=0.85) == 0.5
+    wrong = [_out([[0, 0, 10, 10]], [3], [0.9])]
+    assert D.found_objects(wrong, truth) == 0.0
 
 
 def test_noisy_images_move_by_about_one_intensity_step():
@@ -76,12 +86,14 @@ class _Fails(torch.nn.Module):
 
 def test_measure_reports_a_torch_ao_model_that_fails_at_run_time(monkeypatch):
     monkeypatch.setattr(D, "detector", lambda name: _Boxes())
-    small = D.scenes
-    monkeypatch.setattr(D, "scenes", lambda n, size=32, seed=0: small(n, size=32, seed=seed))
+    small = D.labelled_scenes
+    monkeypatch.setattr(D, "labelled_scenes", lambda n, size=32, seed=0: small(n, size=32, seed=seed))
     monkeypatch.setattr(D, "fxopt_int8", lambda model, calib, backend, check=False: model)
     monkeypatch.setattr(D, "torchao_backbone_int8", lambda model, calib, backend: _Fails())
     found = D.measure("fasterrcnn_mobilenet_v3_large_320_fpn", "qnnpack", n_test=3)
     assert found["fxopt"] == 1.0 and found["fxopt, float score >= 0.5"] == 1.0
     assert found["float detections >= 0.5"] == 3  # one 0.9 box per image
+    assert found["fxopt box IoU"] == 1.0 and 0 <= found["fxopt objects found"] <= 1
     assert found["torch.ao backbone"] is None and found["torch.ao, float score >= 0.5"] is None
+    assert found["torch.ao box IoU"] is None and found["torch.ao objects found"] is None
     assert found["torch.ao error"] == "failed to create QNNPACK MaxPool operator"
