@@ -358,6 +358,17 @@ def measure(name: str, backend: str = "x86", n_calib: int = 4, n_test: int = 24,
             "compile_s": round(seconds, 1)}
 
 
+def speed(name: str, backend: str = "x86", threads: int = 1, rounds: int = 10, iters: int = 5) -> fxopt.LatencyComparison:
+    """Batch-1 latency of the float detector, fxopt's int8 (whole traced part) and torch.ao's backbone-only
+    int8, interleaved in one process (:func:`fxopt.benchmark_many`) on one test scene."""
+    model = detector(name)
+    calib, image = scenes(4, seed=1), scenes(1, seed=2)[0]
+    candidates = {"float": model, "fxopt int8": fxopt_int8(model, calib, backend),
+                  "torch.ao int8 backbone": torchao_backbone_int8(model, calib, backend)}
+    with torch.no_grad():
+        return fxopt.benchmark_many(candidates, ([image],), rounds=rounds, iters=iters, threads=threads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", default="x86", choices=["x86", "qnnpack"])
@@ -365,9 +376,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(DETECTORS), choices=DETECTORS)
     parser.add_argument("--backbone-sqnr", action="store_true",
                         help="per-output SQNR of the backbone alone in int8 (fxopt observers, torch.ao) instead")
+    parser.add_argument("--speed", type=int, metavar="THREADS",
+                        help="batch-1 latency of float / fxopt int8 / torch.ao backbone int8 at THREADS threads instead")
     args = parser.parse_args()
     for name in args.models:
-        print(backbone_sqnr(name, args.backend) if args.backbone_sqnr else measure(name, args.backend, n_test=args.images))
+        if args.speed:
+            print(name, args.backend, f"{args.speed} thread(s)", speed(name, args.backend, args.speed), sep="\n")
+        else:
+            print(backbone_sqnr(name, args.backend) if args.backbone_sqnr
+                  else measure(name, args.backend, n_test=args.images))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,14 @@ def test_timings_are_positive_and_consistent():
     assert "median" in text and "p90" in text and "fps" in text and "\n" not in text
 
 
+def test_a_list_of_images_counts_as_a_batch_of_that_many():
+    """torchvision detectors take a list of CHW images: fps counts images, not the first image's channels."""
+    images = [torch.zeros(3, 8, 8), torch.zeros(3, 8, 8)]
+    timing = benchmark(Sleepy(0.0), (images,), warmup=1, iters=2)
+    assert timing.batch_size == 2  # was 3 (the first image's channels)
+    assert benchmark(Sleepy(0.0), ([torch.zeros(3, 8, 8)],), warmup=1, iters=2).batch_size == 1
+
+
 def test_sleep_time_is_measured_under_inference_mode():
     model = Sleepy(0.004)
     timing = benchmark(model, (torch.zeros(2, 3),), warmup=1, iters=5)
