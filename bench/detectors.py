@@ -10,7 +10,7 @@ No download: the detectors are built with ``weights=None`` for 3 classes (rectan
 trained whole, backbone included, with torchvision's own losses on freshly drawn synthetic scenes (filled
 shapes on a smooth gradient, with known boxes: :func:`labelled_scenes`); the weights are cached, see
 :func:`detector`. A trained detector's top-10 is what it sees in the image, and it survives an invisible input
-perturbation (about 98 % of it does), so the metric measures quantization, not the ranking of noise.
+perturbation (99-100 % of it does), so the metric measures quantization, not the ranking of noise.
 """
 
 from __future__ import annotations
