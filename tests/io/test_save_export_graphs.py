@@ -410,6 +410,26 @@ def test_a_fresh_process_loads_the_bert_file_without_importing_transformers_itse
     assert run.stdout.strip().endswith("BaseModelOutputWithPoolingAndCrossAttentions")
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+@pytest.mark.parametrize("backend", ["x86", "qnnpack"])
+def test_gpt2_static_int8_round_trips(backend, suffix, tmp_path):
+    """GPT-2's static int8 (Conv1D projections linearized, then int8 QLinear) saves and loads bit-identically,
+    output type kept."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=1000, n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                                     use_cache=False, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2Model(config).eval()
+    calib = [(torch.randint(0, 1000, (2, 8)),) for _ in range(4)]
+    compiled = fxopt.compile(model, fxopt.recipes.static_int8(calib), example_inputs=calib[0], backend=backend)
+    assert "QLinear" in {type(m).__name__ for m in compiled.modules()}
+    fxopt.save(compiled, tmp_path / f"g{suffix}")
+    loaded = fxopt.load(tmp_path / f"g{suffix}")
+    fresh = torch.randint(0, 1000, (3, 5))
+    out = loaded(fresh)
+    assert type(out).__name__ == "BaseModelOutputWithPastAndCrossAttentions"
+    assert torch.equal(out.last_hidden_state, compiled(fresh).last_hidden_state)
+
+
 def test_gpt2_conv1d_layers_are_stored_as_a_known_library_class(tmp_path):
     """The export frontend lifts GPT-2's Conv1D back to module calls; the file names that class, which load
     finds in the fixed module transformers.pytorch_utils (and nowhere else)."""
