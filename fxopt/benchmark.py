@@ -65,9 +65,10 @@ def _timing(samples_ms: list[float], batch_size: int, threads: int) -> Timing:
 
 def _batch_size(args: tuple) -> int:
     """Samples per call: the first tensor's leading dim, or the length of a first argument that is a list of
-    tensors (torchvision detectors take a list of CHW images)."""
+    CHW images (what torchvision detectors take; a list of batched NCHW maps counts its leading dim)."""
     first = args[0] if args else None
-    if isinstance(first, (list, tuple)) and first and all(isinstance(x, torch.Tensor) for x in first):
+    if isinstance(first, (list, tuple)) and first and all(isinstance(x, torch.Tensor) and x.dim() == 3
+                                                          for x in first):
         return len(first)
     for leaf in pytree.tree_leaves(args):
         if isinstance(leaf, torch.Tensor):

@@ -42,6 +42,8 @@ def test_a_list_of_images_counts_as_a_batch_of_that_many():
     timing = benchmark(Sleepy(0.0), (images,), warmup=1, iters=2)
     assert timing.batch_size == 2  # was 3 (the first image's channels)
     assert benchmark(Sleepy(0.0), ([torch.zeros(3, 8, 8)],), warmup=1, iters=2).batch_size == 1
+    maps = [torch.zeros(4, 8, 16, 16), torch.zeros(4, 8, 8, 8)]  # multi-scale feature maps of a batch of 4
+    assert benchmark(Sleepy(0.0), (maps,), warmup=1, iters=2).batch_size == 4
 
 
 def test_sleep_time_is_measured_under_inference_mode():

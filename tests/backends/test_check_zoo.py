@@ -78,7 +78,7 @@ def test_check_detectors(name, backend):
 def test_detector_keeps_90_percent_of_the_float_top10(name, backend):
     """fxopt quantizes the whole traced part (transform, backbone, FPN, heads) with the default recipe; torch.ao
     only the backbone. The detectors are trained from scratch on synthetic shapes first (bench/detectors.py:
-    about 40 min for SSDlite and 60 min for Faster R-CNN on 2 cores the first time, then cached).
+    about 40 min each on one core the first time, then cached).
     On qnnpack torch.ao's Faster R-CNN fails at run time (QNNPACK rejects the FPN's 1x1 max-pool, which
     fxopt lowers to a strided view), so there is no torch.ao figure to match."""
     found = _detectors().measure(name, backend)

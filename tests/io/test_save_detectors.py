@@ -56,8 +56,6 @@ def test_other_operator_libraries_stay_refused():
 
 def test_tampered_detector_file_cannot_reach_an_image_reader(ssdlite_int8, tmp_path):
     q, _ = ssdlite_int8
-    fxopt.save(q, tmp_path / "ssdlite.pt")
-
     swapped = []
 
     def swap(obj):  # every place the stored payload names the operator
