@@ -124,6 +124,11 @@ def example_inputs_of(gm: torch.fx.GraphModule) -> tuple[list[str], tuple[torch.
     for node in gm.graph.find_nodes(op="placeholder"):
         tm = meta.tensor_meta(node) or node.meta.get("val")
         shape, dtype = getattr(tm, "shape", None), getattr(tm, "dtype", None)
+        if isinstance(tm, (list, tuple)):
+            raise UnsupportedError(
+                f"input {node.name!r} is a list ({len(tm)} items; torchvision detectors take a list of images), and "
+                f"the ONNX and OpenVINO exports take tensor inputs only. Export the tensor part, e.g. "
+                f"fxopt.compile(model.backbone, ...), or run the whole model int8 with backend='x86' or 'qnnpack'")
         if shape is None or dtype is None:
             raise UnsupportedError(
                 f"exporting to ONNX needs the input shapes, but input {node.name!r} has none recorded: compile "

@@ -207,6 +207,27 @@ def test_bad_input_errors(small, monkeypatch):
         fxopt.compile(model, recipes.fuse(), example_inputs=(x,), backend="onnx")
 
 
+class _ListOfImages(nn.Module):
+    """Takes a list of CHW images, as torchvision detectors do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, images):
+        return self.conv(torch.stack(images)).relu()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_a_list_input_says_the_export_takes_tensors(backend):
+    """Before: "input 'images' has none recorded: compile the model with example_inputs", though it was."""
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    images = [torch.randn(3, 16, 16), torch.randn(3, 16, 16)]
+    with pytest.raises(UnsupportedError, match=r"input 'images' is a list \(2 items.*backend='x86'"):
+        fxopt.compile(_ListOfImages(), recipes.fuse(), example_inputs=(images,), backend=backend)
+
+
 def test_transformer_encoder_float_and_dynamic():
     torch.manual_seed(0)
     model = SmallEncoder().eval()
