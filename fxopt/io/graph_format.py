@@ -245,6 +245,13 @@ def function_name(target: Callable) -> str:
     name = _names_by_id().get(id(target))
     if name is None:
         name = next((n for n, fn in _REGISTERED.items() if fn is target), None)
+    if name is None and isinstance(target, type):
+        shown = f"{target.__module__}.{target.__qualname__}"
+        raise UnsupportedError(
+            f"the graph builds a {shown} object; fxopt's file format stores tensor computations and rebuilds no "
+            f"library objects (Faster R-CNN's ImageList feeds its float rpn/roi_heads islands). Save the int8 part "
+            f"that takes and returns tensors (e.g. fxopt.compile(model.backbone, ...)), or, for a file you will "
+            f"only load yourself, torch.save(model, path)")
     if name is None:
         shown = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
         raise UnsupportedError(

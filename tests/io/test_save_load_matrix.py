@@ -255,6 +255,25 @@ def test_allow_function_registers_a_traced_function(suffix, clean_registries, tm
         allow_function(_scaled_tanh, name="torch.relu")
 
 
+class _Holder:
+    """A plain object a traced graph builds (as Faster R-CNN's graph builds an ImageList for its RPN)."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+def test_a_graph_that_builds_an_object_gets_an_error_that_says_what_to_save(tmp_path):
+    """Before: "register it: fxopt.io.allow_function(..._Holder)", which then raised TypeError for a class."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    holder = graph.call_function(_Holder, (x,))
+    graph.output(graph.call_function(getattr, (holder, "tensor")))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    with pytest.raises(UnsupportedError, match=r"builds a .*_Holder object.*torch.save\(model, path\)"):
+        fxopt.save(gm, tmp_path / "m.pt")
+    assert not (tmp_path / "m.pt").exists()
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_allow_module_registers_a_leaf_class(suffix, clean_registries, tmp_path):
     x = torch.randn(3, 6)
