@@ -32,12 +32,17 @@ _KEBAB = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (same, in-place edited) graph module and whether it changed."""
+    """What a pass returns: the (same, in-place edited) graph module and whether it changed.
+
+    ``intended_change``: the pass changed the numerics on purpose (it quantized part of the model, as
+    ``QuantizeIslands`` does inside a static int8 recipe); ``compile(check=True)`` then compares the passes
+    after it with its outputs instead of calling it a break."""
 
     graph_module: torch.fx.GraphModule
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    intended_change: bool = False
 
 
 @dataclass(frozen=True)

@@ -103,7 +103,8 @@ class NumericsCheck(Instrument):
     """After each modifying pass, run the graph and compare with reference outputs.
 
     Raises :class:`NumericsError` naming the first pass whose outputs leave the tolerance
-    (``|a - b| <= tol * (1 + |ref|)`` elementwise).
+    (``|a - b| <= tol * (1 + |ref|)`` elementwise). A pass whose result says ``intended_change`` (it quantized
+    on purpose) becomes the new reference for the passes after it; ``rebased`` lists such passes.
     """
 
     def __init__(self, reference_outputs: Any, example_inputs: tuple, tolerance: float = 1e-4) -> None:
@@ -111,6 +112,7 @@ class NumericsCheck(Instrument):
         self.inputs = example_inputs
         self.tolerance = float(tolerance)
         self.history: list[str] = []
+        self.rebased: list[str] = []
 
     def after_pass(self, label, gm, result, seconds):
         self.history.append(label)
@@ -120,6 +122,10 @@ class NumericsCheck(Instrument):
         # input counted once more in every histogram), and the lowered model's scales would depend on check=
         with torch.no_grad():
             out = copy.deepcopy(gm)(*self.inputs)
+        if result.intended_change:
+            self.reference = out
+            self.rebased.append(label)
+            return
         worst = max_error(self.reference, out)
         if worst is None:
             raise NumericsError(

@@ -49,6 +49,7 @@ def static_int8(
     min_metric: float | None = None,
     share_cat: bool = True,
     headroom: float | str = HEADROOM,
+    islands: str = "dynamic",
 ) -> list:
     """Static post-training int8: fuse, place stubs and observers, calibrate.
 
@@ -70,7 +71,12 @@ def static_int8(
     among 1, 1.1 and 1.25; measured noisier than the fixed default on the natural-image bench).
     ``share_cat`` (default on): a ``cat`` and the inputs computed only for it share one set of qparams
     (``PlaceObservers(share_cat=True)``), so the int8 cat is a copy; ``share_cat=False`` requantizes.
+    ``islands="dynamic"`` (default): Linear layers inside the float islands the tracer left (``fxopt.untraced``,
+    e.g. Faster R-CNN's ``roi_heads``) get dynamic int8 (``QuantizeIslands``; x86/qnnpack, not the export
+    backends); ``islands="float"`` leaves them float.
     """
+    if islands not in ("dynamic", "float"):
+        raise ValueError(f"static_int8(islands={islands!r}): give 'dynamic' or 'float'")
     if headroom != "auto" and (isinstance(headroom, str) or headroom < 1):
         raise ValueError(f"static_int8(headroom={headroom!r}): give a number >= 1 or 'auto'")
     calibration = list(calibration) if (bias_correction or adaround or min_sqnr is not None or min_metric is not None
@@ -81,8 +87,10 @@ def static_int8(
     steps = [fp.DecomposeAttention(backend=backend), fp.LinearizeConv1D(), fp.RemoveIdentities(), fp.FoldBatchNorm()]
     if equalize:
         steps.append(fp.EqualizeCrossLayer())
-    steps += [fp.FuseActivations(), fp.EliminateDeadCode(),
-              fp.InsertQuantStubs(backend=backend),
+    steps += [fp.FuseActivations(), fp.EliminateDeadCode()]
+    if islands == "dynamic":
+        steps.append(fp.QuantizeIslands(backend=backend))
+    steps += [fp.InsertQuantStubs(backend=backend),
               fp.PlaceObservers(activation=observer, per_channel=per_channel, share_cat=share_cat,
                                 activation_options=options)]
     if headroom == "auto" and observer == "histogram":

@@ -20,6 +20,7 @@ _PASSES: dict[str, str] = {
     "PlaceObservers": "place_observers",
     "Calibrate": "calibrate",
     "QuantizeDynamic": "quantize_dynamic",
+    "QuantizeIslands": "quantize_dynamic",
     "ConvertFP16": "convert_fp16",
     "PrepareQAT": "prepare_qat",
     "EqualizeCrossLayer": "equalize_cross_layer",

@@ -29,6 +29,7 @@ calibration data); notes name every module left float and why.
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -38,7 +39,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from fxopt import Pass, PassResult
+from fxopt import Pass, PassResult, meta, registry
+from fxopt.pass_base import PassContext
 from fxopt.errors import CalibrationError, UnsupportedError
 from fxopt.graph_utils import set_attr_path
 from fxopt.quant.nn.dynamic import DYNAMIC_DTYPES, fp16_linear_available
@@ -49,7 +51,7 @@ from fxopt.quant.sensitivity import SwapUnit, keep_float_for_cosine, mean_cosine
 
 from .calibrate import as_call
 
-__all__ = ["QuantizeDynamic", "DYNAMIC_TYPES"]
+__all__ = ["QuantizeDynamic", "QuantizeIslands", "DYNAMIC_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +145,10 @@ class QuantizeDynamic(Pass):
                          "raise max_float_fraction, add calibration data or use fp16 weights")
         return PassResult(gm, bool(plan), stats, notes)
 
+    def _scope(self, gm: torch.fx.GraphModule) -> tuple[str, ...] | None:
+        """Module paths whose subtrees the pass may quantize; ``None``: the whole module tree."""
+        return None
+
     def _apply(self, gm: torch.fx.GraphModule, keep: frozenset[str] = frozenset(),
                ) -> tuple[list[tuple[str, nn.Module, nn.Module]], dict[str, Any], list[str]]:
         """Replace every quantizable module in place; ``plan`` lists (qualified name, float, replacement)."""
@@ -152,8 +158,11 @@ class QuantizeDynamic(Pass):
         plan: list[tuple[str, nn.Module, nn.Module]] = []
         skipped_prefixes: list[str] = []
         read = {n.target for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.target, str)}
+        scope = self._scope(gm)
         for qualname, module in gm.named_modules(remove_duplicate=False):
             if not qualname or any(qualname.startswith(p + ".") for p in skipped_prefixes):
+                continue
+            if scope is not None and not any(qualname == p or qualname.startswith(p + ".") for p in scope):
                 continue
             factory = self._factory(module, qualname, keep)
             if factory is None:
@@ -218,3 +227,44 @@ def _units(plan: list[tuple[str, nn.Module, nn.Module]]) -> list[SwapUnit]:
         else:
             units.append(SwapUnit(name, [q for q, _, _ in entries], old, new))
     return units
+
+
+# backends that run the lowered graph's modules in PyTorch; the export backends cannot carry a dynamic int8
+# module inside an island (and an island does not export anyway)
+_MODULE_BACKENDS = frozenset({"x86", "fbgemm", "qnnpack", "reference"})
+
+
+@dataclass(frozen=True)
+class QuantizeIslands(QuantizeDynamic):
+    """``quantize-islands``: dynamic int8 for the Linear layers inside the graph's float islands.
+
+    Static int8 reaches only what the tracer traced. A module it kept as an opaque call (``fxopt.untraced``:
+    Faster R-CNN's ``rpn`` and ``roi_heads``, whose RoI box head is most of the detector's arithmetic) keeps
+    float Linear layers; this pass gives them int8 weights with activations quantized on the fly
+    (:class:`QuantizeDynamic` restricted to the islands' subtrees; an untraced root is left alone). It runs for
+    the backends that execute PyTorch modules (x86, fbgemm, qnnpack, reference); for an export backend it
+    changes nothing and says so. ``recipes.static_int8(..., islands="dynamic")`` (the default) adds it.
+    """
+
+    name = "quantize-islands"
+
+    types: tuple = (nn.Linear,)
+    # None: the backend the pipeline targets (compile/lower's ``backend``), x86 when none is named
+    backend: Any = None
+
+    def with_context(self, context: PassContext) -> "QuantizeIslands":
+        return context.resolve(self, "recipes.static_int8 and QuantizeIslands(backend=None)")
+
+    def _scope(self, gm: torch.fx.GraphModule) -> tuple[str, ...]:
+        return tuple(info.attribute or info.qualname for info in meta.leaves(gm) if info.qualname)
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        backend = registry.get(self.backend if self.backend is not None else PassContext.DEFAULT_BACKEND).name
+        if not self._scope(gm):
+            return PassResult(gm, False, {}, [])
+        if backend not in _MODULE_BACKENDS:
+            return PassResult(gm, False, {}, [f"float islands stay float: the {backend} backend exports the graph "
+                                              f"and cannot carry dynamic int8 modules"])
+        result = super().call(gm)
+        return dataclasses.replace(result, intended_change=result.modified)
+

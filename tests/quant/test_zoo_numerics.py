@@ -19,8 +19,11 @@ def _check(name: str, backend: str, size: int, n_calib: int) -> None:
     ref_db = sqnr(model, torchao_int8(model, calib, backend), test, backend)
     assert ours_db >= ref_db - 1.0, f"{name}/{backend}: fxopt {ours_db:.2f} dB < torch.ao {ref_db:.2f} dB - 1"
     assert ours_db > 15.0
-    # int8 weights: at most 27% of the float bytes
-    assert fxopt.report(ours).total_bytes <= 0.27 * fxopt.report(model).total_bytes
+    # int8 weights: at most 28% of the float bytes. Beyond the int8 weights (25 %) every output channel keeps a
+    # float32 bias and its per-channel qparams (PyTorch stores a float64 scale and an int64 zero point): 20 B,
+    # which on a depthwise conv (9 weights per channel) outweighs the weights; mobilenet_v2 and efficientnet_b0
+    # at 64 px measure 27.1 % and 27.5 %, every byte accounted for that way
+    assert fxopt.report(ours).total_bytes <= 0.28 * fxopt.report(model).total_bytes
 
 
 @pytest.mark.parametrize("backend", ["x86", "qnnpack"])
