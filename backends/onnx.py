@@ -124,7 +124,7 @@ def example_inputs_of(gm: torch.fx.GraphModule) -> tuple[list[str], tuple[torch.
     for node in gm.graph.find_nodes(op="placeholder"):
         tm = meta.tensor_meta(node) or node.meta.get("val")
         shape, dtype = getattr(tm, "shape", None), getattr(tm, "dtype", None)
-        if isinstance(tm, (list, tuple)):
+        if shape is None and isinstance(tm, (list, tuple)):  # TensorMetadata is a tuple too, with a shape
             raise UnsupportedError(
                 f"input {node.name!r} is a list ({len(tm)} items; torchvision detectors take a list of images), and "
                 f"the ONNX and OpenVINO exports take tensor inputs only. Export the tensor part, e.g. "
