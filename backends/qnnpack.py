@@ -45,5 +45,5 @@ class QnnpackBackend(Int8Backend):
 
     name = "qnnpack"
 
-    def __init__(self, per_channel: bool = True, freeze: bool = False) -> None:
+    def __init__(self, per_channel: bool = True, freeze: bool | str = False) -> None:
         super().__init__(qnnpack_spec(per_channel), freeze=freeze)

@@ -496,4 +496,4 @@ class X86InductorBackend(Int8Backend):
 
     def __repr__(self) -> str:
         return (f"X86InductorBackend(threads={self.threads}, fuse_activation={self.fuse_activation}, "
-                f"fuse_add={self.fuse_add})")
+                f"fuse_add={self.fuse_add}, unit_maps={self.unit_maps!r})")

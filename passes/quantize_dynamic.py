@@ -229,9 +229,9 @@ def _units(plan: list[tuple[str, nn.Module, nn.Module]]) -> list[SwapUnit]:
     return units
 
 
-# backends that run the lowered graph's modules in PyTorch; the export backends cannot carry a dynamic int8
-# module inside an island (and an island does not export anyway)
-_MODULE_BACKENDS = frozenset({"x86", "fbgemm", "qnnpack", "reference"})
+# backends that run the lowered graph's modules in PyTorch (by registry name: "fbgemm" resolves to "x86"); the
+# export backends cannot carry a dynamic int8 module inside an island (and an island does not export anyway)
+_MODULE_BACKENDS = frozenset({"x86", "qnnpack", "reference"})
 
 
 @dataclass(frozen=True)
